@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Time the quickstart in a scratch folder with a fresh model cache, and print its summary numbers.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+cd "$work"
+export LORAFIT_CACHE="$work/cache" HF_HUB_OFFLINE=1
+start=$(date +%s.%N)
+"$repo/.venv/bin/lorafit" train --overwrite
+end=$(date +%s.%N)
+python3 - "$work/runs/quickstart/training_summary.json" "$start" "$end" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))["metrics"]
+print(f"wall {float(sys.argv[3]) - float(sys.argv[2]):.1f} s | training {m['train_seconds']} s | "
+      f"{m['tokens_per_second']:,.0f} tok/s | eval loss {m['eval_loss_first']:.3f} -> {m['eval_loss_final']:.3f} "
+      f"({100 * m['eval_loss_reduction']:.1f}% lower)")
+PY
+rm -rf "$work"

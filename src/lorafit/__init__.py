@@ -1,0 +1,29 @@
+"""lorafit: LoRA fine-tuning of causal language models from one config file.
+
+    from lorafit import load_config, train
+    result = train(load_config("examples/quickstart.yaml"))
+    print(result.adapter_dir, result.metrics["eval_loss_final"])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_config", "train", "Config", "LorafitError", "TrainResult"]
+
+
+def __getattr__(name: str):
+    # Lazy: `lorafit --help` and config checks should not pay for importing torch and transformers.
+    if name in ("load_config", "Config"):
+        from lorafit import config
+
+        return getattr(config, name)
+    if name in ("train", "TrainResult"):
+        from lorafit import recipe
+
+        return getattr(recipe, name)
+    if name == "LorafitError":
+        from lorafit.errors import LorafitError
+
+        return LorafitError
+    raise AttributeError(f"module 'lorafit' has no attribute {name!r}")

@@ -1,0 +1,158 @@
+"""The `lorafit` command: a thin layer over the Python API.
+
+User mistakes (LorafitError) print what/why/fix and exit 1, never a traceback. Anything else is a bug in
+lorafit and keeps its traceback so it can be reported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lorafit import __version__
+from lorafit.errors import LorafitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune causal language models with LoRA adapters from one YAML file.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Check and print configs.")
+app.add_typer(config_app, name="config")
+
+SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable).")
+
+
+def _fail(error: LorafitError) -> None:
+    typer.secho(f"error: {error.render()}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars while writing shards, advisory warnings) hides lorafit's own lines."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(config: Optional[Path], overrides: Optional[List[str]]):
+    from lorafit.config import default_config_path, load_config
+
+    return load_config(config or default_config_path(), overrides or [])
+
+
+class ConsoleEcho:
+    """Progress for people: one line per log step, one per evaluation."""
+
+    def info(self, message: str) -> None:
+        typer.echo(message)
+
+    def progress(self, step: int, max_steps: int, values: dict) -> None:
+        parts = [f"step {step:>5}/{max_steps}"]
+        if "loss" in values:
+            parts.append(f"loss {values['loss']:.4f}")
+        if "learning_rate" in values:
+            parts.append(f"lr {values['learning_rate']:.2e}")
+        if "grad_norm" in values:
+            parts.append(f"grad {values['grad_norm']:.3f}")
+        if "tokens_per_second" in values:
+            parts.append(f"{values['tokens_per_second']:,.0f} tok/s")
+        if "eval_loss" in values:
+            parts.append(f"eval_loss {values['eval_loss']:.4f} (ppl {values['eval_perplexity']:.2f})")
+        typer.echo("  ".join(parts), file=sys.stdout)
+
+
+@app.callback(invoke_without_command=True)
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"lorafit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="Config file (YAML or JSON). Omitted: the bundled quickstart."),
+    overrides: Optional[List[str]] = SetOption,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in train.output_dir."),
+) -> None:
+    """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model."""
+    _quiet_libraries()
+    from lorafit.recipe import train as run_training
+
+    try:
+        cfg = _load(config, overrides)
+        typer.echo(f"lorafit {__version__}: training {cfg.model.path} -> {cfg.train.output_dir}")
+        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho())
+    except LorafitError as error:
+        _fail(error)
+        return
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    m = result.metrics
+    typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
+    typer.echo(f"  adapter        {result.adapter_dir}")
+    if "eval_loss_first" in m:
+        typer.echo(
+            f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
+            f"({100 * m['eval_loss_reduction']:.1f}% lower, best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"
+        )
+    typer.echo(f"  steps          {m['steps']} ({m['epochs']} epochs) in {m['train_seconds']:.1f} s of training")
+    typer.echo(f"  throughput     {m['tokens_per_second']:,.0f} tokens/s (non-padding)")
+    typer.echo(f"  metrics        {result.run_dir / 'metrics_history.jsonl'}")
+
+
+@config_app.command("validate")
+def config_validate(config: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
+    """Exit 0 if CONFIG is valid, 1 with every problem listed if not."""
+    try:
+        _load(config, overrides)
+    except LorafitError as error:
+        _fail(error)
+    typer.echo(f"{config}: valid")
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Argument(None, help="Config file. Omitted: the bundled quickstart."),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Print the resolved config (every default filled in, paths resolved) as YAML."""
+    try:
+        typer.echo(_load(config, overrides).to_yaml(), nl=False)
+    except LorafitError as error:
+        _fail(error)
+
+
+@app.command("init-tiny-model")
+def init_tiny_model(
+    out_dir: Path = typer.Argument(..., help="Folder to create."),
+    seed: int = typer.Option(0, help="Weights and tokenizer are a pure function of this seed."),
+) -> None:
+    """Write the embedded tiny Llama model and its BPE tokenizer (with chat template) to OUT_DIR."""
+    _quiet_libraries()
+    from lorafit.tiny_model import write_tiny_model
+
+    try:
+        written = write_tiny_model(out_dir, seed=seed)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.echo(f"wrote tiny model and tokenizer to {written}")
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

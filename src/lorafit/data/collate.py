@@ -1,0 +1,31 @@
+"""Batching: right-pad a list of tokenised examples into tensors.
+
+Padding is masked by position (attention_mask 0, label IGNORE_INDEX), never by token id, so a model whose
+pad and EOS ids are the same still learns to emit EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafit.data.labels import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PadCollator:
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = len(features)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((batch, longest), dtype=torch.long)  # (B, T)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,112 @@
+"""Base model, tokenizer and LoRA adapters: loaded from local files only, adapted with peft."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
+from lorafit.errors import LorafitError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    """A local folder for ``model.path``; builds the embedded tiny model on first use. Never downloads."""
+    if model.path == BUILTIN_TINY_MODEL:
+        from lorafit.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    path = Path(model.path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LorafitError(
+                f"{path}: no config.json in the model folder",
+                why="a model folder holds config.json, the weights (*.safetensors) and the tokenizer files",
+                fix="point model.path at the folder save_pretrained() wrote",
+            )
+        return str(path)
+    if path.is_absolute() or model.path.startswith("."):
+        raise LorafitError(f"{model.path}: model folder not found", fix="check model.path (relative paths start at the config file's folder)")
+    return model.path  # a hub-style name: only the local Hugging Face cache is consulted (local_files_only)
+
+
+def _local_only(fn, name: str, **kwargs):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing below may reach a hub
+    try:
+        return fn(name, local_files_only=True, **kwargs)
+    except OSError as exc:
+        raise LorafitError(
+            f"{name}: not a local model folder and not in the local Hugging Face cache",
+            why=f"lorafit never downloads at run time ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            fix="download it once (e.g. `hf download NAME --local-dir models/NAME`) and set model.path to that folder",
+        ) from None
+
+
+def load_tokenizer(model: ModelConfig, path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _local_only(AutoTokenizer.from_pretrained, path, trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked by position, so reusing EOS as pad is safe (labels keep real EOS tokens).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model: ModelConfig, path: str):
+    from transformers import AutoModelForCausalLM
+
+    base = _local_only(
+        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code
+    )
+    base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
+    return base
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (e.g. q_proj, down_proj), what target_modules accepts."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+
+
+def _check_targets(model, lora: LoraConfig) -> None:
+    module_names = [name for name, _ in model.named_modules()]
+    problems = []
+    if isinstance(lora.target_modules, list):
+        linear = set(linear_module_names(model))
+        missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if missing:
+            problems.append(f"lora.target_modules: {missing} not found; the model's linear modules are: {sorted(linear)}")
+    missing_saved = [t for t in lora.modules_to_save if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if missing_saved:
+        problems.append(f"lora.modules_to_save: {missing_saved} not found in the model")
+    if problems:
+        raise LorafitError("the adapter targets modules the model does not have", details=problems, fix="use names from the list above")
+
+
+def attach_lora(model, lora: LoraConfig):
+    """Wrap ``model`` with trainable LoRA adapters; every base weight stays frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    _check_targets(model, lora)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

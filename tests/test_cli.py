@@ -1,0 +1,139 @@
+"""The `lorafit` command end to end, as a user runs it: real subprocesses, exit codes, files on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, conversation, write_jsonl
+from safetensors.torch import load_file
+
+QUICKSTART_DATA = REPO / "examples" / "data"
+
+
+def lorafit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _small_quickstart(tmp_path: Path, model_dir: Path) -> Path:
+    lines = (QUICKSTART_DATA / "quickstart_train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:96]) + "\n")
+    lines = (QUICKSTART_DATA / "quickstart_eval.jsonl").read_text().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[:16]) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: {model_dir}}}\n"
+        "lora: {r: 8, alpha: 16, dropout: 0.0}\n"
+        "data: {train: [{path: train.jsonl}], eval: [{path: eval.jsonl}], max_seq_length: 256}\n"
+        "train: {output_dir: out, max_steps: 6, batch_size: 8, learning_rate: 5.0e-3, log_every: 2}\n"
+        "eval: {every: 3}\n"
+        "tracking: {report_to: [tensorboard]}\n"
+    )
+    return config
+
+
+def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
+    config = _small_quickstart(tmp_path, tiny_model_dir)
+    done = lorafit("train", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "training finished" in done.stdout and "eval loss" in done.stdout
+    run = tmp_path / "out"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.yaml",
+                 "metrics_history.jsonl", "training_summary.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == sorted({r["step"] for r in history})  # one object per step
+    assert {"step", "loss", "learning_rate", "grad_norm"} <= set(next(r for r in history if "loss" in r))
+    assert [r["step"] for r in history if "eval_loss" in r] == [0, 3, 6]
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert summary["metrics"]["steps"] == 6 and summary["metrics"]["eval_loss_final"] < summary["metrics"]["eval_loss_first"]
+
+    # peft loads the adapter with exactly the keys the file has, and it changes the model's output.
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    inputs = torch.tensor([[1, 5, 9, 40, 77, 300, 12]])
+    with torch.no_grad():
+        base_logits = base(inputs).logits
+    model = PeftModel.from_pretrained(base, run)
+    saved = load_file(run / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(model)
+    assert set(saved) == set(loaded)
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():
+        adapted_logits = model(inputs).logits
+    assert (adapted_logits - base_logits).abs().max() > 1e-3
+
+    # A second run into the same folder is refused, not silently overwritten.
+    again = lorafit("train", str(config), cwd=tmp_path)
+    assert again.returncode == 1 and "holds a finished run already" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
+         "bad.jsonl:2: malformed JSON"),
+        ('["not", "an", "object"]\n', "bad.jsonl:1: expected a JSON object, got list"),
+        ('{"conversation": []}\n', 'bad.jsonl:1: field "messages" missing'),
+        ('{"messages": [{"role": "robot", "content": "x"}]}\n', "bad.jsonl:1: messages[0].role is 'robot'"),
+        ('{"messages": [{"role": "user", "content": "only a question"}]}\n', "bad.jsonl:1: no assistant turn"),
+        ('\n\n', "bad.jsonl: no conversations in the file"),
+    ],
+    ids=["malformed", "not-object", "missing-field", "unknown-role", "no-assistant", "empty"],
+)
+def test_bad_data_is_named_by_file_and_line_without_traceback(tmp_path, tiny_model_dir, content, expected):
+    (tmp_path / "bad.jsonl").write_text(content)
+    (tmp_path / "c.yaml").write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{train: [{{path: bad.jsonl}}]}}\n"
+                                     "train: {output_dir: out}\n")
+    done = lorafit("train", "c.yaml", cwd=tmp_path)
+    assert done.returncode == 1
+    assert expected in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_hub_name_is_never_downloaded(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [conversation("q", "a")])
+    (tmp_path / "c.yaml").write_text("model: {path: some-org/some-model}\ndata: {train: [{path: t.jsonl}]}\n")
+    done = lorafit("train", "c.yaml", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "not a local model folder and not in the local Hugging Face cache" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_model_folder(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [conversation("q", "a")])
+    (tmp_path / "c.yaml").write_text("model: {path: ./models/none}\ndata: {train: [{path: t.jsonl}]}\n")
+    done = lorafit("train", "c.yaml", cwd=tmp_path)
+    assert done.returncode == 1 and "model folder not found" in done.stderr
+
+
+def test_init_tiny_model_and_version(tmp_path):
+    done = lorafit("init-tiny-model", "tiny", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "tiny" / "config.json").read_text())["model_type"] == "llama"
+    refused = lorafit("init-tiny-model", "tiny", cwd=tmp_path)
+    assert refused.returncode == 1 and "folder is not empty" in refused.stderr
+    assert lorafit("--version", cwd=tmp_path).stdout.startswith("lorafit ")
+
+
+@pytest.mark.slow
+def test_quickstart_learns(tmp_path):
+    """The bundled default, exactly as `make quickstart` runs it: eval loss falls by >= 30%."""
+    done = lorafit("train", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "training_summary.json").read_text())
+    assert summary["metrics"]["eval_loss_reduction"] >= 0.30
+    assert summary["data"]["train"]["kept"] >= 1000 and summary["data"]["eval"]["kept"] >= 100

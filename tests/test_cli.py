@@ -86,10 +86,10 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
         ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
          "bad.jsonl:2: malformed JSON"),
         ('["not", "an", "object"]\n', "bad.jsonl:1: expected a JSON object, got list"),
-        ('{"conversation": []}\n', 'bad.jsonl:1: field "messages" missing'),
+        ('{"conversation": []}\n', 'bad.jsonl:1: cannot tell the data format from the keys (conversation)'),
         ('{"messages": [{"role": "robot", "content": "x"}]}\n', "bad.jsonl:1: messages[0].role is 'robot'"),
         ('{"messages": [{"role": "user", "content": "only a question"}]}\n', "bad.jsonl:1: no assistant turn"),
-        ('\n\n', "bad.jsonl: no conversations in the file"),
+        ('\n\n', "bad.jsonl: no rows in the file"),
     ],
     ids=["malformed", "not-object", "missing-field", "unknown-role", "no-assistant", "empty"],
 )

@@ -83,9 +83,23 @@ def test_supervised_tokens_are_exactly_assistant_contents_plus_end_of_turn(tiny_
     assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(MULTI_TURN, tokenize=False)
 
 
-def test_train_on_inputs_supervises_every_token(tiny_tokenizer):
-    example = tokenize_conversation(tiny_tokenizer, MULTI_TURN, train_on_inputs=True)
+def test_train_on_all_supervises_every_token(tiny_tokenizer):
+    example = tokenize_conversation(tiny_tokenizer, MULTI_TURN, train_on="all")
     assert example.labels == example.input_ids
+
+
+def test_train_on_last_assistant_supervises_only_the_final_answer(tiny_tokenizer):
+    example = tokenize_conversation(tiny_tokenizer, MULTI_TURN, train_on="last_assistant")
+    assert [tiny_tokenizer.decode(run) for run in _supervised_runs(example)] == ["You are welcome.<|end|>"]
+    assert example.input_ids == tokenize_conversation(tiny_tokenizer, MULTI_TURN).input_ids
+
+
+def test_a_template_without_end_of_turn_token_is_counted(tiny_tokenizer):
+    """A template that closes answers with plain text only: the audit needs to know no stop token is trained."""
+    plain = _styled_tokenizer(tiny_tokenizer, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+                              "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}", [])
+    assert tokenize_conversation(plain, MULTI_TURN).unterminated_turns == 3
+    assert tokenize_conversation(tiny_tokenizer, MULTI_TURN).unterminated_turns == 0
 
 
 def test_pad_equal_to_eos_still_trains_eos(tiny_tokenizer):

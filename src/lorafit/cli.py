@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Check and print configs.")
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(no_args_is_help=True, help="Look at what the data layer makes of a config's data.")
+app.add_typer(data_app, name="data")
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable).")
 
@@ -82,6 +84,7 @@ def train(
     config: Optional[Path] = typer.Argument(None, help="Config file (YAML or JSON). Omitted: the bundled quickstart."),
     overrides: Optional[List[str]] = SetOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in train.output_dir."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-read and re-tokenise the data instead of using the cache."),
 ) -> None:
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model."""
     _quiet_libraries()
@@ -90,7 +93,7 @@ def train(
     try:
         cfg = _load(config, overrides)
         typer.echo(f"lorafit {__version__}: training {cfg.model.path} -> {cfg.train.output_dir}")
-        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho())
+        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho(), data_cache=not no_cache)
     except LorafitError as error:
         _fail(error)
         return
@@ -131,6 +134,36 @@ def config_show(
         typer.echo(_load(config, overrides).to_yaml(), nl=False)
     except LorafitError as error:
         _fail(error)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: Path = typer.Argument(..., help="Config file."),
+    overrides: Optional[List[str]] = SetOption,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-read and re-tokenise instead of using the cache."),
+) -> None:
+    """Per source: rows, skips, token lengths, supervision, padding; the audit; one example with trained tokens
+    marked. Exit 1 if the data is invalid or the audit fails (as `lorafit train` would)."""
+    _quiet_libraries()
+    import json
+
+    from lorafit.data.inspect import build_report, render_text
+    from lorafit.modeling import load_tokenizer, resolve_model_path
+
+    try:
+        cfg = _load(config, overrides)
+        tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+        report = build_report(cfg, tokenizer, use_cache=not no_cache)
+    except LorafitError as error:
+        _fail(error)
+        return
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(render_text(report, colour=sys.stdout.isatty()))
+    if report["audit"] and report["audit_enforced"]:
+        raise typer.Exit(1)
 
 
 @app.command("init-tiny-model")

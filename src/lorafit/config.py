@@ -82,10 +82,39 @@ class QuantConfig(Section):
     bits: Literal[4, 8] | None = Field(None, description="Load the base in 4 or 8 bits (QLoRA); null = full precision.")
 
 
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+# Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
+FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
+               "system", "history", "prompt", "completion", "response", "text")
+
+
 class DataSource(Section):
-    path: str = Field(..., description="A JSONL file of {'messages': [...]} conversations.")
+    path: str = Field(..., description="A data file: .jsonl, .json (array), .csv, .tsv, .parquet or .txt.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md)."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Rename map, canonical name -> your key, e.g. {prompt: question, response: answer}."
+    )
+    on_error: Literal["fail", "skip"] = Field("fail", description="An invalid row stops the run (fail) or is skipped and reported.")
+    max_skip_fraction: float = Field(0.0, ge=0, le=1, description="With on_error: skip, the largest fraction of rows that may be skipped.")
+    weight: float | None = Field(None, gt=0, description="Relative share of the training mix (resampled up or down); null = every example once.")
+    max_examples: int | None = Field(None, gt=0, description="Keep at most this many examples of this source (random, seeded).")
+    max_tokens: int | None = Field(None, gt=0, description="Keep examples (random, seeded) until this many tokens.")
+    task_prefix: str | None = Field(None, description="Text put before the first user message (or the text), for multi-task training.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction of the source's examples for evaluation.")
 
     _resolve = field_validator("path")(_resolve_input_path)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown field name(s) {unknown}; the names you can map are: {', '.join(FIELD_NAMES)}")
+        if "response" in value and "completion" in value:
+            raise ValueError("'response' and 'completion' are the same field: map only one")
+        return value
 
 
 class DataConfig(Section):
@@ -95,6 +124,49 @@ class DataConfig(Section):
     truncation: Literal["drop", "truncate"] = Field(
         "drop", description="Examples over max_seq_length: drop them, or cut them (keeps the start)."
     )
+    train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
+        "all_assistant", description="Tokens the loss is computed on: every assistant turn, only the last one, or every token."
+    )
+    chat_template: str | None = Field(None, description="Inline Jinja chat template; replaces the tokenizer's.")
+    chat_template_file: str | None = Field(None, description="A Jinja chat template file (relative to the config file).")
+    order: Literal["shuffle", "curriculum"] = Field("shuffle", description="Training order: shuffled, or curriculum (ascending).")
+    curriculum_field: str | None = Field(None, description="Numeric row field curriculum sorts by; null = token length (shortest first).")
+    mix_examples: int | None = Field(None, gt=0, description="Size of a weighted mix; default the sum of the sources' sizes.")
+    packing: Literal["none", "padding_free", "bfd"] = Field(
+        "none", description="none = padded rows; padding_free = a batch in one row; bfd = best-fit-decreasing into max_seq_length rows."
+    )
+    audit: bool = Field(True, description="Stop before training on a supervision problem (docs/data.md); false = warn only.")
+
+    _resolve_template = field_validator("chat_template_file")(
+        lambda value, info: None if value is None else _resolve_input_path(value, info)
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for problem in data_clashes(self.model_dump()):
+            raise ValueError(problem)
+        return self
+
+
+def data_clashes(data: dict) -> list[str]:
+    """Data options that exclude each other. Also run on the raw mapping, like train_clashes."""
+    problems = []
+    train = [s for s in data.get("train") or [] if isinstance(s, dict)]
+    weighted = [s.get("weight") is not None for s in train]
+    if any(weighted) and not all(weighted):
+        problems.append("data.train: give every source a weight, or none (a weight is a share of the whole mix)")
+    for i, source in enumerate(s for s in data.get("eval") or [] if isinstance(s, dict)):
+        for key in ("weight", "eval_fraction"):
+            if source.get(key):
+                problems.append(f"data.eval[{i}].{key}: only training sources are mixed or split; remove it")
+    if data.get("chat_template") and data.get("chat_template_file"):
+        problems.append("data.chat_template and data.chat_template_file are both set: give the template once")
+    if data.get("order") == "curriculum" and data.get("packing") == "bfd":
+        problems.append("data.order: curriculum with data.packing: bfd: bins mix lengths, so there is no curriculum; "
+                        "use packing padding_free or none")
+    if data.get("curriculum_field") and data.get("order") != "curriculum":
+        problems.append("data.curriculum_field is set but data.order is not curriculum")
+    return problems
 
 
 class TrainConfig(Section):
@@ -112,7 +184,6 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
-    train_on_inputs: bool = Field(False, description="Supervise every token, not only assistant turns.")
     group_by_length: bool = Field(True, description="Batch examples of similar length: less padding, faster.")
 
     @model_validator(mode="after")
@@ -332,6 +403,12 @@ def validate_config(data: dict, *, base_dir: Path | None, source: str = "config"
         lines = [_describe(e) for e in _dedupe_union_errors(exc.errors())]
         raw_train = data.get("train") if isinstance(data.get("train"), dict) else {}
         lines += [f"train: {p}" for p in train_clashes(raw_train) if f"train: {p}" not in lines]
+        raw_data = data.get("data") if isinstance(data.get("data"), dict) else {}
+        lines += [f"data: {p}" for p in data_clashes(raw_data) if f"data: {p}" not in lines]
+        if "train_on_inputs" in raw_train:
+            # Renamed with the data layer (issue 3): say where it went instead of only "unknown key".
+            lines = [line.replace("train.train_on_inputs: unknown key", "train.train_on_inputs: moved to data.train_on "
+                                  "(true -> data.train_on: all, false -> all_assistant); unknown key") for line in lines]
         raise LorafitError(
             f"{source}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the config",
             details=lines,

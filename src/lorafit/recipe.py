@@ -20,9 +20,9 @@ import torch
 
 from lorafit.callbacks import MetricsHistory
 from lorafit.config import Config, warmup_steps_for
-from lorafit.data import SplitStats, TokenizedDataset, prepare_split
+from lorafit.data import SplitStats, TokenizedDataset, prepare_data, use_configured_template
 from lorafit.data.collate import PadCollator
-from lorafit.data.labels import require_chat_template
+from lorafit.data.packing import PackedCollator
 from lorafit.errors import LorafitError
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
 from lorafit.run_files import DONE_MARKER, claim_run_dir, move_files_into, staging_dir, write_atomic, write_json
@@ -41,8 +41,10 @@ class TrainResult:
     parameters: dict = field(default_factory=dict)
 
 
-def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks=()) -> TrainResult:
-    """Fine-tune ``config.model`` with a LoRA adapter on ``config.data``; returns where the adapter is."""
+def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks=(), data_cache: bool = True) -> TrainResult:
+    """Fine-tune ``config.model`` with a LoRA adapter on ``config.data``; returns where the adapter is.
+
+    ``data_cache=False`` re-reads and re-tokenises every source instead of using the on-disk cache."""
     from transformers import set_seed
 
     started = time.time()
@@ -52,14 +54,13 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
 
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(config.model, model_path)
-    require_chat_template(tokenizer, model_path)
+    use_configured_template(tokenizer, config.data)
 
-    train_data, train_stats = prepare_split(
-        config.data.train, tokenizer, config.data, train_on_inputs=config.train.train_on_inputs, split="train"
-    )
-    eval_data, eval_stats = prepare_split(
-        config.data.eval, tokenizer, config.data, train_on_inputs=config.train.train_on_inputs, split="eval"
-    )
+    prepared = prepare_data(config.data, tokenizer, seed=config.train.seed, batch_size=config.train.batch_size,
+                            group_by_length=config.train.group_by_length, use_cache=data_cache)
+    train_data, eval_data = prepared.train, prepared.eval
+    train_stats = prepared.train_stats
+    write_data_report(run_dir, prepared, echo)
 
     model = load_base_model(config.model, model_path)
     set_seed(config.train.seed)  # adapter init draws from the RNG: same seed, same initial adapter
@@ -89,13 +90,27 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
         "adapter_dir": str(run_dir),
         "base_model": config.model.path,
         "metrics": metrics,
-        "data": {"train": train_stats.as_dict(), "eval": eval_stats.as_dict()},
+        "data": prepared.report,
         "parameters": {"trainable": trainable, "total": total},
         "base_weights_unchanged": True,
         "duration_seconds": round(time.time() - started, 2),
     }
     write_outputs(run_dir, model, tokenizer, config, summary)
     return TrainResult(run_dir, run_dir, metrics, summary["data"], summary["parameters"])
+
+
+def write_data_report(run_dir: Path, prepared, echo) -> None:
+    """data_report.json (per source counts, mix, padding) and skipped_rows.jsonl (every row on_error: skip left out)."""
+    import json
+
+    write_json(run_dir / "data_report.json", prepared.report | {"warnings": prepared.warnings})
+    if prepared.skipped_rows:
+        write_atomic(run_dir / "skipped_rows.jsonl", "".join(json.dumps(r) + "\n" for r in prepared.skipped_rows))
+    if echo:
+        if prepared.skipped_rows:
+            echo.info(f"skipped {len(prepared.skipped_rows)} invalid rows (listed in {run_dir / 'skipped_rows.jsonl'})")
+        for warning in prepared.warnings:
+            echo.info(f"warning: {warning}")
 
 
 def _refuse_unsupported(config: Config) -> None:
@@ -145,6 +160,16 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
     has_eval = len(eval_data) > 0
     steps = total_optimizer_steps(config, len(train_data))
     trackers = [name for name in config.tracking.report_to if name != "tensorboard"]
+    packed = config.data.packing != "none"
+    if packed and getattr(model.config, "use_cache", False):
+        # With a KV cache transformers does not separate packed examples (lorafit/data/packing.py).
+        raise LorafitError("data.packing needs the model loaded with use_cache=False", why="packed examples would attend to each other")
+    if config.data.order == "curriculum":
+        sampling = "sequential"  # the order prepare_data made is the curriculum
+    elif packed or not t.group_by_length:
+        sampling = "random"  # a packed row has no padding to save by grouping lengths
+    else:
+        sampling = "group_by_length"
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -173,7 +198,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         report_to=trackers or "none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy=sampling,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
@@ -184,7 +209,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data if has_eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PackedCollator() if packed else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -1,14 +1,15 @@
-"""The data layer: read sources, render with the chat template, label, filter by length, batch."""
+"""The data layer: read sources in any format, check, tokenise with labels (cached), mix, pack, audit."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from lorafit.config import DataConfig, DataSource
-from lorafit.data.labels import IGNORE_INDEX, TokenizedExample, tokenize_conversation
-from lorafit.data.messages import read_messages_jsonl
+from lorafit.data.labels import IGNORE_INDEX
+from lorafit.data.sources import Example, SourceData, SourceStats, read_records, tokenise_records
 from lorafit.errors import LorafitError
 
 
@@ -21,6 +22,7 @@ class SplitStats:
     dropped_too_long: int = 0
     truncated: int = 0
     dropped_no_supervision: int = 0
+    skipped: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
     sources: list[str] = field(default_factory=list)
@@ -32,7 +34,7 @@ class SplitStats:
 class TokenizedDataset(torch.utils.data.Dataset):
     """A list of tokenised examples in the dict form Trainer and the collator expect."""
 
-    def __init__(self, examples: list[TokenizedExample]):
+    def __init__(self, examples: list[Example]):
         self.examples = examples
 
     def __len__(self) -> int:
@@ -44,36 +46,169 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def prepare_split(sources: list[DataSource], tokenizer, data: DataConfig, *, train_on_inputs: bool, split: str):
-    """Read, tokenise and length-filter every source of a split. Returns (dataset, stats)."""
-    examples: list[TokenizedExample] = []
+    """Read, tokenise and length-filter every source of a split, no mixing. Returns (dataset, stats)."""
+    data = data.model_copy(update={"train_on": "all" if train_on_inputs else data.train_on})
     stats = SplitStats(sources=[s.path for s in sources])
+    examples: list[Example] = []
     for source in sources:
-        for conversation in read_messages_jsonl(source.path):
-            stats.rows += 1
-            where = f"{conversation.source}:{conversation.line}"
-            example = tokenize_conversation(tokenizer, conversation.messages, train_on_inputs=train_on_inputs, where=where)
-            if len(example.input_ids) > data.max_seq_length:
-                if data.truncation == "drop":
-                    stats.dropped_too_long += 1
-                    continue
-                stats.truncated += 1
-                limit = data.max_seq_length
-                example = TokenizedExample(example.input_ids[:limit], example.labels[:limit])
-            if example.num_supervised == 0:
-                stats.dropped_no_supervision += 1
-                continue
-            examples.append(example)
-            stats.tokens += len(example.input_ids)
-            stats.supervised_tokens += example.num_supervised
+        loaded = load_source(source, tokenizer, data, use_cache=False)
+        examples += loaded.examples
+        _add(stats, loaded.stats)
     stats.kept = len(examples)
     if not examples and sources:
-        raise LorafitError(
-            f"data.{split}: no usable example out of {stats.rows} rows "
-            f"({stats.dropped_too_long} longer than data.max_seq_length={data.max_seq_length}, "
-            f"{stats.dropped_no_supervision} with no supervised token)",
-            fix="raise data.max_seq_length, or set data.truncation: truncate",
-        )
+        raise _nothing_usable(split, stats, data)
     return TokenizedDataset(examples), stats
 
 
-__all__ = ["IGNORE_INDEX", "SplitStats", "TokenizedDataset", "prepare_split"]
+def _add(stats: SplitStats, source: SourceStats) -> None:
+    for name in ("rows", "dropped_too_long", "truncated", "dropped_no_supervision", "tokens", "supervised_tokens"):
+        setattr(stats, name, getattr(stats, name) + getattr(source, name))
+    stats.skipped += sum(source.skipped.values())
+
+
+def _nothing_usable(split: str, stats: SplitStats, data: DataConfig) -> LorafitError:
+    return LorafitError(
+        f"data.{split}: no usable example out of {stats.rows} rows "
+        f"({stats.dropped_too_long} longer than data.max_seq_length={data.max_seq_length}, "
+        f"{stats.dropped_no_supervision} with no supervised token)",
+        fix="raise data.max_seq_length, or set data.truncation: truncate",
+    )
+
+
+def use_configured_template(tokenizer, data: DataConfig) -> None:
+    """Put the config's chat template (inline or file) on the tokenizer; it is saved with the adapter, so
+    generation later renders prompts exactly as training did."""
+    if data.chat_template_file:
+        path = Path(data.chat_template_file)
+        if not path.is_file():
+            raise LorafitError(f"data.chat_template_file: {path} not found", fix="check the path (relative to the config file)")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    elif data.chat_template:
+        tokenizer.chat_template = data.chat_template
+
+
+def tokenisation_options(data: DataConfig) -> dict:
+    return {"max_seq_length": data.max_seq_length, "truncation": data.truncation, "train_on": data.train_on,
+            "curriculum_field": data.curriculum_field}
+
+
+def load_source(source: DataSource, tokenizer, data: DataConfig, *, use_cache: bool) -> SourceData:
+    """A source's examples and counts, from the cache when its key matches, else read and tokenised (and stored)."""
+    from lorafit.data import cache
+
+    key = None
+    if use_cache:
+        if not Path(source.path).is_file():
+            read_records(source)  # raises the usual "data file not found"
+        key = cache.source_key(source, tokenisation_options(data), cache.tokenizer_digest(tokenizer))
+        cached = cache.load(key)
+        if cached is not None:
+            return cached
+    records, stats, skipped_rows = read_records(source, rank_field=data.curriculum_field)
+    if any(r.text is None for r in records) and not getattr(tokenizer, "chat_template", None):
+        raise LorafitError(
+            f"{source.path}: {stats.format} rows need a chat template and the tokenizer has none",
+            why="conversations are rendered with a chat template so that training matches inference",
+            fix="set data.chat_template (inline Jinja) or data.chat_template_file in the config, or use a model "
+            "folder whose tokenizer defines one",
+        )
+    examples = tokenise_records(records, tokenizer, max_seq_length=data.max_seq_length, truncation=data.truncation,
+                                train_on=data.train_on, stats=stats)
+    loaded = SourceData(examples, stats, skipped_rows)
+    if key is not None:
+        cache.store(key, loaded)
+    return loaded
+
+
+@dataclass
+class PreparedData:
+    """Both splits ready for the Trainer, and the report of how they were made."""
+
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    train_stats: SplitStats
+    eval_stats: SplitStats
+    report: dict
+    skipped_rows: list[dict]
+    warnings: list[str]
+    audit: list[str]
+
+
+def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, group_by_length: bool,
+                 use_cache: bool = True, enforce_audit: bool = True) -> PreparedData:
+    """Every source read, checked, tokenised (or taken from the cache), split, mixed and audited."""
+    from lorafit.data.audit import audit_problems
+    from lorafit.data.mixing import apply_budget, hold_out, mix, overlap, rng_for
+    from lorafit.data.packing import PackedBins, padding_fraction
+
+    train_loaded = [load_source(s, tokenizer, data, use_cache=use_cache) for s in data.train]
+    eval_loaded = [load_source(s, tokenizer, data, use_cache=use_cache) for s in data.eval]
+
+    per_source, held_out = [], []
+    for i, (source, loaded) in enumerate(zip(data.train, train_loaded)):
+        train_part, eval_part = hold_out(loaded.examples, source.eval_fraction, rng_for(seed, "hold_out", i))
+        held_out += eval_part
+        per_source.append(apply_budget(train_part, rng_for(seed, "budget", i), max_examples=source.max_examples,
+                                       max_tokens=source.max_tokens))
+    train_examples, mix_report = mix(per_source, [s.weight for s in data.train], total=data.mix_examples, seed=seed,
+                                     order=data.order)
+    eval_examples = [e for i, (source, loaded) in enumerate(zip(data.eval, eval_loaded))
+                     for e in apply_budget(loaded.examples, rng_for(seed, "eval_budget", i),
+                                           max_examples=source.max_examples, max_tokens=source.max_tokens)] + held_out
+
+    train_stats, eval_stats = SplitStats(sources=[s.path for s in data.train]), SplitStats(sources=[s.path for s in data.eval])
+    for loaded in train_loaded:
+        _add(train_stats, loaded.stats)
+    for loaded in eval_loaded:
+        _add(eval_stats, loaded.stats)
+    train_stats.kept, eval_stats.kept = len(train_examples), len(eval_examples)
+    if not train_examples:
+        raise _nothing_usable("train", train_stats, data)
+    if data.eval and not eval_examples:
+        raise _nothing_usable("eval", eval_stats, data)
+
+    warnings = []
+    duplicated = overlap(train_examples, eval_examples)
+    if duplicated:
+        warnings.append(f"{duplicated} of {len(eval_examples)} eval examples are identical to training examples: "
+                        "eval loss will look better than it is (remove them from the eval data)")
+    problems = audit_problems([l.stats for l in train_loaded], train_on=data.train_on, max_seq_length=data.max_seq_length,
+                              split="train")
+    problems += audit_problems([l.stats for l in eval_loaded], train_on=data.train_on, max_seq_length=data.max_seq_length,
+                               split="eval")
+    if problems and enforce_audit and data.audit:
+        raise LorafitError("the supervision audit failed before training", details=problems,
+                           why="training would run but learn the wrong thing (or nothing)",
+                           fix="fix the causes above; data.audit: false turns these into warnings")
+    if problems:
+        warnings += [f"audit: {p}" for p in problems]
+
+    lengths = [len(e.input_ids) for e in train_examples]
+    train_set: torch.utils.data.Dataset = TokenizedDataset(train_examples)
+    packed_padding = 0.0
+    if data.packing == "bfd":
+        train_set = PackedBins(train_examples, data.max_seq_length)
+        packed_padding = train_set.unused_fraction()
+    report = {
+        "train": train_stats.as_dict(),
+        "eval": eval_stats.as_dict(),
+        "sources": {"train": [l.stats.as_dict() for l in train_loaded], "eval": [l.stats.as_dict() for l in eval_loaded]},
+        "mix": mix_report.as_dict(),
+        "held_out_for_eval": len(held_out),
+        "train_eval_overlap": duplicated,
+        "packing": data.packing,
+        "padding_fraction": {
+            "padded": round(padding_fraction(lengths, batch_size, grouped=group_by_length), 4),
+            "packed": round(packed_padding, 4),
+        },
+    }
+    if data.packing == "bfd":
+        report["packed_rows"] = len(train_set)
+    return PreparedData(train_set, TokenizedDataset(eval_examples), train_examples, eval_examples, train_stats, eval_stats,
+                        report, [r | {"source": l.stats.path} for l in train_loaded + eval_loaded for r in l.skipped_rows],
+                        warnings, problems)
+
+
+__all__ = ["IGNORE_INDEX", "PreparedData", "SplitStats", "TokenizedDataset", "prepare_data", "prepare_split"]

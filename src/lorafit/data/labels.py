@@ -29,6 +29,8 @@ class Piece:
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    # Supervised assistant turns with no end-of-turn token after them: the model would never learn to stop.
+    unterminated_turns: int = 0
 
     @property
     def num_supervised(self) -> int:
@@ -61,27 +63,35 @@ def _end_of_answer(segment: str, content: str, specials: list[str]) -> int:
     return best[1] if best else len(segment.rstrip())
 
 
+def _ends_with_special(text: str, specials: list[str]) -> bool:
+    return any(text.endswith(token) for token in specials)
+
+
 def render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(
         list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
-def split_supervised(tokenizer, messages, *, train_on_inputs: bool = False, where: str = "") -> list[Piece]:
+def split_supervised(tokenizer, messages, *, train_on: str = "all_assistant", where: str = "") -> list[Piece]:
     """Split the rendered conversation into pieces, marking the ones the loss is computed on.
+
+    ``train_on``: "all_assistant" (every assistant turn), "last_assistant" (only the final one, earlier answers
+    are context) or "all" (every token).
 
     Raises LorafitError if the template renders a conversation differently when it is extended (the prompt of
     turn i is then not a prefix of the whole), because labels would not match what the model sees.
     """
     full = render(tokenizer, messages, add_generation_prompt=False)
-    if train_on_inputs:
+    if train_on == "all":
         return [Piece(full, True)]
     specials = special_token_strings(tokenizer)
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = assistant_turns[-1:] if train_on == "last_assistant" else assistant_turns
     pieces: list[Piece] = []
     cursor = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for i in trained:
+        message = messages[i]
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= cursor):
@@ -89,7 +99,7 @@ def split_supervised(tokenizer, messages, *, train_on_inputs: bool = False, wher
                 f"{where}: the chat template renders turn {i} differently once the conversation goes on",
                 why="response-only labels need the prompt of each assistant turn to be a prefix of the whole "
                 "conversation, as it is at inference time",
-                fix="use a template without history-dependent rendering, or set train.train_on_inputs: true",
+                fix="use a template without history-dependent rendering, or set data.train_on: all",
             )
         end = len(prompt) + _end_of_answer(upto[len(prompt):], message["content"], specials)
         pieces.append(Piece(full[cursor : len(prompt)], False))
@@ -99,18 +109,34 @@ def split_supervised(tokenizer, messages, *, train_on_inputs: bool = False, wher
     return [p for p in pieces if p.text]
 
 
-def tokenize_conversation(tokenizer, messages, *, train_on_inputs: bool = False, where: str = "") -> TokenizedExample:
+def tokenize_conversation(tokenizer, messages, *, train_on: str = "all_assistant", where: str = "") -> TokenizedExample:
     """Token ids and labels (IGNORE_INDEX where not supervised) for one conversation.
 
     The template supplies BOS and the like as text, so no special tokens are added here.
     """
     input_ids: list[int] = []
     labels: list[int] = []
-    for piece in split_supervised(tokenizer, messages, train_on_inputs=train_on_inputs, where=where):
+    specials = special_token_strings(tokenizer)
+    unterminated = 0
+    for piece in split_supervised(tokenizer, messages, train_on=train_on, where=where):
         ids = tokenizer(piece.text, add_special_tokens=False)["input_ids"]
         input_ids.extend(ids)
         labels.extend(ids if piece.supervised else [IGNORE_INDEX] * len(ids))
-    return TokenizedExample(input_ids, labels)
+        if piece.supervised and train_on != "all" and not _ends_with_special(piece.text, specials):
+            unterminated += 1
+    return TokenizedExample(input_ids, labels, unterminated)
+
+
+def tokenize_text(tokenizer, text: str) -> TokenizedExample:
+    """Plain text for continued pre-training: BOS (if the tokenizer has one) + text + EOS, every token trained.
+
+    EOS closes each document so the model learns where documents end; BOS is never a target (nothing precedes it).
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    input_ids = bos + ids + eos
+    return TokenizedExample(input_ids, [IGNORE_INDEX] * len(bos) + ids + eos)
 
 
 def require_chat_template(tokenizer, model_path: str) -> None:
@@ -118,5 +144,6 @@ def require_chat_template(tokenizer, model_path: str) -> None:
         raise LorafitError(
             f"{model_path}: the tokenizer has no chat template",
             why="conversations are rendered with the model's own chat template so training matches inference",
-            fix="use a model folder whose tokenizer_config.json or chat_template.jinja defines one",
+            fix="set data.chat_template (inline Jinja) or data.chat_template_file in the config, or use a model "
+            "folder whose tokenizer_config.json or chat_template.jinja defines one",
         )

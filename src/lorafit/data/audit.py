@@ -1,0 +1,30 @@
+"""The supervision audit: catch the silent failures before a single step is trained.
+
+  * a source with zero supervised tokens (every label masked: the run would train nothing on it);
+  * an assistant turn whose end-of-turn token is not supervised (the model never learns to stop);
+  * more than half of a source's examples over max_seq_length (dropped or truncated: the length is wrong).
+"""
+
+from __future__ import annotations
+
+from lorafit.data.sources import SourceStats
+
+
+def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: int, split: str) -> list[str]:
+    problems = []
+    for s in stats:
+        if s.supervised_tokens == 0:
+            problems.append(f"{s.path}: no supervised token in this {split} source: its {s.rows} rows train nothing "
+                            f"(data.train_on: {train_on}; fix: check the format/field map, or the length limit)")
+        if s.unterminated_turns:
+            problems.append(f"{s.path}: {s.unterminated_turns} assistant turn(s) have no supervised end-of-turn token: "
+                            "the model would never learn to stop (the chat template puts no special token after the "
+                            "answer; fix: use a template that ends turns with the tokenizer's EOS or an end-of-turn token)")
+        over = s.truncated + s.dropped_too_long
+        read = s.rows - sum(s.skipped.values())
+        if read and over / read > 0.5:
+            what = "truncated" if s.truncated else "dropped as too long"
+            problems.append(f"{s.path}: {over} of {read} examples ({100 * over / read:.0f}%) are longer than "
+                            f"data.max_seq_length={max_seq_length} and were {what} "
+                            f"(fix: raise data.max_seq_length; `lorafit data inspect` shows the length histogram)")
+    return problems

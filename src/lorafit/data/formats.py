@@ -1,0 +1,254 @@
+"""Turn rows of any supported format into one internal record: a conversation, or a plain text.
+
+Formats (docs/data.md has an example of each):
+  messages           {"messages": [{"role", "content"}, ...]}; content a string or [{"type": "text", "text"}]
+  sharegpt           {"conversations": [{"from", "value"}, ...]}; from human/user, gpt/assistant/bot, system
+  alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+  prompt_completion  {"prompt", "completion", "system"?}
+  text               {"text"}: continued pre-training, every token trained
+
+A format is detected per file from its first object row (after the ``fields`` rename map) unless ``format:``
+names it. Every check returns ``(reason, message)`` rather than raising, so the caller applies ``on_error``.
+Pure functions: each rule is testable on a dict.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                  "model": "assistant", "system": "system"}
+# How a format is recognised: the canonical keys its rows have (checked in this order).
+SIGNATURES = (
+    ("messages", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("alpaca", ("instruction", "output")),
+    ("prompt_completion", ("prompt", "completion")),
+    ("text", ("text",)),
+)
+
+
+class RowError(Exception):
+    """A row-level problem: ``reason`` is a short class used to count skips; ``message`` is for people."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example, normalised: ``messages`` for chat formats, ``text`` for plain text."""
+
+    where: str
+    messages: tuple[dict, ...] = ()
+    text: str | None = None
+    rank: float | None = None  # the curriculum field's value, when data.curriculum_field is set
+
+    def identity(self) -> str:
+        """A canonical string of the content, to find identical examples in train and eval."""
+        return self.text if self.text is not None else json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+
+
+class FieldMap:
+    """Canonical name -> the user's key (``fields: {prompt: question}``); 'response' is 'completion'."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.names = dict(fields)
+        if "response" in self.names:
+            self.names["completion"] = self.names.pop("response")
+
+    def key(self, canonical: str) -> str:
+        return self.names.get(canonical, canonical)
+
+
+def detect_format(row: dict, fields: FieldMap) -> str | None:
+    for name, keys in SIGNATURES:
+        if all(fields.key(k) in row for k in keys):
+            return name
+    return None
+
+
+def describe_expected(fields: FieldMap) -> str:
+    return ", ".join(" + ".join(f'"{fields.key(k)}"' for k in keys) + f" ({name})" for name, keys in SIGNATURES)
+
+
+def normalise(row: object, fmt: str, fields: FieldMap, where: str, *, task_prefix: str | None = None,
+              rank_field: str | None = None) -> Record:
+    """The Record for one parsed row, or RowError naming what is wrong."""
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+    rank = _rank(row, rank_field) if rank_field else None
+    if fmt == "text":
+        text = _string(row, fields.key("text"), required=True)
+        return Record(where, text=(task_prefix or "") + text, rank=rank)
+    messages = _TO_MESSAGES[fmt](row, fields)
+    problem = check_messages(messages)
+    if problem:
+        raise RowError(*problem)
+    if task_prefix:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user] = {"role": "user", "content": task_prefix + messages[first_user]["content"]}
+    return Record(where, messages=tuple(messages), rank=rank)
+
+
+def _rank(row: dict, key: str) -> float:
+    if key not in row:
+        raise RowError("missing_field", f'field "{key}" missing (data.curriculum_field sorts by it)')
+    value = row[key]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise RowError("wrong_type", f'field "{key}" must be a number for data.curriculum_field (got {value!r})') from None
+
+
+def _field(row: dict, key: str, *, required: bool = True):
+    if key not in row or row[key] is None:
+        if required:
+            raise RowError("missing_field", f'field "{key}" missing (keys: {", ".join(map(str, row)) or "none"})')
+        return None
+    return row[key]
+
+
+def _string(row: dict, key: str, *, required: bool) -> str | None:
+    value = _field(row, key, required=required)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f'field "{key}" must be a string (got {type(value).__name__})')
+    if required and not value.strip():
+        raise RowError("empty_field", f'field "{key}" is empty')
+    return value
+
+
+def _list(row: dict, key: str, *, required: bool = True) -> list | None:
+    value = _field(row, key, required=required)
+    if isinstance(value, str) and value.lstrip().startswith("["):  # CSV cells hold JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError("malformed_json", f'field "{key}" holds malformed JSON ({exc.msg})') from None
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise RowError("wrong_type", f'field "{key}" must be a list (got {type(value).__name__})')
+    if required and not value:
+        raise RowError("empty_field", f'field "{key}" is an empty list')
+    return value
+
+
+def _content_text(content: object, place: str) -> str:
+    """A content string, or the text of a list of {"type": "text", "text": ...} parts joined together."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowError("wrong_type", f'{place}.content[{j}] is {kind!r}; only {{"type": "text", "text": ...}} parts are supported')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RowError("wrong_type", f"{place}.content must be a string or a list of text parts (got {type(content).__name__})")
+
+
+def _from_messages(row: dict, fields: FieldMap) -> list[dict]:
+    key, role_key, content_key = fields.key("messages"), fields.key("role"), fields.key("content")
+    messages = []
+    for i, message in enumerate(_list(row, key)):
+        place = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError("wrong_type", f'{place} must be an object with "{role_key}" and "{content_key}"')
+        if role_key not in message or content_key not in message:
+            missing = role_key if role_key not in message else content_key
+            raise RowError("missing_field", f'{place}: field "{missing}" missing')
+        role = message[role_key]
+        if role not in ROLES:
+            raise RowError("unknown_role", f"{place}.{role_key} is {role!r}; expected one of {', '.join(ROLES)}")
+        messages.append({"role": role, "content": _content_text(message[content_key], place)})
+    return messages
+
+
+def _from_sharegpt(row: dict, fields: FieldMap) -> list[dict]:
+    key, from_key, value_key = fields.key("conversations"), fields.key("from"), fields.key("value")
+    messages = []
+    for i, turn in enumerate(_list(row, key)):
+        place = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError("wrong_type", f'{place} must be an object with "{from_key}" and "{value_key}"')
+        if from_key not in turn or value_key not in turn:
+            missing = from_key if from_key not in turn else value_key
+            raise RowError("missing_field", f'{place}: field "{missing}" missing')
+        role = SHAREGPT_ROLES.get(str(turn[from_key]).lower())
+        if role is None:
+            raise RowError("unknown_role", f"{place}.{from_key} is {turn[from_key]!r}; expected one of "
+                                           f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": _content_text(turn[value_key], place)})
+    return messages
+
+
+def _from_alpaca(row: dict, fields: FieldMap) -> list[dict]:
+    instruction = _string(row, fields.key("instruction"), required=True)
+    extra = _string(row, fields.key("input"), required=False)
+    output = _string(row, fields.key("output"), required=True)
+    system = _string(row, fields.key("system"), required=False)
+    history = _list(row, fields.key("history"), required=False) or []
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RowError("wrong_type", f'{fields.key("history")}[{i}] must be a [user, assistant] pair of strings')
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _from_prompt_completion(row: dict, fields: FieldMap) -> list[dict]:
+    prompt = _string(row, fields.key("prompt"), required=True)
+    completion = _string(row, fields.key("completion"), required=True)
+    system = _string(row, fields.key("system"), required=False)
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+_TO_MESSAGES = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion,
+}
+
+
+def check_messages(messages: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) for a conversation that cannot be trained on, or None.
+
+    Order: an optional system message first, then user and assistant turns alternating, starting with user.
+
+    >>> check_messages([{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}])
+    ('role_order', 'message 1 is a second user turn in a row; user and assistant turns must alternate')
+    """
+    if not messages:
+        return "empty_field", "the conversation has no messages"
+    expected = "user"
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "system":
+            if i != 0:
+                return "role_order", f"message {i} is a system message; only the first message may be one"
+            continue
+        if role != expected:
+            if i == 0 or (i == 1 and messages[0]["role"] == "system"):
+                return "role_order", f"message {i} is an assistant turn before any user turn; a conversation starts with user"
+            return "role_order", f"message {i} is a second {role} turn in a row; user and assistant turns must alternate"
+        if not content.strip():
+            what = "an empty assistant turn: there is nothing to learn from it" if role == "assistant" else "an empty user turn"
+            return "empty_field", f"message {i} is {what}"
+        expected = "assistant" if role == "user" else "user"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no_assistant_turn", "no assistant turn: nothing to train on"
+    return None

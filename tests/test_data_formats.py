@@ -188,3 +188,23 @@ def test_on_error_skip_counts_by_reason_and_respects_max_skip_fraction(tmp_path,
                     use_cache=False)
     with pytest.raises(LorafitError, match="2 invalid rows"):
         load_source(DataSource(path=str(path)), tiny_tokenizer, _data(), use_cache=False)
+
+
+def test_data_inspect_reports_every_source_and_marks_trained_tokens(tiny_model_dir):
+    config = REPO / "examples" / "formats.yaml"
+    result = runner.invoke(app, ["data", "inspect", str(config), "--json", "--set", f"model.path={tiny_model_dir}"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [s["format"] for s in report["sources"]] == ["messages", "messages", "sharegpt", "alpaca",
+                                                        "prompt_completion", "prompt_completion", "prompt_completion",
+                                                        "messages"]
+    assert report["audit"] == [] and report["train_examples"] == 22
+    first = report["sources"][0]
+    assert first["rows"] == 2 and first["kept"] == 2 and first["skipped"] == {}
+    assert first["tokens"]["min"] <= first["tokens"]["median"] <= first["tokens"]["p95"] <= first["tokens"]["max"]
+    assert 0 < first["supervised_fraction"] < 1 and first["padding_fraction"]["padding_free"] == 0.0
+    marked = report["example"]["marked"]
+    assert marked.count("[[") >= 1 and marked.endswith("<|end|>]]\n")
+    text = runner.invoke(app, ["data", "inspect", str(config), "--set", f"model.path={tiny_model_dir}"])
+    assert text.exit_code == 0 and "audit: passed" in text.output and "tokens per example: min" in text.output
+    assert marked in text.output  # not a terminal: brackets, no colour codes

@@ -143,6 +143,7 @@ def test_data_option_clashes_are_config_errors(tmp_path):
         assert expected in message
 
 
+@pytest.mark.slow
 def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_model_dir):
     """Through the CLI in-process: bfd packing, two weighted sources, a skipped row, --no-cache."""
     from typer.testing import CliRunner

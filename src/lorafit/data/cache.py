@@ -20,7 +20,7 @@ import torch
 
 from lorafit.data.sources import Example, SourceData, SourceStats
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "1"  # bump when reading, normalising or labelling changes what a source tokenises to
 
 
 def file_digest(path: Path) -> str:

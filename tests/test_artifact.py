@@ -15,7 +15,7 @@ from lorafit import load_config, train
 from lorafit.artifact import CHECKSUMS, checksums_for
 from lorafit.cli import app
 from lorafit.errors import LorafitError
-from lorafit.result import fine_tune
+from lorafit import fine_tune
 from lorafit.verify import verify_artifact
 
 runner = CliRunner()

@@ -46,9 +46,15 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
     assert "Traceback" not in done.stderr
     assert "training finished" in done.stdout and "eval loss" in done.stdout
     run = tmp_path / "out"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.yaml",
-                 "metrics_history.jsonl", "training_summary.json"):
+    for name in ("metrics_history.jsonl", "training_summary.json", "result.json"):
         assert (run / name).is_file(), name
+    artifact = Path(json.loads((run / "training_summary.json").read_text())["adapter_dir"])
+    assert artifact == run / "adapter-v0.1.0" / "final_artifact"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.yaml"):
+        assert (artifact / name).is_file(), name
+    assert f"lorafit verify {artifact}" in done.stdout
+    verified = lorafit("verify", str(artifact), "--base", str(tiny_model_dir), cwd=tmp_path)
+    assert verified.returncode == 0 and verified.stdout.startswith("OK "), verified.stderr
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
@@ -66,8 +72,8 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
     inputs = torch.tensor([[1, 5, 9, 40, 77, 300, 12]])
     with torch.no_grad():
         base_logits = base(inputs).logits
-    model = PeftModel.from_pretrained(base, run)
-    saved = load_file(run / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(base, artifact)
+    saved = load_file(artifact / "adapter_model.safetensors")
     loaded = get_peft_model_state_dict(model)
     assert set(saved) == set(loaded)
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
@@ -101,7 +107,7 @@ def test_bad_data_is_named_by_file_and_line_without_traceback(tmp_path, tiny_mod
     assert done.returncode == 1
     assert expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert not list((tmp_path / "out").rglob("adapter_model.safetensors"))
 
 
 def test_a_hub_name_is_never_downloaded(tmp_path):

@@ -111,7 +111,11 @@ def test_a_changed_base_weight_fails_the_run_naming_the_tensor(tmp_path, tiny_mo
     data = write_jsonl(tmp_path / "train.jsonl", _unequal_rows(8))
     with pytest.raises(LorafitError, match=r"layers\.1\.mlp\.up_proj\.base_layer\.weight"):
         train(_config(tmp_path, tiny_model_dir, data, max_steps=3, batch_size=4), extra_callbacks=[PerturbBase()])
-    assert not (tmp_path / "run" / "training_summary.json").exists()  # the run does not look finished
+    run = tmp_path / "run"
+    assert not (run / "training_summary.json").exists()  # the run does not look finished
+    assert not list(run.rglob("adapter_model.safetensors"))  # and no artifact was published
+    failed = json.loads((run / "result.json").read_text())
+    assert failed["status"] == "failed" and "base weights changed" in failed["error"]["message"]
 
 
 def test_unknown_target_module_lists_the_models_linear_layers(tmp_path, tiny_model_dir):
@@ -126,8 +130,8 @@ def test_unknown_target_module_lists_the_models_linear_layers(tmp_path, tiny_mod
 
 def test_same_seed_same_adapter_bytes(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", _unequal_rows(8))
-    digests = []
+    files = []
     for name in ("a", "b"):
         result = train(_config(tmp_path / name, tiny_model_dir, data, max_steps=2, batch_size=4))
-        digests.append((result.adapter_dir / "adapter_model.safetensors").read_bytes())
-    assert digests[0] == digests[1]
+        files.append({f: (result.adapter_dir / f).read_bytes() for f in ("adapter_model.safetensors", "adapter_config.json")})
+    assert files[0] == files[1]

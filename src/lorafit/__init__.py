@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_config", "train", "Config", "LorafitError", "TrainResult"]
+__all__ = ["__version__", "load_config", "train", "fine_tune", "Config", "LorafitError", "TrainResult"]
 
 
 def __getattr__(name: str):
@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from lorafit import recipe
 
         return getattr(recipe, name)
+    if name == "fine_tune":
+        from lorafit.result import fine_tune
+
+        return fine_tune
     if name == "LorafitError":
         from lorafit.errors import LorafitError
 

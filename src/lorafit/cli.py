@@ -79,31 +79,71 @@ def main(version: bool = typer.Option(False, "--version", help="Print the versio
         raise typer.Exit(0)
 
 
+AllowPickle = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin/.pt) weights. They can run code: trusted files only.")
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Argument(None, help="Config file (YAML or JSON). Omitted: the bundled quickstart."),
     overrides: Optional[List[str]] = SetOption,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in train.output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run and its artifact version."),
+    allow_pickle: bool = AllowPickle,
+    verify_only: bool = typer.Option(False, "--verify-only", help="Only verify --artifact-dir (same as `lorafit verify`)."),
+    artifact_dir: Optional[Path] = typer.Option(None, "--artifact-dir", help="With --verify-only: the artifact to check."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-read and re-tokenise the data instead of using the cache."),
 ) -> None:
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model."""
+    if verify_only:
+        if artifact_dir is None:
+            _fail(LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact"))
+        verify(artifact_dir, None, False, allow_pickle)
+        return
     _quiet_libraries()
     from lorafit.recipe import train as run_training
 
     try:
         cfg = _load(config, overrides)
         typer.echo(f"lorafit {__version__}: training {cfg.model.path} -> {cfg.train.output_dir}")
-        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho(), data_cache=not no_cache)
+        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho(), allow_pickle=allow_pickle,
+                              data_cache=not no_cache)
     except LorafitError as error:
         _fail(error)
         return
     _print_summary(result)
 
 
+@app.command()
+def verify(
+    artifact_dir: Path = typer.Argument(..., help="A final_artifact folder."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Also check the adapter against this base model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    allow_pickle: bool = AllowPickle,
+) -> None:
+    """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base. Exit 0 or 1."""
+    import json
+
+    from lorafit.verify import verify_artifact
+
+    report = verify_artifact(artifact_dir, base, allow_pickle=allow_pickle)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for warning in report.warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+        if report.ok:
+            checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
+            typer.secho(f"OK {artifact_dir} ({checked})", fg=typer.colors.GREEN)
+        else:
+            typer.secho(f"FAILED {artifact_dir}: {len(report.problems)} problem(s)", fg=typer.colors.RED, err=True)
+            for problem in report.problems:
+                typer.echo(f"  {problem}", err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
 def _print_summary(result) -> None:
     m = result.metrics
     typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
-    typer.echo(f"  adapter        {result.adapter_dir}")
+    typer.echo(f"  artifact       {result.adapter_dir}")
     if "eval_loss_first" in m:
         typer.echo(
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
@@ -112,6 +152,7 @@ def _print_summary(result) -> None:
     typer.echo(f"  steps          {m['steps']} ({m['epochs']} epochs) in {m['train_seconds']:.1f} s of training")
     typer.echo(f"  throughput     {m['tokens_per_second']:,.0f} tokens/s (non-padding)")
     typer.echo(f"  metrics        {result.run_dir / 'metrics_history.jsonl'}")
+    typer.echo(f"  verify         lorafit verify {result.adapter_dir}")
 
 
 @config_app.command("validate")

@@ -444,6 +444,22 @@ def warmup_steps_for(train: TrainConfig, total_steps: int) -> int:
     return 0
 
 
+def _type_name(annotation) -> str:
+    """Readable type for the docs: `fp32 | bf16`, `list[str]`, `int | null` instead of typing reprs."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join("null" if a is None else str(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def schema_reference() -> str:
     """Markdown reference of every section and key, generated from the field descriptions (docs/config.md)."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
@@ -458,7 +474,7 @@ def schema_reference() -> str:
             default = "required" if field.is_required() else (
                 "[]" if field.default_factory is list else json.dumps(field.default)
             )
-            type_name = re.sub(r"typing\.|<class '(\w+)'>", r"\1", str(annotation)).replace("NoneType", "null")
+            type_name = _type_name(annotation).replace("|", "\\|")  # a bare | would split the table cell
             lines.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")
 
     walk(Config, "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,11 +56,30 @@ def load_tokenizer(model: ModelConfig, path: str):
     return tokenizer
 
 
-def load_base_model(model: ModelConfig, path: str):
+def refuse_pickle_weights(folder: Path, *, allow_pickle: bool, what: str = "model") -> None:
+    """A folder whose weights exist only as pickle files (.bin/.pt) is refused unless the user allows it."""
+    folder = Path(folder)
+    if not folder.is_dir() or list(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    if pickles and allow_pickle:
+        warnings.warn(f"{folder}: loading pickle weights ({', '.join(pickles)}) because --allow-pickle was given; "
+                      "they can run code when loaded", stacklevel=2)
+    elif pickles:
+        raise LorafitError(
+            f"{folder}: the {what} weights are pickle files only ({', '.join(pickles)})",
+            why="loading a pickle can run arbitrary code; lorafit loads tensors through safetensors only",
+            fix="convert the weights to safetensors (save_pretrained does), or pass --allow-pickle if you trust the source",
+        )
+
+
+def load_base_model(model: ModelConfig, path: str, *, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM
 
+    refuse_pickle_weights(Path(path), allow_pickle=allow_pickle)
     base = _local_only(
-        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code
+        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
     )
     base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
     return base

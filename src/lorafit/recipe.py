@@ -10,7 +10,6 @@ docs/design.md says why Trainer and not TRL's SFTTrainer.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,11 @@ from lorafit.data.collate import PadCollator
 from lorafit.data.packing import PackedCollator
 from lorafit.errors import LorafitError
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
-from lorafit.run_files import DONE_MARKER, claim_run_dir, move_files_into, staging_dir, write_atomic, write_json
+from lorafit.artifact import refuse_existing_version, write_final_artifact
+from lorafit.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
+from lorafit.provenance import collect_metadata
+from lorafit.result import RESULT_FILE, completed_result, failed_result, new_job_id
+from lorafit.run_files import DONE_MARKER, claim_run_dir, write_atomic, write_json
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 
@@ -39,16 +42,35 @@ class TrainResult:
     metrics: dict
     data: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
+    result: dict = field(default_factory=dict)
 
 
-def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks=(), data_cache: bool = True) -> TrainResult:
-    """Fine-tune ``config.model`` with a LoRA adapter on ``config.data``; returns where the adapter is.
+def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks=(), allow_pickle: bool = False,
+          data_cache: bool = True) -> TrainResult:
+    """Fine-tune ``config.model`` with a LoRA adapter on ``config.data``; returns where the artifact is.
 
-    ``data_cache=False`` re-reads and re-tokenises every source instead of using the on-disk cache."""
-    from transformers import set_seed
-
+    Every run that got as far as its run folder writes ``result.json`` there, ``status: failed`` included.
+    ``data_cache=False`` re-reads and re-tokenises every source instead of using the on-disk cache.
+    """
     started = time.time()
     run_dir = claim_run_dir(config.train.output_dir, overwrite=overwrite)
+    refuse_existing_version(run_dir, config.artifact, overwrite=overwrite)
+    job_id = new_job_id()
+    try:
+        result = _train(config, run_dir, started, overwrite=overwrite, echo=echo, extra_callbacks=extra_callbacks,
+                        allow_pickle=allow_pickle, data_cache=data_cache)
+    except BaseException as error:
+        write_json(run_dir / RESULT_FILE, failed_result(job_id, config, run_dir, error))
+        raise
+    result.result = completed_result(job_id, config, result)
+    write_json(run_dir / RESULT_FILE, result.result)
+    return result
+
+
+def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, extra_callbacks, allow_pickle,
+           data_cache) -> TrainResult:
+    from transformers import set_seed
+
     _refuse_unsupported(config)
     set_seed(config.train.seed)
 
@@ -62,13 +84,14 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
     train_stats = prepared.train_stats
     write_data_report(run_dir, prepared, echo)
 
-    model = load_base_model(config.model, model_path)
+    model = load_base_model(config.model, model_path, allow_pickle=allow_pickle)
     set_seed(config.train.seed)  # adapter init draws from the RNG: same seed, same initial adapter
     model = attach_lora(model, config.lora)
+    require_only_adapter_trainable(model, config.lora.modules_to_save)
     trainable, total = count_parameters(model)
     if echo:
         echo.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    frozen_before = frozen_weight_digests(model)
+    base_check = BaseWeightCheck.start(model)
 
     history = MetricsHistory(run_dir / "metrics_history.jsonl", echo=echo.progress if echo else None)
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir, [history, *extra_callbacks])
@@ -77,26 +100,26 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
         trainer.evaluate()
     history.close()
 
-    changed = [name for name, digest in frozen_weight_digests(model).items() if frozen_before.get(name) != digest]
-    if changed:
-        raise LorafitError(
-            f"base weights changed during training: {', '.join(changed[:10])}",
-            why="only adapter weights may train; a changed base means the adapter is not valid for the base you ship",
-        )
+    base_check.finish(model)  # raises, naming the tensors, if any frozen weight changed
+    require_adapter_changed(model)
 
     metrics = summarise_metrics(history, trainer, train_stats)
+    data = {"train": train_stats.as_dict(), "eval": prepared.eval_stats.as_dict()}
+    parameters = {"trainable": trainable, "total": total}
+    metadata = collect_metadata(config, model_path, tokenizer, data, parameters, base_check, started)
+    adapter_dir = write_final_artifact(run_dir, model, tokenizer, config, metadata, metrics, overwrite=overwrite)
     summary = {
         "run_dir": str(run_dir),
-        "adapter_dir": str(run_dir),
-        "base_model": config.model.path,
+        "adapter_dir": str(adapter_dir),
+        "base_model": model_path,
         "metrics": metrics,
         "data": prepared.report,
-        "parameters": {"trainable": trainable, "total": total},
-        "base_weights_unchanged": True,
+        "parameters": parameters,
+        "base_weights_unchanged": base_check.unchanged,
         "duration_seconds": round(time.time() - started, 2),
     }
-    write_outputs(run_dir, model, tokenizer, config, summary)
-    return TrainResult(run_dir, run_dir, metrics, summary["data"], summary["parameters"])
+    write_json(run_dir / DONE_MARKER, summary)
+    return TrainResult(run_dir, adapter_dir, metrics, data, parameters)
 
 
 def write_data_report(run_dir: Path, prepared, echo) -> None:
@@ -131,16 +154,6 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-def frozen_weight_digests(model) -> dict[str, str]:
-    """sha256 of every frozen tensor's bytes: the proof that training touched only the adapter."""
-    digests = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            tensor = param.detach().contiguous().cpu()
-            digests[name] = hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()
-    return digests
 
 
 def total_optimizer_steps(config: Config, num_examples: int) -> int:
@@ -257,14 +270,3 @@ def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats)
             eval_loss_reduction=(first - final) / first if first else None,
         )
     return metrics
-
-
-def write_outputs(run_dir: Path, model, tokenizer, config: Config, summary: dict) -> None:
-    """Adapter + tokenizer into a staging folder, then renamed into the run folder; the summary goes last."""
-    staging = staging_dir(run_dir, "adapter")
-    model.save_pretrained(staging)
-    (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; lorafit's own card comes with artifacts
-    tokenizer.save_pretrained(staging)
-    move_files_into(staging, run_dir)
-    write_atomic(run_dir / "training_config.yaml", config.to_yaml())
-    write_json(run_dir / DONE_MARKER, summary)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,6 +45,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path, *, files: bool = True) -> None:
+    """fsync every file below ``folder`` (unless files=False) and every folder, so a rename publishes data on disk."""
+    folder = Path(folder)
+    if files:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+    for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync_dir(path)
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
@@ -65,21 +76,3 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 def write_json(path: Path, value) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
-
-
-def move_files_into(staging: Path, destination: Path) -> list[str]:
-    """fsync and rename every file of ``staging`` into ``destination`` (same filesystem), then drop staging."""
-    names = []
-    for item in sorted(staging.iterdir()):
-        if item.is_file():
-            with item.open("rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(item, destination / item.name)
-            names.append(item.name)
-    _fsync_dir(destination)
-    shutil.rmtree(staging, ignore_errors=True)
-    return names
-
-
-def staging_dir(run_dir: Path, label: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".{label}-", dir=run_dir))

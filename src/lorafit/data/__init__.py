@@ -45,21 +45,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return {"input_ids": example.input_ids, "labels": example.labels}
 
 
-def prepare_split(sources: list[DataSource], tokenizer, data: DataConfig, *, train_on_inputs: bool, split: str):
-    """Read, tokenise and length-filter every source of a split, no mixing. Returns (dataset, stats)."""
-    data = data.model_copy(update={"train_on": "all" if train_on_inputs else data.train_on})
-    stats = SplitStats(sources=[s.path for s in sources])
-    examples: list[Example] = []
-    for source in sources:
-        loaded = load_source(source, tokenizer, data, use_cache=False)
-        examples += loaded.examples
-        _add(stats, loaded.stats)
-    stats.kept = len(examples)
-    if not examples and sources:
-        raise _nothing_usable(split, stats, data)
-    return TokenizedDataset(examples), stats
-
-
 def _add(stats: SplitStats, source: SourceStats) -> None:
     for name in ("rows", "dropped_too_long", "truncated", "dropped_no_supervision", "tokens", "supervised_tokens"):
         setattr(stats, name, getattr(stats, name) + getattr(source, name))
@@ -211,4 +196,4 @@ def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, gro
                         warnings, problems)
 
 
-__all__ = ["IGNORE_INDEX", "PreparedData", "SplitStats", "TokenizedDataset", "prepare_data", "prepare_split"]
+__all__ = ["IGNORE_INDEX", "PreparedData", "SplitStats", "TokenizedDataset", "prepare_data"]

@@ -137,13 +137,3 @@ def tokenize_text(tokenizer, text: str) -> TokenizedExample:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     input_ids = bos + ids + eos
     return TokenizedExample(input_ids, [IGNORE_INDEX] * len(bos) + ids + eos)
-
-
-def require_chat_template(tokenizer, model_path: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorafitError(
-            f"{model_path}: the tokenizer has no chat template",
-            why="conversations are rendered with the model's own chat template so training matches inference",
-            fix="set data.chat_template (inline Jinja) or data.chat_template_file in the config, or use a model "
-            "folder whose tokenizer_config.json or chat_template.jinja defines one",
-        )

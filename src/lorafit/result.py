@@ -1,0 +1,104 @@
+"""`result.json`: a run's outcome in the shape cloud fine-tuning APIs return, for programs that drive lorafit."""
+
+from __future__ import annotations
+
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from lorafit.config import Config
+from lorafit.errors import LorafitError
+
+RESULT_FILE = "result.json"
+
+
+def new_job_id() -> str:
+    return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+def _validated_params(config: Config, finetuned_model_id: str | None) -> dict:
+    t, lora = config.train, config.lora
+    return {
+        "finetuned_model_id": finetuned_model_id,
+        "model": config.model.path,
+        "training_files": [s.path for s in config.data.train],
+        "validation_files": [s.path for s in config.data.eval],
+        "suffix": f"{config.artifact.name}-v{config.artifact.version}",
+        "seed": t.seed,
+        "hyperparameters": {
+            "n_epochs": t.epochs, "max_steps": t.max_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+            "learning_rate": t.learning_rate, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
+            "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay,
+            "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": lora.target_modules, "use_dora": lora.use_dora, "use_rslora": lora.use_rslora,
+            "quant_bits": config.quant.bits,
+        },
+    }
+
+
+def completed_result(job_id: str, config: Config, result) -> dict:
+    adapter = Path(result.adapter_dir)
+    return {
+        "id": job_id,
+        "object": "fine_tuning.job",
+        "status": "completed",
+        "finished_at": int(time.time()),
+        "params": {"validated_params": _validated_params(config, str(adapter))},
+        "metrics": result.metrics,
+        "outputs": {
+            "run_dir": str(result.run_dir),
+            "artifact_dir": str(adapter),
+            "adapter_model": str(adapter / "adapter_model.safetensors"),
+            "adapter_config": str(adapter / "adapter_config.json"),
+            "metadata": str(adapter / "metadata.json"),
+            "checksums": str(adapter / "checksums.json"),
+            "metrics_history": str(Path(result.run_dir) / "metrics_history.jsonl"),
+        },
+        "error": None,
+    }
+
+
+def failed_result(job_id: str, config: Config | None, run_dir: Path | None, error: BaseException) -> dict:
+    user_error = isinstance(error, LorafitError)
+    return {
+        "id": job_id,
+        "object": "fine_tuning.job",
+        "status": "failed",
+        "finished_at": int(time.time()),
+        "params": {"validated_params": _validated_params(config, None) if config is not None else {}},
+        "metrics": {},
+        "outputs": {"run_dir": str(run_dir) if run_dir else None},
+        "error": {
+            "type": type(error).__name__,
+            "message": error.render() if user_error else str(error),
+            "user_error": user_error,
+            "traceback": None if user_error else "".join(traceback.format_exception(error))[-4000:],
+        },
+    }
+
+
+def fine_tune(config, overrides: list[str] | None = None, *, overwrite: bool = False) -> dict:
+    """Train and return the result dictionary instead of raising; the same dictionary is in result.json.
+
+    ``config`` is a path, a dict or a Config. Bad input gives ``status: failed`` with the error message.
+    """
+    from lorafit.config import load_config
+    from lorafit.recipe import train
+
+    job_id, validated = new_job_id(), None
+    try:
+        validated = config if isinstance(config, Config) else load_config(config, overrides or [])
+        if isinstance(config, Config) and overrides:
+            validated = load_config(config.to_dict(), overrides)
+        return train(validated, overwrite=overwrite).result
+    except (LorafitError, OSError, RuntimeError, ValueError) as error:
+        run_dir = Path(validated.train.output_dir).resolve() if validated is not None else None
+        written = run_dir / RESULT_FILE if run_dir else None
+        if written is not None and written.is_file():  # train() got as far as the run folder and recorded it
+            import json
+
+            recorded = json.loads(written.read_text(encoding="utf-8"))
+            if recorded.get("status") == "failed":
+                return recorded
+        return failed_result(job_id, validated, run_dir, error)

@@ -1,0 +1,213 @@
+"""`lorafit verify`: is this folder exactly the adapter that was trained, and does it fit its base?
+
+Checks, each reported by name so a user knows what to fix:
+- checksums: every file listed is present with the same sha256; no file is missing or extra;
+- safetensors: the header parses, offsets tile the data exactly, dtypes and sizes agree; values are finite;
+- adapter: tensor names and shapes agree with adapter_config.json (rank, targeted modules);
+- with ``--base``: the base's weight files are the ones trained on (sha256) and each adapted module's shape fits;
+- no pickle files (refused unless ``--allow-pickle``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorafit.artifact import CHECKSUMS, checksums_for
+from lorafit.provenance import weight_files
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)(\.weight)?$")
+
+
+@dataclass
+class VerifyReport:
+    artifact: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, list[str]]:
+    """The header of a safetensors file and the problems found in it (without loading any tensor)."""
+    problems: list[str] = []
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            return {}, [f"{path.name}: too short to be a safetensors file ({size} bytes)"]
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8 or length > 100_000_000:
+            return {}, [f"{path.name}: header length {length} does not fit the file ({size} bytes)"]
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return {}, [f"{path.name}: header is not valid JSON ({exc})"]
+    if not isinstance(header, dict):
+        return {}, [f"{path.name}: header is not a JSON object"]
+    data_size = size - 8 - length
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{path.name}: tensor {name}: malformed header entry")
+            continue
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if dtype not in _DTYPE_BYTES:
+            problems.append(f"{path.name}: tensor {name}: unknown dtype {dtype}")
+        elif end - begin != numel * _DTYPE_BYTES[dtype]:
+            problems.append(f"{path.name}: tensor {name}: {end - begin} bytes for shape {shape} of {dtype}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            problems.append(f"{path.name}: tensor {name}: data starts at {begin}, expected {position} (gap or overlap)")
+        position = max(position, end)
+    if position != data_size:
+        problems.append(f"{path.name}: tensors cover {position} bytes of a {data_size}-byte data section")
+    return header, problems
+
+
+def _check_checksums(folder: Path, report: VerifyReport) -> None:
+    listing = folder / CHECKSUMS
+    if not listing.is_file():
+        report.problems.append(f"{CHECKSUMS}: missing — cannot prove any file is the one written")
+        return
+    try:
+        expected = json.loads(listing.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        report.problems.append(f"{CHECKSUMS}: not a valid checksum list")
+        return
+    actual = checksums_for(folder)
+    for name in sorted(expected):
+        if name not in actual:
+            report.problems.append(f"missing file: {name}")
+        elif actual[name] != expected[name]:
+            report.problems.append(f"changed file: {name} (sha256 {actual[name][:12]}…, expected {expected[name][:12]}…)")
+    for name in sorted(set(actual) - set(expected)):
+        report.problems.append(f"extra file: {name} (not in {CHECKSUMS})")
+    report.checked["files"] = len(expected)
+
+
+def _check_tensors(folder: Path, report: VerifyReport, allow_pickle: bool) -> dict[str, list[int]]:
+    pickles = sorted(p.name for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    for name in pickles:
+        if allow_pickle:
+            report.warnings.append(f"{name}: pickle file accepted because of --allow-pickle (it can run code when loaded)")
+        else:
+            report.problems.append(f"{name}: pickle file refused (loading it can run arbitrary code); "
+                                   "use safetensors, or pass --allow-pickle if you trust its source")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        report.problems.append("adapter_model.safetensors: missing")
+        return {}
+    header, problems = read_safetensors_header(weights)
+    report.problems += problems
+    if problems:
+        return {}
+    from safetensors import safe_open
+
+    import torch
+
+    shapes = {}
+    with safe_open(str(weights), framework="pt") as handle:
+        for name in handle.keys():
+            tensor = handle.get_tensor(name)
+            shapes[name] = list(tensor.shape)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                report.problems.append(f"adapter_model.safetensors: tensor {name} has {bad} non-finite values")
+    report.checked["tensors"] = len(shapes)
+    return shapes
+
+
+def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: VerifyReport) -> dict:
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        report.problems.append(f"adapter_config.json: unreadable ({exc})")
+        return {}
+    rank, rank_pattern = config.get("r"), config.get("rank_pattern") or {}
+    targets = config.get("target_modules")
+    target_list = targets if isinstance(targets, list) else None
+    for name, shape in shapes.items():
+        match = _ADAPTER_KEY.match(name)
+        if not match:
+            if ".modules_to_save." not in name:
+                report.problems.append(f"adapter tensor {name}: not a LoRA or modules_to_save tensor")
+            continue
+        module, kind = match["module"], match["kind"]
+        leaf = module.rsplit(".", 1)[-1]
+        if target_list is not None and leaf not in target_list:
+            report.problems.append(f"adapter tensor {name}: module {leaf!r} is not in target_modules {target_list}")
+        r = next((v for k, v in rank_pattern.items() if re.search(k, module)), rank)
+        if kind == "lora_A" and (len(shape) != 2 or shape[0] != r):
+            report.problems.append(f"adapter tensor {name}: shape {shape}, expected [r={r}, in_features]")
+        if kind == "lora_B" and (len(shape) != 2 or shape[1] != r):
+            report.problems.append(f"adapter tensor {name}: shape {shape}, expected [out_features, r={r}]")
+    return config
+
+
+def _check_base(folder: Path, base: Path, shapes: dict[str, list[int]], report: VerifyReport) -> None:
+    if not (base / "config.json").is_file():
+        report.problems.append(f"--base {base}: not a model folder (no config.json)")
+        return
+    metadata_path = folder / "metadata.json"
+    if metadata_path.is_file():
+        recorded = json.loads(metadata_path.read_text(encoding="utf-8"))["base_model"].get("weight_files_sha256", {})
+        actual = weight_files(base)
+        if recorded and actual != recorded:
+            changed = sorted(n for n in set(recorded) | set(actual) if recorded.get(n) != actual.get(n))
+            report.problems.append(f"--base {base}: weight files differ from the base trained on: {', '.join(changed)}")
+        report.checked["base_weight_files"] = len(actual)
+    base_shapes: dict[str, list[int]] = {}
+    for file in sorted(base.glob("*.safetensors")):
+        header, problems = read_safetensors_header(file)
+        report.problems += [f"--base {p}" for p in problems]
+        base_shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    lora = {}
+    for name, shape in shapes.items():
+        match = _ADAPTER_KEY.match(name)
+        if match and match["kind"] in ("lora_A", "lora_B"):
+            lora.setdefault(match["module"], {})[match["kind"]] = shape
+    for module, parts in sorted(lora.items()):
+        weight = base_shapes.get(f"{module}.weight")
+        if weight is None:
+            report.problems.append(f"--base {base}: has no weight for adapted module {module}")
+        elif "lora_A" in parts and "lora_B" in parts and [parts["lora_B"][0], parts["lora_A"][1]] != weight:
+            report.problems.append(f"--base {base}: {module}.weight is {weight}, the adapter expects "
+                                   f"[{parts['lora_B'][0]}, {parts['lora_A'][1]}]")
+    report.checked["base_modules"] = len(lora)
+
+
+def verify_artifact(folder: Path, base: Path | None = None, *, allow_pickle: bool = False) -> VerifyReport:
+    folder = Path(folder)
+    report = VerifyReport(artifact=str(folder))
+    if not folder.is_dir():
+        report.problems.append(f"{folder}: not a folder")
+        return report
+    _check_checksums(folder, report)
+    shapes = _check_tensors(folder, report, allow_pickle)
+    if shapes:
+        _check_adapter_config(folder, shapes, report)
+        if base is not None:
+            _check_base(folder, Path(base), shapes, report)
+    return report

@@ -174,3 +174,22 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
     summary = json.loads((run / "training_summary.json").read_text())
     assert summary["data"]["train"]["kept"] == 40 and summary["metrics"]["steps"] == 2
     assert "skipped 1 invalid rows" in result.output
+
+
+def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from lorafit.modeling import load_base_model
+    from lorafit.recipe import build_trainer
+
+    rows = [conversation("q " * (1 + (7 * i) % 13), "a " * (1 + i % 3)) for i in range(12)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    config = load_config({"model": {"path": str(tiny_model_dir)},
+                          "data": {"train": [{"path": str(tmp_path / "t.jsonl")}], "order": "curriculum",
+                                   "packing": "padding_free"},
+                          "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "max_steps": 1}})
+    prepared = prepare_data(config.data, tiny_tokenizer, seed=0, batch_size=3, group_by_length=True, use_cache=False)
+    model = load_base_model(config.model, str(tiny_model_dir))
+    trainer = build_trainer(config, model, tiny_tokenizer, prepared.train, prepared.eval, tmp_path / "run", [])
+    rows_seen = [len(batch["input_ids"][0]) for batch in trainer.get_train_dataloader()]
+    expected = [len(e.input_ids) for e in prepared.train_examples]
+    assert expected == sorted(expected)
+    assert rows_seen == [sum(expected[i : i + 3]) for i in range(0, 12, 3)]  # in order, 3 examples per packed row

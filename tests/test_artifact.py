@@ -64,7 +64,8 @@ def test_layout_metadata_and_card(trained, tiny_model_dir):
     assert meta["base_weight_check"]["unchanged"] is True and meta["base_weight_check"]["tensors"] > 0
     assert meta["base_model"]["weight_files_sha256"].keys() == {"model.safetensors"}
     assert meta["seed"] == 42 and meta["software"]["torch"] and meta["parameters"]["trainable"] > 0
-    assert meta["data"]["train"]["sources"][0]["sha256"] and meta["data"]["train"]["kept"] == 12
+    source = meta["data"]["train"]["sources"][0]
+    assert source["sha256"] and source["rows"] == 12 and source["kept"] == 12 and meta["data"]["train"]["kept"] == 12
     assert meta["tokenizer"]["chat_template_sha256"]
 
     card = (artifact / "README.md").read_text()

@@ -81,7 +81,7 @@ def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters:
     for split, stats in data.items():
         sources[split] = {
             **{k: v for k, v in stats.items() if k != "sources"},
-            "sources": [{"path": p, "sha256": sha256_file(Path(p))} for p in stats["sources"]],
+            "sources": [{**source, "sha256": sha256_file(Path(source["path"]))} for source in stats["sources"]],
         }
     return {
         "lorafit_metadata_version": 1,

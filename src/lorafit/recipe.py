@@ -104,7 +104,9 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, ex
     require_adapter_changed(model)
 
     metrics = summarise_metrics(history, trainer, train_stats)
-    data = {"train": train_stats.as_dict(), "eval": prepared.eval_stats.as_dict()}
+    # Per split: its totals, and each source's own counts (rows used, skipped by reason) for metadata.json.
+    data = {split: {**stats.as_dict(), "sources": prepared.report["sources"][split]}
+            for split, stats in (("train", train_stats), ("eval", prepared.eval_stats))}
     parameters = {"trainable": trainable, "total": total}
     metadata = collect_metadata(config, model_path, tokenizer, data, parameters, base_check, started)
     adapter_dir = write_final_artifact(run_dir, model, tokenizer, config, metadata, metrics, overwrite=overwrite)

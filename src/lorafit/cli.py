@@ -81,20 +81,55 @@ def main(version: bool = typer.Option(False, "--version", help="Print the versio
 def train(
     config: Optional[Path] = typer.Argument(None, help="Config file (YAML or JSON). Omitted: the bundled quickstart."),
     overrides: Optional[List[str]] = SetOption,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in train.output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run (or an unfinished run's checkpoints) in train.output_dir."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="auto|PATH",
+        help="Continue from a checkpoint: 'auto' = the newest verified one in train.output_dir (a fresh start if none).",
+    ),
+    force_resume: bool = typer.Option(
+        False, "--force-resume", help="Resume even if the config, data or base model changed (recorded in the summary)."
+    ),
 ) -> None:
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model."""
     _quiet_libraries()
+    from lorafit.recipe import RunStopped
     from lorafit.recipe import train as run_training
 
     try:
         cfg = _load(config, overrides)
         typer.echo(f"lorafit {__version__}: training {cfg.model.path} -> {cfg.train.output_dir}")
-        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho())
+        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho(), resume=resume, force_resume=force_resume)
+    except RunStopped as stopped:
+        typer.secho(f"stopped: {stopped.render()}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"resume with: {resume_command()}", err=True)
+        raise typer.Exit(stopped.exit_code)
     except LorafitError as error:
         _fail(error)
         return
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted at once (no checkpoint for the current step)", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"resume from the last checkpoint with: {resume_command()}", err=True)
+        raise typer.Exit(130)
     _print_summary(result)
+
+
+def resume_command(argv: Optional[List[str]] = None) -> str:
+    """This command line with --resume auto (and without --overwrite or an earlier --resume)."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg == "--overwrite" or arg.startswith("--resume="):
+            continue
+        kept.append(arg)
+    return shlex.join(["lorafit", *kept, "--resume", "auto"])
 
 
 def _print_summary(result) -> None:

@@ -46,6 +46,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new names, renames) durable; a file's fsync does not cover its name."""
+    _fsync_dir(folder)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (no rename: for files inside a staging folder that is renamed as a whole)."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)

@@ -73,10 +73,16 @@ class Launch:
         return code
 
 
-def staging_files(run_dir: Path) -> int:
-    """Files in the largest staging folder of a save in progress (0 when no save is in progress)."""
+def staging_files(run_dir: Path, pid: int) -> int:
+    """Files in the staging folder of a save that process ``pid`` has in progress (0 when none). The pid matters:
+    a staging folder left by an earlier kill stays until the next run has started and cleaned it."""
     root = run_dir / "checkpoints"
-    counts = [len(list(p.iterdir())) for p in root.glob(".tmp-step-*")] if root.is_dir() else []
+    counts = []
+    for folder in root.glob(f".tmp-step-*-{pid}") if root.is_dir() else []:
+        try:
+            counts.append(len(list(folder.iterdir())))
+        except FileNotFoundError:  # renamed into place meanwhile
+            pass
     return max(counts, default=0)
 
 
@@ -109,7 +115,7 @@ def kill_and_resume(config: Path, run_dir: Path, reference_losses: dict[int, str
         launch = Launch(config, run_dir.parent, env)
         if during_save:
             files = rng.randint(1, 7)
-            hit = launch.wait_until(lambda: staging_files(run_dir) >= files)
+            hit = launch.wait_until(lambda: staging_files(run_dir, launch.proc.pid) >= files)
             what = f"during a save, after {files} file(s)"
         else:
             target = min(start + rng.randint(1, 4), max_steps - 1)
@@ -119,6 +125,9 @@ def kill_and_resume(config: Path, run_dir: Path, reference_losses: dict[int, str
         if launch.proc.poll() is None:
             launch.proc.send_signal(signal.SIGKILL)
         code = launch.finish()
+        if during_save:  # confirm: that process's staging folder is still there, half-written
+            in_save = any((run_dir / "checkpoints").glob(f".tmp-step-*-{launch.proc.pid}"))
+            what += " (confirmed: its staging folder was left behind)" if in_save else " (missed: the save had ended)"
         printed = launch.steps()
         wrong = {s: (v, reference_losses.get(s)) for s, v in printed.items() if reference_losses.get(s) != v}
         assert not wrong, f"kill {number}: losses after resume differ from the uninterrupted run: {wrong}"
@@ -194,7 +203,7 @@ def main() -> None:
         reference.adapter_dir / "adapter_model.safetensors").read_bytes()
     same_history = history(args.workdir / "killed" / "run") == ref_history
     kills = len(result["events"])
-    during_save = sum("during a save" in e["moment"] for e in result["events"])
+    during_save = sum("confirmed" in e["moment"] for e in result["events"])
     print(f"\n{kills} kills ({during_save} during a checkpoint save), {args.max_steps} steps, "
           f"{time.time() - started:.0f} s: adapter byte-identical: {same_adapter}; metrics history identical: {same_history}")
     if not (same_adapter and same_history):

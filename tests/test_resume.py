@@ -95,7 +95,7 @@ def test_sigkill_at_random_moments_and_sigterm_resume_to_the_same_adapter(tmp_pa
 
     # 1. SIGKILL in the middle of a checkpoint save (3 of its files written, no manifest yet)
     launch = kill_resume.Launch(config, tmp_path, {ckpt.PAUSE_ENV: "0.3"})
-    assert launch.wait_until(lambda: kill_resume.newest_step(run_dir) >= 2 and kill_resume.staging_files(run_dir) >= 3)
+    assert launch.wait_until(lambda: kill_resume.newest_step(run_dir) >= 2 and kill_resume.staging_files(run_dir, launch.proc.pid) >= 3)
     launch.proc.send_signal(signal.SIGKILL)
     assert launch.finish() == -signal.SIGKILL
     half_written = list((run_dir / "checkpoints").glob(".tmp-step-*"))
@@ -244,3 +244,51 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, tin
     assert ckpt.newest_verified(run / "checkpoints") == caught.value.checkpoint
     weights = load_file(caught.value.checkpoint / ckpt.ADAPTER)
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+class SendSigint(TrainerCallback):
+    """Test hook: Ctrl-C (once or twice) in the middle of step 3, as a user at the terminal would."""
+
+    def __init__(self, times: int):
+        self.times = times
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            import os
+
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_stops_at_once(tmp_path, tiny_model_dir, reference):
+    config = load_config(_setup(tmp_path / "once", tiny_model_dir))
+    with pytest.raises(RunStopped, match="stopped by SIGINT at step 3") as caught:
+        train(config, extra_callbacks=[SendSigint(1)])
+    assert caught.value.exit_code == 130
+    assert caught.value.checkpoint.name == "step-00000003" and ckpt.verify(caught.value.checkpoint) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+    result = train(config, resume="auto")
+    assert _adapter_bytes(result) == reference["adapter"]
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(_setup(tmp_path / "twice", tiny_model_dir)), extra_callbacks=[SendSigint(2)])
+    assert kill_resume.newest_step(tmp_path / "twice" / "run") == 2  # nothing saved after the interrupt
+
+
+def test_rotation_keeps_the_newest_and_the_best_and_points_latest_and_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, eval_loss in ((1, 3.0), (2, 1.0), (3, 2.0), (4, None)):
+        files = {name: f"{name} at {step}".encode() for name in ckpt.REQUIRED}
+        files[ckpt.META] = json.dumps({"step": step, "best_metric_value": eval_loss}).encode()
+        ckpt.commit_checkpoint(root, step, files, keep_last=1, keep_best=1, best_mode="min")
+    assert [p.name for _, p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000004"]
+    assert (root / ckpt.LATEST).read_text().strip() == "step-00000004"
+    assert (root / ckpt.BEST).read_text().strip() == "step-00000002"
+    assert all(ckpt.verify(p) == [] for _, p in ckpt.list_checkpoints(root))
+
+
+def test_the_printed_resume_command_keeps_the_users_arguments():
+    from lorafit.cli import resume_command
+
+    argv = ["train", "my run.yaml", "--overwrite", "--set", "train.seed=3", "--resume", "runs/x/step-1"]
+    assert resume_command(argv) == "lorafit train 'my run.yaml' --set train.seed=3 --resume auto"

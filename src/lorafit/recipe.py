@@ -35,8 +35,8 @@ from lorafit.data import SplitStats, TokenizedDataset, prepare_split
 from lorafit.data.collate import PadCollator
 from lorafit.data.labels import require_chat_template
 from lorafit.errors import LorafitError
-from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
 from lorafit.guards import NonFiniteGuard
+from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
 from lorafit.monitors import MemoryMonitor
 from lorafit.run_files import DONE_MARKER, claim_run_dir, move_files_into, staging_dir, write_atomic, write_json
 from lorafit.signals import StopRequest
@@ -100,7 +100,7 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
                             identity=identity, resume_from=resume_from, forced_resumes=forced)
     if resume_from is not None:
         trainer.prepare_resume(resume_from)
-        history.restore(read_history(resume_from), trainer._resume_state["loop"]["train_seconds"])
+        history.restore(read_history(resume_from), trainer.resumed_train_seconds())
         if echo:
             echo.info(f"resuming from {resume_from} (step {read_meta(resume_from)['step']})")
     with stop:

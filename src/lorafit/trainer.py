@@ -173,6 +173,7 @@ class LorafitTrainer(Trainer):
                 "sampler_epoch": tree["sampler"]["epoch"],
             },
             "max_steps": self.state.max_steps,
+            "versions": _versions(),
             "best_metric": metric,
             "best_metric_value": score,
             **self.settings.identity,
@@ -200,6 +201,10 @@ class LorafitTrainer(Trainer):
         for cb in [self.guard, *self.stateful]:
             if type(cb).__name__ in callbacks:
                 cb.load_state_dict(callbacks[type(cb).__name__])
+
+    def resumed_train_seconds(self) -> float:
+        """Seconds spent in training steps up to the checkpoint (throughput counts the whole run)."""
+        return self._resume_state["loop"]["train_seconds"]
 
     def checkpoint_is_final(self, folder: Path) -> bool:
         meta = ckpt.read_meta(folder)
@@ -244,3 +249,13 @@ class LorafitTrainer(Trainer):
         self._tr_loss = loop["tr_loss"].to(self.args.device)
         self._total_loss_scalar = loop["total_loss_scalar"]
         self._globalstep_last_logged = loop["globalstep_last_logged"]
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from lorafit import __version__
+
+    return {"lorafit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}

@@ -133,7 +133,7 @@ def kill_and_resume(config: Path, run_dir: Path, reference_losses: dict[int, str
         assert not wrong, f"kill {number}: losses after resume differ from the uninterrupted run: {wrong}"
         assert code == -signal.SIGKILL or code == 0, f"kill {number}: exit {code}\n" + "\n".join(launch.errors[-20:])
         events.append({"kill": number, "resumed_from": start, "moment": what, "hit": hit, "exit": code,
-                       "steps_printed": sorted(printed)[-1:] and [min(printed), max(printed)],
+                       "steps_printed": [min(printed), max(printed)] if printed else [],
                        "newest_checkpoint_after": newest_step(run_dir)})
         log(f"kill {number:>2}: resumed from step {start:>3}, killed {what}; printed steps "
             f"{events[-1]['steps_printed']}, newest verified checkpoint now {events[-1]['newest_checkpoint_after']}")

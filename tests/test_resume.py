@@ -292,3 +292,55 @@ def test_the_printed_resume_command_keeps_the_users_arguments():
 
     argv = ["train", "my run.yaml", "--overwrite", "--set", "train.seed=3", "--resume", "runs/x/step-1"]
     assert resume_command(argv) == "lorafit train 'my run.yaml' --set train.seed=3 --resume auto"
+
+
+class TransientNan(TrainerCallback):
+    """Test hook: step 5's forward sees a NaN weight (as from one bad batch); the weight is put back before the
+    optimizer step. Records the adapter before and after that step."""
+
+    def __init__(self):
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+        self._saved = None
+
+    def _lora(self, model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 4:
+            self.before = self._lora(model)
+            param = next(p for n, p in model.named_parameters() if "lora_A" in n)
+            self._saved = (param, param[0, 0].item())
+            with torch.no_grad():
+                param[0, 0] = float("nan")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._saved is not None:
+            param, value = self._saved
+            with torch.no_grad():
+                param[0, 0] = value
+            self._saved = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 5:
+            self.after = self._lora(model)
+
+
+def test_a_bad_step_within_nan_patience_is_skipped_without_touching_the_adapter(tmp_path, tiny_model_dir):
+    hook = TransientNan()
+    result = train(load_config(_setup(tmp_path, tiny_model_dir, nan_patience=1)), extra_callbacks=[hook])
+    assert result.metrics["steps"] == MAX_STEPS
+    assert hook.before.keys() == hook.after.keys() and len(hook.before) > 0
+    assert all(torch.equal(hook.before[n], hook.after[n]) for n in hook.before)  # step 5 changed nothing
+    final = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_early_stopping_stops_and_its_state_travels_in_the_checkpoint(tmp_path, tiny_model_dir):
+    from lorafit.monitors import EarlyStopping
+
+    stopper = EarlyStopping(metric="eval_loss", patience=1, min_delta=100.0)  # no evaluation can improve by 100
+    result = train(load_config(_setup(tmp_path, tiny_model_dir)), extra_callbacks=[stopper])
+    assert stopper.stopped_at == 4 and result.metrics["steps"] == 4  # evaluations at steps 0 and 4
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / ckpt.STATE_JSON).read_text())
+    assert state["callbacks"]["EarlyStopping"] == {"best": stopper.best, "bad_evaluations": 1}

@@ -175,9 +175,10 @@ def _raise_if_stopped(trainer, stop: StopRequest, run_dir: Path) -> None:
     newest = newest_verified(run_dir / CHECKPOINTS)
     kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written before it"
     if guard.tripped:
+        streak = f"{guard.consecutive} step(s) in a row, " if guard.consecutive else ""
         raise RunStopped(
             f"non-finite {guard.reason} at step {guard.tripped_at} "
-            f"({guard.consecutive} step(s) in a row, train.nan_patience={guard.patience}); the run stopped",
+            f"({streak}train.nan_patience={guard.patience}); the run stopped",
             exit_code=1,
             checkpoint=newest,
             why=f"an update with NaN/Inf would destroy the adapter; {kept}",

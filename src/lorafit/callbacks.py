@@ -10,7 +10,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
-_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch"}
+_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch",
+         "peak_rss_mb": "peak_rss_mb", "peak_gpu_mb": "peak_gpu_mb"}  # the last two from monitors.MemoryMonitor
 
 
 class MetricsHistory(TrainerCallback):
@@ -78,3 +79,16 @@ class MetricsHistory(TrainerCallback):
     def close(self) -> None:
         """Flush a record logged after training (the final evaluation)."""
         self._flush()
+
+    # -- checkpoints: the history up to a step travels with the checkpoint of that step
+    def snapshot(self) -> list[dict]:
+        return [dict(r) for r in self.records] + ([dict(self._pending)] if self._pending else [])
+
+    def restore(self, records: list[dict], train_seconds: float) -> None:
+        """Continue a resumed run: the file again holds exactly the history up to the checkpoint."""
+        from lorafit.run_files import write_atomic
+
+        self.records = [dict(r) for r in records]
+        self._pending = None
+        self.train_seconds = train_seconds
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))

@@ -86,7 +86,14 @@ AllowPickle = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin/.p
 def train(
     config: Optional[Path] = typer.Argument(None, help="Config file (YAML or JSON). Omitted: the bundled quickstart."),
     overrides: Optional[List[str]] = SetOption,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run and its artifact version."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run (its artifact version and checkpoints too)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="auto|PATH",
+        help="Continue from a checkpoint: 'auto' = the newest verified one in train.output_dir (a fresh start if none).",
+    ),
+    force_resume: bool = typer.Option(
+        False, "--force-resume", help="Resume even if the config, data or base model changed (recorded in the summary)."
+    ),
     allow_pickle: bool = AllowPickle,
     verify_only: bool = typer.Option(False, "--verify-only", help="Only verify --artifact-dir (same as `lorafit verify`)."),
     artifact_dir: Optional[Path] = typer.Option(None, "--artifact-dir", help="With --verify-only: the artifact to check."),
@@ -99,16 +106,25 @@ def train(
         verify(artifact_dir, None, False, allow_pickle)
         return
     _quiet_libraries()
+    from lorafit.recipe import RunStopped
     from lorafit.recipe import train as run_training
 
     try:
         cfg = _load(config, overrides)
         typer.echo(f"lorafit {__version__}: training {cfg.model.path} -> {cfg.train.output_dir}")
         result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho(), allow_pickle=allow_pickle,
-                              data_cache=not no_cache)
+                              data_cache=not no_cache, resume=resume, force_resume=force_resume)
+    except RunStopped as stopped:
+        typer.secho(f"stopped: {stopped.render()}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"resume with: {resume_command()}", err=True)
+        raise typer.Exit(stopped.exit_code)
     except LorafitError as error:
         _fail(error)
         return
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted at once (no checkpoint for the current step)", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"resume from the last checkpoint with: {resume_command()}", err=True)
+        raise typer.Exit(130)
     _print_summary(result)
 
 
@@ -138,6 +154,25 @@ def verify(
             for problem in report.problems:
                 typer.echo(f"  {problem}", err=True)
     raise typer.Exit(0 if report.ok else 1)
+
+
+def resume_command(argv: Optional[List[str]] = None) -> str:
+    """This command line with --resume auto (and without --overwrite or an earlier --resume)."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg == "--overwrite" or arg.startswith("--resume="):
+            continue
+        kept.append(arg)
+    return shlex.join(["lorafit", *kept, "--resume", "auto"])
 
 
 def _print_summary(result) -> None:

@@ -18,17 +18,32 @@ from pathlib import Path
 import torch
 
 from lorafit.callbacks import MetricsHistory
+from lorafit.checkpoint import (
+    CHECKPOINTS,
+    base_fingerprint,
+    check_resume,
+    config_hash,
+    dataset_fingerprint,
+    find_resume_point,
+    newest_verified,
+    read_history,
+    read_meta,
+)
 from lorafit.config import Config, warmup_steps_for
 from lorafit.data import SplitStats, TokenizedDataset, prepare_data, use_configured_template
 from lorafit.data.collate import PadCollator
 from lorafit.data.packing import PackedCollator
 from lorafit.errors import LorafitError
+from lorafit.guards import NonFiniteGuard
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
 from lorafit.artifact import refuse_existing_version, write_final_artifact
 from lorafit.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
+from lorafit.monitors import MemoryMonitor
 from lorafit.provenance import collect_metadata
 from lorafit.result import RESULT_FILE, completed_result, failed_result, new_job_id
 from lorafit.run_files import DONE_MARKER, claim_run_dir, write_atomic, write_json
+from lorafit.signals import StopRequest
+from lorafit.trainer import CheckpointSettings, LorafitTrainer
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 
@@ -46,9 +61,11 @@ class TrainResult:
 
 
 def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks=(), allow_pickle: bool = False,
-          data_cache: bool = True) -> TrainResult:
+          data_cache: bool = True, resume: str | None = None, force_resume: bool = False) -> TrainResult:
     """Fine-tune ``config.model`` with a LoRA adapter on ``config.data``; returns where the artifact is.
 
+    ``resume``: None (fresh run), "auto" (newest verified checkpoint in the run folder, fresh if none) or a
+    checkpoint folder. Raises ``RunStopped`` when a signal or the non-finite guard stopped the run early.
     Every run that got as far as its run folder writes ``result.json`` there, ``status: failed`` included.
     ``data_cache=False`` re-reads and re-tokenises every source instead of using the on-disk cache.
     """
@@ -58,7 +75,7 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
     job_id = new_job_id()
     try:
         result = _train(config, run_dir, started, overwrite=overwrite, echo=echo, extra_callbacks=extra_callbacks,
-                        allow_pickle=allow_pickle, data_cache=data_cache)
+                        allow_pickle=allow_pickle, data_cache=data_cache, resume=resume, force_resume=force_resume)
     except BaseException as error:
         write_json(run_dir / RESULT_FILE, failed_result(job_id, config, run_dir, error))
         raise
@@ -68,10 +85,11 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
 
 
 def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, extra_callbacks, allow_pickle,
-           data_cache) -> TrainResult:
+           data_cache, resume, force_resume) -> TrainResult:
     from transformers import set_seed
 
     _refuse_unsupported(config)
+    resume_from = find_resume_point(run_dir / CHECKPOINTS, resume, overwrite=overwrite)
     set_seed(config.train.seed)
 
     model_path = resolve_model_path(config.model)
@@ -93,9 +111,25 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, ex
         echo.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     base_check = BaseWeightCheck.start(model)
 
+    identity = run_identity(config, train_data, eval_data, base_check.before)
+    forced = _forced_resumes(resume_from, identity, force_resume)
+
     history = MetricsHistory(run_dir / "metrics_history.jsonl", echo=echo.progress if echo else None)
-    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir, [history, *extra_callbacks])
-    trainer.train()
+    stop = StopRequest()
+    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir,
+                            [MemoryMonitor(), history, stop, *extra_callbacks],
+                            identity=identity, resume_from=resume_from, forced_resumes=forced)
+    if resume_from is not None:
+        trainer.prepare_resume(resume_from)
+        history.restore(read_history(resume_from), trainer.resumed_train_seconds())
+        if echo:
+            echo.info(f"resuming from {resume_from} (step {read_meta(resume_from)['step']})")
+    with stop:
+        if resume_from is not None and trainer.checkpoint_is_final(resume_from):
+            trainer.restore_final(resume_from)  # killed after its last step: only the outputs are left to write
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _raise_if_stopped(trainer, stop, run_dir)
     if len(eval_data) and not _evaluated_at(history, trainer.state.global_step):
         trainer.evaluate()
     history.close()
@@ -118,6 +152,8 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, ex
         "data": prepared.report,
         "parameters": parameters,
         "base_weights_unchanged": base_check.unchanged,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "forced_resumes": forced,
         "duration_seconds": round(time.time() - started, 2),
     }
     write_json(run_dir / DONE_MARKER, summary)
@@ -136,6 +172,66 @@ def write_data_report(run_dir: Path, prepared, echo) -> None:
             echo.info(f"skipped {len(prepared.skipped_rows)} invalid rows (listed in {run_dir / 'skipped_rows.jsonl'})")
         for warning in prepared.warnings:
             echo.info(f"warning: {warning}")
+
+
+def run_identity(config: Config, train_data, eval_data, frozen_digests: dict[str, str]) -> dict:
+    """What a checkpoint must match to be resumed: the config, the tokenised data and the base weights."""
+    config_dict = config.to_dict()
+    return {
+        "config": config_dict,
+        "config_sha256": config_hash(config_dict),
+        "fingerprints": {
+            "data": {"train": dataset_fingerprint(train_data), "eval": dataset_fingerprint(eval_data)},
+            "base_model": base_fingerprint(frozen_digests),
+        },
+    }
+
+
+def _forced_resumes(resume_from: Path | None, identity: dict, force: bool) -> list[dict]:
+    """The forced-resume records of the run so far, plus this one's if it had to be forced."""
+    if resume_from is None:
+        return []
+    differences = check_resume(resume_from, identity, force=force)
+    records = list(read_meta(resume_from).get("forced_resumes", []))
+    if differences:
+        records.append({"from": str(resume_from), "differences": differences})
+    return records
+
+
+class RunStopped(LorafitError):
+    """The run stopped before its last step (a signal, or the non-finite guard); ``exit_code`` says why."""
+
+    def __init__(self, what: str, *, exit_code: int, checkpoint: Path | None, **kwargs):
+        super().__init__(what, **kwargs)
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint
+
+
+def _raise_if_stopped(trainer, stop: StopRequest, run_dir: Path) -> None:
+    guard = trainer.guard
+    newest = newest_verified(run_dir / CHECKPOINTS)
+    kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written before it"
+    if guard.tripped:
+        streak = f"{guard.consecutive} step(s) in a row, " if guard.consecutive else ""
+        raise RunStopped(
+            f"non-finite {guard.reason} at step {guard.tripped_at} "
+            f"({streak}train.nan_patience={guard.patience}); the run stopped",
+            exit_code=1,
+            checkpoint=newest,
+            why=f"an update with NaN/Inf would destroy the adapter; {kept}",
+            fix="lower train.learning_rate or set train.max_grad_norm, then resume from that checkpoint with "
+            "--resume PATH --force-resume, or raise train.nan_patience to skip isolated bad steps",
+        )
+    if stop.signal is not None:
+        import signal
+
+        raise RunStopped(
+            f"stopped by {signal.Signals(stop.signal).name} at step {trainer.state.global_step}",
+            exit_code=stop.exit_code,
+            checkpoint=trainer.last_checkpoint or newest,
+            why=f"checkpoint saved: {trainer.last_checkpoint or newest}",
+            fix="run the same command with --resume auto to continue exactly where it stopped",
+        )
 
 
 def _refuse_unsupported(config: Config) -> None:
@@ -161,14 +257,19 @@ def _importable(module: str) -> bool:
 def total_optimizer_steps(config: Config, num_examples: int) -> int:
     if config.train.max_steps is not None:
         return config.train.max_steps
+    return math.ceil(steps_per_epoch(config, num_examples) * (config.train.epochs or 1.0))
+
+
+def steps_per_epoch(config: Config, num_examples: int) -> int:
+    """Optimizer steps in one pass over the data (Trainer's count: a last partial accumulation is a step)."""
     batches = math.ceil(num_examples / config.train.batch_size)
-    per_epoch = max(math.ceil(batches / config.train.grad_accum), 1)
-    return math.ceil(per_epoch * (config.train.epochs or 1.0))
+    return max(math.ceil(batches / config.train.grad_accum), 1)
 
 
 def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset, eval_data: TokenizedDataset,
-                  run_dir: Path, callbacks: list):
-    from transformers import Trainer, TrainingArguments
+                  run_dir: Path, callbacks: list, *, identity: dict | None = None, resume_from: Path | None = None,
+                  forced_resumes=()):
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     t, e = config.train, config.eval
@@ -207,7 +308,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         logging_first_step=True,
         eval_strategy="steps" if has_eval and e.every else "no",
         eval_steps=e.every if has_eval else None,
-        eval_on_start=has_eval and e.at_start,
+        eval_on_start=has_eval and e.at_start and resume_from is None,  # a resumed run has its start eval already
         prediction_loss_only=True,
         save_strategy="no",
         report_to=trackers or "none",
@@ -219,7 +320,13 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(
+    settings = CheckpointSettings(
+        root=run_dir / CHECKPOINTS, save_every=t.save_every, keep_last=t.keep_last, keep_best=t.keep_best,
+        best_metric=t.best_metric, best_mode=t.best_metric_mode,
+        steps_per_epoch=steps_per_epoch(config, len(train_data)),
+        identity=identity or {}, forced_resumes=list(forced_resumes),
+    )
+    trainer = LorafitTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -227,6 +334,10 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         data_collator=PackedCollator() if packed else PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
+        settings=settings,
+        guard=NonFiniteGuard(t.nan_patience),
+        history=next(cb for cb in callbacks if isinstance(cb, MetricsHistory)),
+        stateful=callbacks,
     )
     # lorafit prints its own progress lines (MetricsHistory echo); Trainer's would duplicate them.
     trainer.remove_callback(PrinterCallback)
@@ -235,7 +346,9 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+        # purge_step: a resumed run drops the events the killed run logged after its checkpoint
+        purge = read_meta(resume_from)["step"] + 1 if resume_from else None
+        trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)))
     return trainer
 
 

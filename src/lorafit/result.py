@@ -60,11 +60,13 @@ def completed_result(job_id: str, config: Config, result) -> dict:
 
 
 def failed_result(job_id: str, config: Config | None, run_dir: Path | None, error: BaseException) -> dict:
+    """``status: cancelled`` for a run stopped by a signal (it can resume), ``failed`` for anything else."""
     user_error = isinstance(error, LorafitError)
+    signalled = isinstance(error, KeyboardInterrupt) or getattr(error, "exit_code", 1) in (130, 143)
     return {
         "id": job_id,
         "object": "fine_tuning.job",
-        "status": "failed",
+        "status": "cancelled" if signalled else "failed",
         "finished_at": int(time.time()),
         "params": {"validated_params": _validated_params(config, None) if config is not None else {}},
         "metrics": {},

@@ -37,7 +37,8 @@ def claim_run_dir(output_dir: str, *, overwrite: bool) -> Path:
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new names, renames) durable; a file's fsync does not cover its name."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,7 +55,15 @@ def fsync_tree(folder: Path, *, files: bool = True) -> None:
                 with path.open("rb") as handle:
                     os.fsync(handle.fileno())
     for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        _fsync_dir(path)
+        fsync_dir(path)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (no rename: for files inside a staging folder that is renamed as a whole)."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -71,7 +80,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, value) -> None:

@@ -1,0 +1,261 @@
+"""``LorafitTrainer``: transformers' Trainer with lorafit's checkpoints (crash-safe, no pickle), exact resume and
+the non-finite guard.
+
+Trainer keeps the loop; this subclass replaces only the private pieces that write and read checkpoint state
+(``_save_checkpoint`` and the four ``_load_*`` hooks Trainer calls when resuming), records the length-grouped
+sampler's order, and passes each micro-batch loss to the guard. docs/design.md says why these hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from lorafit import checkpoint as ckpt
+from lorafit.guards import NonFiniteGuard
+
+
+@dataclass
+class CheckpointSettings:
+    root: Path
+    save_every: int | None
+    keep_last: int
+    keep_best: int
+    best_metric: str
+    best_mode: str
+    steps_per_epoch: int
+    identity: dict  # config, config hash, fingerprints: what a resume is checked against
+    forced_resumes: list = field(default_factory=list)
+
+
+class ReplayableSampler(torch.utils.data.Sampler):
+    """Wraps a sampler that draws its order from the global torch RNG when an epoch starts (LengthGroupedSampler):
+    records each epoch's order for the checkpoint, and replays a saved order for the epoch a resume lands in.
+
+    Trainer restores the RNG state only after the resumed epoch's first batch is drawn (so that skipped batches do
+    not consume it), so a resumed run would otherwise draw a different order for that epoch.
+    """
+
+    def __init__(self, inner, replay: tuple[int, list[int]] | None = None):
+        self.inner = inner
+        self.epoch = 0
+        self.indices: list[int] | None = None
+        self._replay = replay
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        if self._replay is not None and self._replay[0] == self.epoch:
+            self.indices = list(self._replay[1])
+            self._replay = None
+        else:
+            self.indices = list(iter(self.inner))
+        return iter(self.indices)
+
+
+class SaveSchedule(TrainerCallback):
+    """Asks for a checkpoint every ``save_every`` optimizer steps and at the end of each epoch."""
+
+    def __init__(self, save_every: int | None):
+        self.save_every = save_every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.save_every and state.global_step % self.save_every == 0:
+            control.should_save = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_save = True
+
+
+class LorafitTrainer(Trainer):
+    def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.guard = guard
+        self.history = history
+        self.stateful = [cb for cb in stateful if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
+        self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None
+        self._sampler: ReplayableSampler | None = None
+        self._resume_state: dict | None = None
+        self._resume_path: Path | None = None
+        self.add_callback(SaveSchedule(settings.save_every))
+        self.add_callback(guard)
+
+    # -- data order
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            replay = None
+            position = (self._resume_state or {}).get("sampler")
+            if position and position.get("indices") is not None:
+                replay = (position["epoch"], position["indices"].tolist())
+            sampler = self._sampler = ReplayableSampler(sampler, replay)
+        # RandomSampler is replaced by accelerate's SeedableRandomSampler (order = f(data_seed, epoch)): nothing to keep
+        return sampler
+
+    # -- guard
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.observe_loss(loss)
+        return loss
+
+    # -- saving
+    def _save_checkpoint(self, model, trial) -> None:
+        step = self.state.global_step
+        if self.guard.tripped or self.guard.consecutive or self._saved_step == step or not self.args.should_save:
+            return  # only the state after a good step is saved; an epoch end right after a step save is the same state
+        self.store_flos()
+        files = self._checkpoint_files(step)
+        if not self.guard.weights_finite(files[ckpt.ADAPTER], step):
+            self.control.should_training_stop = True
+            return
+        s = self.settings
+        self.last_checkpoint = ckpt.commit_checkpoint(
+            s.root, step, files, keep_last=s.keep_last, keep_best=s.keep_best, best_mode=s.best_mode
+        )
+        self._saved_step = step
+
+    def _checkpoint_files(self, step: int) -> dict[str, bytes]:
+        from peft import get_peft_model_state_dict
+
+        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        peft_config = self.model.peft_config["default"].to_dict()
+        peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
+
+        scaler = getattr(self.accelerator, "scaler", None)
+        sampler = self._sampler
+        tensors: dict[str, torch.Tensor] = {}
+        tree = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": ckpt.capture_rng(),
+            "sampler": {
+                "epoch": sampler.epoch if sampler else None,
+                "indices": torch.tensor(sampler.indices, dtype=torch.int64) if sampler and sampler.indices else None,
+            },
+            "loop": {
+                "tr_loss": self._tr_loss,
+                "total_loss_scalar": self._total_loss_scalar,
+                "globalstep_last_logged": self._globalstep_last_logged,
+                "train_seconds": self.history.train_seconds,
+            },
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in [self.guard, *self.stateful]},
+        }
+        state_json = ckpt.flatten_state(tree, "state", tensors)
+
+        records = self.history.snapshot()
+        metric = self.settings.best_metric
+        score = next((r[metric] for r in reversed(records) if r["step"] == step and metric in r), None)
+        steps_per_epoch = self.settings.steps_per_epoch
+        meta = {
+            "format": ckpt.FORMAT_VERSION,
+            "step": step,
+            "epoch": self.state.epoch,
+            "position": {  # checkpoints are taken at optimizer-step boundaries: micro_step is always 0
+                "epoch_index": step // steps_per_epoch,
+                "steps_into_epoch": step % steps_per_epoch,
+                "micro_batches_into_epoch": (step % steps_per_epoch) * self.args.gradient_accumulation_steps,
+                "micro_step": 0,
+                "sampler_epoch": tree["sampler"]["epoch"],
+            },
+            "max_steps": self.state.max_steps,
+            "versions": _versions(),
+            "best_metric": metric,
+            "best_metric_value": score,
+            **self.settings.identity,
+            "forced_resumes": self.settings.forced_resumes,
+        }
+        return {
+            ckpt.ADAPTER: safetensors_bytes(adapter, metadata={"format": "pt"}),
+            "adapter_config.json": (json.dumps(peft_config, indent=2) + "\n").encode(),
+            ckpt.STATE_TENSORS: safetensors_bytes(tensors),
+            ckpt.STATE_JSON: (json.dumps(state_json) + "\n").encode(),
+            ckpt.TRAINER_STATE: (json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n").encode(),
+            ckpt.HISTORY: "".join(json.dumps(r) + "\n" for r in records).encode(),
+            ckpt.META: (json.dumps(meta, indent=2) + "\n").encode(),
+        }
+
+    # -- resuming: Trainer calls these with the checkpoint folder
+    def prepare_resume(self, folder: Path) -> None:
+        """Read a verified checkpoint's training state before ``train(resume_from_checkpoint=folder)``."""
+        tensors = load_file(folder / ckpt.STATE_TENSORS)
+        tree = json.loads((folder / ckpt.STATE_JSON).read_text(encoding="utf-8"))
+        self._resume_state = ckpt.unflatten_state(tree, tensors)
+        self._resume_path = folder
+        self._saved_step = ckpt.read_meta(folder)["step"]  # already on disk
+        callbacks = self._resume_state["callbacks"]
+        for cb in [self.guard, *self.stateful]:
+            if type(cb).__name__ in callbacks:
+                cb.load_state_dict(callbacks[type(cb).__name__])
+
+    def resumed_train_seconds(self) -> float:
+        """Seconds spent in training steps up to the checkpoint (throughput counts the whole run)."""
+        return self._resume_state["loop"]["train_seconds"]
+
+    def checkpoint_is_final(self, folder: Path) -> bool:
+        meta = ckpt.read_meta(folder)
+        return meta["step"] >= meta["max_steps"]
+
+    def restore_final(self, folder: Path) -> None:
+        """Load the state of a checkpoint taken at the last step. Trainer's resume would train one more step when
+        max_steps ends mid-epoch, so the adapter and state are loaded directly instead."""
+        from transformers import TrainerState
+
+        self._load_from_checkpoint(str(folder))
+        self.state = TrainerState.load_from_json(str(folder / ckpt.TRAINER_STATE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        from peft import set_peft_model_state_dict
+
+        model = model if model is not None else self.model
+        weights = load_file(Path(resume_from_checkpoint) / ckpt.ADAPTER)
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint adapter has tensors the model lacks: {result.unexpected_keys[:5]}")
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        self.optimizer.load_state_dict(self._resume_state["optimizer"])
+        self.lr_scheduler.load_state_dict(self._resume_state["scheduler"])
+
+    def _load_scaler(self, checkpoint) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None and self._resume_state["scaler"] is not None:
+            scaler.load_state_dict(self._resume_state["scaler"])
+
+    def _load_rng_state(self, checkpoint) -> None:
+        # Trainer calls this once, in the resumed epoch, right before the first step it trains (and after it has
+        # reset its loss accumulators), which is also the moment to restore them: the next logged loss then
+        # averages the same steps as in an uninterrupted run.
+        if checkpoint is None:
+            return
+        ckpt.restore_rng(self._resume_state["rng"])
+        loop = self._resume_state["loop"]
+        self._tr_loss = loop["tr_loss"].to(self.args.device)
+        self._total_loss_scalar = loop["total_loss_scalar"]
+        self._globalstep_last_logged = loop["globalstep_last_logged"]
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from lorafit import __version__
+
+    return {"lorafit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}

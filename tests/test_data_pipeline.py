@@ -177,6 +177,7 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
 
 
 def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from lorafit.callbacks import MetricsHistory
     from lorafit.modeling import load_base_model
     from lorafit.recipe import build_trainer
 
@@ -188,7 +189,8 @@ def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_di
                           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "max_steps": 1}})
     prepared = prepare_data(config.data, tiny_tokenizer, seed=0, batch_size=3, group_by_length=True, use_cache=False)
     model = load_base_model(config.model, str(tiny_model_dir))
-    trainer = build_trainer(config, model, tiny_tokenizer, prepared.train, prepared.eval, tmp_path / "run", [])
+    history = MetricsHistory(tmp_path / "metrics_history.jsonl")
+    trainer = build_trainer(config, model, tiny_tokenizer, prepared.train, prepared.eval, tmp_path / "run", [history])
     rows_seen = [len(batch["input_ids"][0]) for batch in trainer.get_train_dataloader()]
     expected = [len(e.input_ids) for e in prepared.train_examples]
     assert expected == sorted(expected)

@@ -113,7 +113,7 @@ def test_a_changed_base_weight_fails_the_run_naming_the_tensor(tmp_path, tiny_mo
         train(_config(tmp_path, tiny_model_dir, data, max_steps=3, batch_size=4), extra_callbacks=[PerturbBase()])
     run = tmp_path / "run"
     assert not (run / "training_summary.json").exists()  # the run does not look finished
-    assert not list(run.rglob("adapter_model.safetensors"))  # and no artifact was published
+    assert not list(run.glob("*/final_artifact"))  # and no artifact was published
     failed = json.loads((run / "result.json").read_text())
     assert failed["status"] == "failed" and "base weights changed" in failed["error"]["message"]
 

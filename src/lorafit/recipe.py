@@ -71,10 +71,13 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
     """
     started = time.time()
     run_dir = claim_run_dir(config.train.output_dir, overwrite=overwrite)
-    refuse_existing_version(run_dir, config.artifact, overwrite=overwrite)
+    # A resumed run continues the run that would have published this version (it may have been killed between
+    # publishing the artifact and writing the summary), so it may replace it, atomically as always.
+    republish = overwrite or resume is not None
+    refuse_existing_version(run_dir, config.artifact, overwrite=republish)
     job_id = new_job_id()
     try:
-        result = _train(config, run_dir, started, overwrite=overwrite, echo=echo, extra_callbacks=extra_callbacks,
+        result = _train(config, run_dir, started, overwrite=overwrite, republish=republish, echo=echo, extra_callbacks=extra_callbacks,
                         allow_pickle=allow_pickle, data_cache=data_cache, resume=resume, force_resume=force_resume)
     except BaseException as error:
         write_json(run_dir / RESULT_FILE, failed_result(job_id, config, run_dir, error))
@@ -84,7 +87,7 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
     return result
 
 
-def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, extra_callbacks, allow_pickle,
+def _train(config: Config, run_dir: Path, started: float, *, overwrite, republish, echo, extra_callbacks, allow_pickle,
            data_cache, resume, force_resume) -> TrainResult:
     from transformers import set_seed
 
@@ -143,7 +146,7 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, echo, ex
             for split, stats in (("train", train_stats), ("eval", prepared.eval_stats))}
     parameters = {"trainable": trainable, "total": total}
     metadata = collect_metadata(config, model_path, tokenizer, data, parameters, base_check, started)
-    adapter_dir = write_final_artifact(run_dir, model, tokenizer, config, metadata, metrics, overwrite=overwrite)
+    adapter_dir = write_final_artifact(run_dir, model, tokenizer, config, metadata, metrics, overwrite=republish)
     summary = {
         "run_dir": str(run_dir),
         "adapter_dir": str(adapter_dir),
@@ -336,7 +339,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         callbacks=callbacks,
         settings=settings,
         guard=NonFiniteGuard(t.nan_patience),
-        history=next(cb for cb in callbacks if isinstance(cb, MetricsHistory)),
+        history=_history_in(callbacks),
         stateful=callbacks,
     )
     # lorafit prints its own progress lines (MetricsHistory echo); Trainer's would duplicate them.
@@ -350,6 +353,14 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         purge = read_meta(resume_from)["step"] + 1 if resume_from else None
         trainer.add_callback(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)))
     return trainer
+
+
+def _history_in(callbacks: list) -> MetricsHistory:
+    """Checkpoints carry the metrics so far, so a trainer is always built with a MetricsHistory among its callbacks."""
+    for callback in callbacks:
+        if isinstance(callback, MetricsHistory):
+            return callback
+    raise ValueError("build_trainer needs a MetricsHistory among its callbacks (checkpoints save the metrics so far)")
 
 
 def _evaluated_at(history: MetricsHistory, step: int) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.callbacks import MetricsHistory
+from lorafit.callbacks import MetricsHistory, peak_memory
 from lorafit.config import Config, warmup_steps_for
 from lorafit.data import SplitStats, TokenizedDataset, prepare_split
 from lorafit.data.collate import PadCollator
@@ -26,6 +26,7 @@ from lorafit.data.labels import require_chat_template
 from lorafit.errors import LorafitError
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
 from lorafit.run_files import DONE_MARKER, claim_run_dir, move_files_into, staging_dir, write_atomic, write_json
+from lorafit.selection import BestMetric
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 
@@ -39,6 +40,9 @@ class TrainResult:
     metrics: dict
     data: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
+    report: Path | None = None
+    generation: dict = field(default_factory=dict)  # {"base": {metric: value}, "adapter": {...}} on the eval sample
+    best: dict = field(default_factory=dict)
 
 
 def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks=()) -> TrainResult:
@@ -70,10 +74,17 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
     frozen_before = frozen_weight_digests(model)
 
     history = MetricsHistory(run_dir / "metrics_history.jsonl", echo=echo.progress if echo else None)
-    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir, [history, *extra_callbacks])
-    trainer.train()
-    if len(eval_data) and not _evaluated_at(history, trainer.state.global_step):
-        trainer.evaluate()
+    b = config.eval.best
+    best = BestMetric(b.metric, b.resolved_mode, patience=b.patience, min_delta=b.min_delta,
+                      keep_weights=b.final_adapter == "best")
+    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir, [history, best, *extra_callbacks])
+    generation = setup_generation_eval(config, trainer, tokenizer, len(eval_data))
+    trainer.callback_handler.callbacks.remove(history)  # first, so trackers log the values it derives (see on_log)
+    trainer.callback_handler.callbacks.insert(0, history)
+    with offline_tracking_env(config, run_dir):
+        trainer.train()
+        if len(eval_data) and not _evaluated_at(history, trainer.state.global_step):
+            trainer.evaluate()
     history.close()
 
     changed = [name for name, digest in frozen_weight_digests(model).items() if frozen_before.get(name) != digest]
@@ -83,6 +94,8 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
             why="only adapter weights may train; a changed base means the adapter is not valid for the base you ship",
         )
 
+    restored_best = best.restore(model) if b.final_adapter == "best" else False
+    comparison = compare_generation(model, tokenizer, generation)
     metrics = summarise_metrics(history, trainer, train_stats)
     summary = {
         "run_dir": str(run_dir),
@@ -93,9 +106,12 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
         "parameters": {"trainable": trainable, "total": total},
         "base_weights_unchanged": True,
         "duration_seconds": round(time.time() - started, 2),
+        "best": {**best.as_dict(), "final_adapter": "best" if restored_best else "last"},
     }
+    write_results_and_report(run_dir, config, summary, comparison, echo)
     write_outputs(run_dir, model, tokenizer, config, summary)
-    return TrainResult(run_dir, run_dir, metrics, summary["data"], summary["parameters"])
+    return TrainResult(run_dir, run_dir, metrics, summary["data"], summary["parameters"], Path(summary["report"]),
+                       summary.get("generation", {}), summary["best"])
 
 
 def _refuse_unsupported(config: Config) -> None:
@@ -217,9 +233,10 @@ def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats)
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "tokens_per_second": round(history.tokens_per_second(trainer.state) or 0.0, 1),
     }
-    if history.train_seconds and train_stats.tokens:
-        share = train_stats.supervised_tokens / train_stats.tokens
-        metrics["supervised_tokens_per_second"] = round(metrics["tokens_per_second"] * share, 1)
+    if history.supervised_tokens_per_second():
+        metrics["supervised_tokens_per_second"] = round(history.supervised_tokens_per_second(), 1)
+    metrics["supervised_tokens_seen"] = history.supervised_tokens
+    metrics.update(peak_memory())
     if evals:
         best_step, best = min(evals, key=lambda item: item[1])
         first, final = evals[0][1], evals[-1][1]
@@ -228,10 +245,118 @@ def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats)
             eval_loss_final=final,
             eval_loss_best=best,
             eval_best_step=best_step,
+            eval_perplexity_first=math.exp(min(first, 50.0)),
             eval_perplexity_final=math.exp(min(final, 50.0)),
             eval_loss_reduction=(first - final) / first if first else None,
         )
+    metrics["series"] = summarise_series(records)
     return metrics
+
+
+def summarise_series(records: list[dict]) -> dict:
+    """first / final / best (and its step) of every logged metric; "best" is the max where no direction applies."""
+    from lorafit.config import LOWER_IS_BETTER
+
+    keys = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("step", "epoch")]
+    out = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if not points:
+            continue
+        pick = min if key in LOWER_IS_BETTER else max
+        best_step, best_value = pick(points, key=lambda p: p[1])
+        out[key] = {"first": points[0][1], "final": points[-1][1], "best": best_value, "best_step": best_step}
+    return out
+
+
+def setup_generation_eval(config: Config, trainer, tokenizer, eval_rows: int):
+    """The fixed eval sample answered for generation metrics; logs them every eval.generate_every evaluations."""
+    from lorafit.evaluate import GenerationEval, GenerationSettings, read_examples, spread_sample
+
+    e = config.eval
+    if not eval_rows or not e.generate_samples:
+        return None
+    settings = GenerationSettings.from_eval_config(e, e.batch_size or config.train.batch_size)
+    examples = spread_sample(read_examples([s.path for s in config.data.eval], e.citation_pattern), e.generate_samples)
+    if e.generate_every:
+        trainer.add_callback(GenerationEval(trainer, tokenizer, examples, settings, e.generate_every))
+    return examples, settings
+
+
+def compare_generation(model, tokenizer, generation) -> dict | None:
+    if generation is None:
+        return None
+    from lorafit.evaluate import compare_base_and_adapter
+
+    return compare_base_and_adapter(model, tokenizer, *generation)
+
+
+class offline_tracking_env:
+    """MLflow and W&B write into the run folder with no network, unless the user's environment says otherwise.
+
+    Variables are set only for the run and restored after, so runs in one process do not leak into each other.
+    """
+
+    def __init__(self, config: Config, run_dir: Path):
+        wanted = {}
+        if "mlflow" in config.tracking.report_to:
+            # MLflow 3.x refuses its file store unless allowed; the database store would need SQLAlchemy and a server
+            # is network: a folder in the run is what "local" means here.
+            wanted |= {"MLFLOW_TRACKING_URI": (run_dir / "mlruns").as_uri(), "MLFLOW_EXPERIMENT_NAME": config.artifact.name,
+                       "MLFLOW_ALLOW_FILE_STORE": "true"}
+        if "wandb" in config.tracking.report_to:
+            wanted |= {"WANDB_MODE": "offline", "WANDB_DIR": str(run_dir), "WANDB_PROJECT": config.artifact.name,
+                       "WANDB_SILENT": "true"}
+        self.wanted = wanted
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self):
+        import os
+
+        for key, value in self.wanted.items():
+            if key not in os.environ:
+                self.saved[key] = None
+                os.environ[key] = value
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for key in self.saved:
+            os.environ.pop(key, None)
+        return False
+
+
+HEADLINE_METRICS = ("field_presence", "field_accuracy", "json_valid", "rouge_l")
+
+
+def write_results_and_report(run_dir: Path, config: Config, summary: dict, comparison: dict | None, echo) -> None:
+    """training_results.json (everything) and report.html; both before the summary, which is written last."""
+    import datetime
+    import platform
+
+    import peft
+    import transformers
+
+    from lorafit.report import RESULTS_FILE, write_report
+
+    results = {
+        **summary,
+        "artifact": {"name": config.artifact.name, "version": config.artifact.version},
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generation": comparison,
+        "headline_metrics": list(HEADLINE_METRICS),
+        "config": config.to_dict(),
+        "config_yaml": config.to_yaml(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "files": {"history": "metrics_history.jsonl", "report": "report.html", "tensorboard": "tensorboard"},
+    }
+    write_json(run_dir / RESULTS_FILE, results)
+    path = write_report(run_dir)
+    summary["report"] = str(path)
+    if comparison:
+        summary["generation"] = {side: {k: v["value"] for k, v in comparison[side].items()} for side in ("base", "adapter")}
 
 
 def write_outputs(run_dir: Path, model, tokenizer, config: Config, summary: dict) -> None:

@@ -7,7 +7,7 @@ together, so a user fixes a file in one pass instead of one error per run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import LorafitError
@@ -23,6 +23,8 @@ class Conversation:
     messages: tuple[dict, ...]
     source: str
     line: int
+    # The row's other fields (e.g. "source", "should_refuse", "sources"), for evaluation; training ignores them.
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 def _check_messages(messages: object) -> str | None:
@@ -80,7 +82,8 @@ def read_messages_jsonl(path: Path) -> list[Conversation]:
             problems.append(f"{path}:{number}: {problem}")
             continue
         messages = tuple({"role": m["role"], "content": m["content"]} for m in row["messages"])
-        conversations.append(Conversation(messages, str(path), number))
+        meta = {key: value for key, value in row.items() if key != "messages"}
+        conversations.append(Conversation(messages, str(path), number, meta))
     if problems:
         listed = problems[:MAX_LISTED]
         more = len(problems) - len(listed)

@@ -108,3 +108,13 @@ def test_perplexity_and_aggregate():
     rows = [{"a": 1.0, "b": None}, {"a": 0.0, "b": 0.5}, {"a": 0.5}]
     assert M.aggregate(rows, ["a", "b", "c"]) == {"a": {"value": 0.5, "n": 3}, "b": {"value": 0.5, "n": 1},
                                                    "c": {"value": None, "n": 0}}
+
+
+def test_improvement_needs_more_than_min_delta():
+    from lorafit.selection import improved
+
+    assert improved(0.94, 1.0, "min", 0.05)  # 0.94 < 1.0 - 0.05
+    assert not improved(0.96, 1.0, "min", 0.05)
+    assert not improved(1.0, 1.0, "min", 0.0)  # equal is not better
+    assert improved(0.81, 0.8, "max", 0.0) and not improved(0.84, 0.8, "max", 0.05)
+    assert improved(123.0, None, "min", 10.0)  # the first value is always the best so far

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     """True if ``value`` beats ``best`` by more than ``min_delta`` in the direction ``mode``.
 
-    >>> improved(0.9, 1.0, "min", 0.05), improved(0.94, 1.0, "min", 0.05), improved(0.5, None, "max", 0.0)
+    >>> improved(0.9, 1.0, "min", 0.05), improved(0.96, 1.0, "min", 0.05), improved(0.5, None, "max", 0.0)
     (True, False, True)
     """
     if best is None:

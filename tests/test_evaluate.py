@@ -111,7 +111,7 @@ def test_eval_with_baseline_compares_adapter_and_base(finished_run):
         {**row, "source": "forms"} for row in _quickstart_rows("quickstart_eval.jsonl", 12)[8:]])
     report = run_eval(adapter=result.run_dir, model=None, data=[tmp_path / "eval.jsonl", other],
                       metrics=("loss", "perplexity", "json_valid", "field_presence", "rouge_l"), baseline=True,
-                      limit=4, max_new_tokens=24, batch_size=8)
+                      limit=4, max_new_tokens=12, batch_size=8)
     adapted, base = report["model_result"], report["base_result"]
     # the adapter's loss on the training-time eval file is the number training logged last
     history = [json.loads(line) for line in (result.run_dir / "metrics_history.jsonl").read_text().splitlines()]

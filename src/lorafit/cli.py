@@ -69,6 +69,9 @@ class ConsoleEcho:
             parts.append(f"{values['tokens_per_second']:,.0f} tok/s")
         if "eval_loss" in values:
             parts.append(f"eval_loss {values['eval_loss']:.4f} (ppl {values['eval_perplexity']:.2f})")
+        generated = {k.removeprefix("eval_"): v for k, v in values.items()
+                     if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")}
+        parts += [f"{name} {value:.3f}" for name, value in generated.items()]
         typer.echo("  ".join(parts), file=sys.stdout)
 
 
@@ -184,10 +187,74 @@ def _print_summary(result) -> None:
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
             f"({100 * m['eval_loss_reduction']:.1f}% lower, best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"
         )
+    generation = getattr(result, "generation", None) or {}
+    for name in ("field_presence", "field_accuracy", "json_valid", "rouge_l"):
+        base, adapter = generation.get("base", {}).get(name), generation.get("adapter", {}).get(name)
+        if base is not None and adapter is not None:
+            typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
+    best = getattr(result, "best", None) or {}
+    if best.get("value") is not None and best.get("metric") != "eval_loss":
+        typer.echo(f"  best           {best['metric']} {best['value']:.4f} at step {best['step']}")
+    if best.get("stopped_early_at") is not None:
+        typer.echo(f"  early stop     at step {best['stopped_early_at']} ({best['metric']} did not improve)")
     typer.echo(f"  steps          {m['steps']} ({m['epochs']} epochs) in {m['train_seconds']:.1f} s of training")
-    typer.echo(f"  throughput     {m['tokens_per_second']:,.0f} tokens/s (non-padding)")
+    supervised = f", {m['supervised_tokens_per_second']:,.0f} supervised" if m.get("supervised_tokens_per_second") else ""
+    typer.echo(f"  throughput     {m['tokens_per_second']:,.0f} tokens/s (non-padding{supervised})")
+    if m.get("peak_rss_mb"):
+        gpu = f", GPU {m['gpu_allocated_peak_mb']:,.0f} MB allocated" if m.get("gpu_allocated_peak_mb") else ""
+        typer.echo(f"  peak memory    {m['peak_rss_mb']:,.0f} MB RSS{gpu}")
     typer.echo(f"  metrics        {result.run_dir / 'metrics_history.jsonl'}")
     typer.echo(f"  verify         lorafit verify {result.adapter_dir}")
+    if getattr(result, "report", None):
+        typer.secho(f"  report         {result.report}", bold=True)
+
+
+@app.command("eval")
+def eval_command(
+    data: List[Path] = typer.Option(..., "--data", help="Held-out data file (repeatable; each file is a source)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder, or a finished run folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base without the adapter, with deltas."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per forward pass."),
+    max_seq_length: int = typer.Option(1024, "--max-seq-length", min=1, help="Longer examples are truncated for the loss."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data."""
+    _quiet_libraries()
+    from lorafit import metrics as metric_defs
+    from lorafit.evaluate import run_eval
+
+    chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
+    try:
+        result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length)
+    except LorafitError as error:
+        _fail(error)
+        return
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
+        return
+    from lorafit.evaluate import format_eval
+
+    typer.echo(format_eval(result))
+
+
+@app.command("report")
+def report_command(run_dir: Path = typer.Argument(..., help="A run folder (train.output_dir).")) -> None:
+    """Rebuild RUN_DIR/report.html from the run's metrics files."""
+    from lorafit.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.echo(f"wrote {path}")
 
 
 @config_app.command("validate")

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lorafit.errors import LorafitError
+from lorafit.metrics import GENERATION_METRICS
 
 BUILTIN_TINY_MODEL = "lorafit:tiny"
 
@@ -215,10 +216,82 @@ def train_clashes(train: dict) -> list[str]:
     return problems
 
 
+# Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.metrics defines the generation ones).
+TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second")
+EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS))
+LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity")
+
+
+class BestConfig(Section):
+    metric: str = Field("eval_loss", description="Logged metric that picks the best step and drives early stopping "
+                        "(a key of metrics_history.jsonl: eval_loss, eval_field_accuracy, loss, ...).")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max is best; null = min for losses and "
+                                               "perplexity, max for generation metrics.")
+    patience: int | None = Field(None, gt=0, description="Stop after this many values of the metric without "
+                                 "improvement; null = never stop early.")
+    min_delta: float = Field(0.0, ge=0, description="An improvement smaller than this does not count.")
+    final_adapter: Literal["last", "best"] = Field("last", description="Adapter written at the end: the last "
+                                                   "step's, or the best step's weights (kept in memory during the run).")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        known = TRAIN_LOG_METRICS + EVAL_LOG_METRICS
+        if value not in known:
+            match = difflib.get_close_matches(value, known, n=1, cutoff=0.6)
+            hint = f"did you mean {match[0]!r}?" if match else f"choose one of {', '.join(known)}"
+            raise ValueError(f"{value!r} is not a logged metric; {hint}")
+        return value
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if self.metric in LOWER_IS_BETTER else "max")
+
+
 class EvalConfig(Section):
     every: int | None = Field(50, gt=0, description="Evaluate every N optimizer steps; null = only at the end.")
     at_start: bool = Field(True, description="Evaluate once before training, for a before/after comparison.")
     batch_size: int | None = Field(None, gt=0, description="Eval batch size; default train.batch_size.")
+    generate_samples: int = Field(16, ge=0, description="Eval examples answered for generation metrics and the "
+                                  "report's base-vs-adapter comparison (spread over the eval set); 0 = no generation.")
+    generate_every: int | None = Field(None, gt=0, description="Also log generation metrics (eval_<metric>) every N "
+                                       "evaluations during training; null = only base vs adapter at the end.")
+    max_new_tokens: int = Field(64, gt=0, description="Longest generated answer, in tokens.")
+    citation_pattern: str = Field(r"\[([^\[\]\s]{1,64})\]", description="Regular expression of a citation; "
+                                  "group 1 is the cited id (default: [1], [doc-7]).")
+    refusal_patterns: list[str] | None = Field(None, description="Regular expressions that mark an answer as a "
+                                               "refusal (case-insensitive); null = built-in English phrases (docs/eval.md).")
+    json_schema: str | None = Field(None, description="JSON-schema file answers are checked against (metric json_schema).")
+    best: BestConfig = Field(default_factory=BestConfig, description="Best-step selection and early stopping.")
+
+    _resolve_schema = field_validator("json_schema")(lambda value, info: None if value is None else _resolve_input_path(value, info))
+
+    @model_validator(mode="after")
+    def _best_metric_is_logged(self):
+        generated = self.best.metric.removeprefix("eval_") in GENERATION_METRICS
+        if generated and not (self.generate_every and self.generate_samples):
+            raise ValueError(f"eval.best.metric is {self.best.metric!r}, a generation metric, but none is logged during "
+                             "training: set eval.generate_every (and eval.generate_samples > 0)")
+        return self
+
+    @field_validator("citation_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        return value
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _all_compile(cls, value):
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
 
 
 class ArtifactConfig(Section):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.callbacks import MetricsHistory
+from lorafit.callbacks import MetricsHistory, peak_memory
 from lorafit.checkpoint import (
     CHECKPOINTS,
     base_fingerprint,
@@ -42,6 +42,7 @@ from lorafit.monitors import MemoryMonitor
 from lorafit.provenance import collect_metadata
 from lorafit.result import RESULT_FILE, completed_result, failed_result, new_job_id
 from lorafit.run_files import DONE_MARKER, claim_run_dir, write_atomic, write_json
+from lorafit.selection import BestMetric
 from lorafit.signals import StopRequest
 from lorafit.trainer import CheckpointSettings, LorafitTrainer
 
@@ -57,6 +58,9 @@ class TrainResult:
     metrics: dict
     data: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
+    report: Path | None = None
+    generation: dict = field(default_factory=dict)  # {"base": {metric: value}, "adapter": {...}} on the eval sample
+    best: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)
 
 
@@ -118,28 +122,37 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
     forced = _forced_resumes(resume_from, identity, force_resume)
 
     history = MetricsHistory(run_dir / "metrics_history.jsonl", echo=echo.progress if echo else None)
+    b = config.eval.best
+    best = BestMetric(b.metric, b.resolved_mode, patience=b.patience, min_delta=b.min_delta,
+                      keep_weights=b.final_adapter == "best")
     stop = StopRequest()
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir,
-                            [MemoryMonitor(), history, stop, *extra_callbacks],
+                            [history, MemoryMonitor(), best, stop, *extra_callbacks],
                             identity=identity, resume_from=resume_from, forced_resumes=forced)
+    generation = setup_generation_eval(config, trainer, tokenizer, len(eval_data))
+    trainer.callback_handler.callbacks.remove(history)  # first, so trackers log the values it derives (see on_log)
+    trainer.callback_handler.callbacks.insert(0, history)
     if resume_from is not None:
         trainer.prepare_resume(resume_from)
         history.restore(read_history(resume_from), trainer.resumed_train_seconds())
         if echo:
             echo.info(f"resuming from {resume_from} (step {read_meta(resume_from)['step']})")
-    with stop:
-        if resume_from is not None and trainer.checkpoint_is_final(resume_from):
-            trainer.restore_final(resume_from)  # killed after its last step: only the outputs are left to write
-        else:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    _raise_if_stopped(trainer, stop, run_dir)
-    if len(eval_data) and not _evaluated_at(history, trainer.state.global_step):
-        trainer.evaluate()
+    with offline_tracking_env(config, run_dir):
+        with stop:
+            if resume_from is not None and trainer.checkpoint_is_final(resume_from):
+                trainer.restore_final(resume_from)  # killed after its last step: only the outputs are left to write
+            else:
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        _raise_if_stopped(trainer, stop, run_dir)
+        if len(eval_data) and not _evaluated_at(history, trainer.state.global_step):
+            trainer.evaluate()
     history.close()
 
     base_check.finish(model)  # raises, naming the tensors, if any frozen weight changed
     require_adapter_changed(model)
 
+    restored_best = best.restore(model) if b.final_adapter == "best" else False
+    comparison = compare_generation(model, tokenizer, generation)
     metrics = summarise_metrics(history, trainer, train_stats)
     # Per split: its totals, and each source's own counts (rows used, skipped by reason) for metadata.json.
     data = {split: {**stats.as_dict(), "sources": prepared.report["sources"][split]}
@@ -158,9 +171,12 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
         "resumed_from": str(resume_from) if resume_from else None,
         "forced_resumes": forced,
         "duration_seconds": round(time.time() - started, 2),
+        "best": {**best.as_dict(), "final_adapter": "best" if restored_best else "last"},
     }
+    write_results_and_report(run_dir, config, summary, comparison, echo)
     write_json(run_dir / DONE_MARKER, summary)
-    return TrainResult(run_dir, adapter_dir, metrics, data, parameters)
+    return TrainResult(run_dir, adapter_dir, metrics, data, parameters, report=Path(summary["report"]),
+                       generation=summary.get("generation", {}), best=summary["best"])
 
 
 def write_data_report(run_dir: Path, prepared, echo) -> None:
@@ -381,9 +397,10 @@ def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats)
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "tokens_per_second": round(history.tokens_per_second(trainer.state) or 0.0, 1),
     }
-    if history.train_seconds and train_stats.tokens:
-        share = train_stats.supervised_tokens / train_stats.tokens
-        metrics["supervised_tokens_per_second"] = round(metrics["tokens_per_second"] * share, 1)
+    if history.supervised_tokens_per_second():
+        metrics["supervised_tokens_per_second"] = round(history.supervised_tokens_per_second(), 1)
+    metrics["supervised_tokens_seen"] = history.supervised_tokens
+    metrics.update(peak_memory())
     if evals:
         best_step, best = min(evals, key=lambda item: item[1])
         first, final = evals[0][1], evals[-1][1]
@@ -392,7 +409,115 @@ def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats)
             eval_loss_final=final,
             eval_loss_best=best,
             eval_best_step=best_step,
+            eval_perplexity_first=math.exp(min(first, 50.0)),
             eval_perplexity_final=math.exp(min(final, 50.0)),
             eval_loss_reduction=(first - final) / first if first else None,
         )
+    metrics["series"] = summarise_series(records)
     return metrics
+
+
+def summarise_series(records: list[dict]) -> dict:
+    """first / final / best (and its step) of every logged metric; "best" is the max where no direction applies."""
+    from lorafit.config import LOWER_IS_BETTER
+
+    keys = [k for k in dict.fromkeys(k for r in records for k in r) if k not in ("step", "epoch")]
+    out = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if not points:
+            continue
+        pick = min if key in LOWER_IS_BETTER else max
+        best_step, best_value = pick(points, key=lambda p: p[1])
+        out[key] = {"first": points[0][1], "final": points[-1][1], "best": best_value, "best_step": best_step}
+    return out
+
+
+def setup_generation_eval(config: Config, trainer, tokenizer, eval_rows: int):
+    """The fixed eval sample answered for generation metrics; logs them every eval.generate_every evaluations."""
+    from lorafit.evaluate import GenerationEval, GenerationSettings, read_examples, spread_sample
+
+    e = config.eval
+    if not eval_rows or not e.generate_samples:
+        return None
+    settings = GenerationSettings.from_eval_config(e, e.batch_size or config.train.batch_size)
+    examples = spread_sample(read_examples([s.path for s in config.data.eval], e.citation_pattern), e.generate_samples)
+    if e.generate_every:
+        trainer.add_callback(GenerationEval(trainer, tokenizer, examples, settings, e.generate_every))
+    return examples, settings
+
+
+def compare_generation(model, tokenizer, generation) -> dict | None:
+    if generation is None:
+        return None
+    from lorafit.evaluate import compare_base_and_adapter
+
+    return compare_base_and_adapter(model, tokenizer, *generation)
+
+
+class offline_tracking_env:
+    """MLflow and W&B write into the run folder with no network, unless the user's environment says otherwise.
+
+    Variables are set only for the run and restored after, so runs in one process do not leak into each other.
+    """
+
+    def __init__(self, config: Config, run_dir: Path):
+        wanted = {}
+        if "mlflow" in config.tracking.report_to:
+            # MLflow 3.x refuses its file store unless allowed; the database store would need SQLAlchemy and a server
+            # is network: a folder in the run is what "local" means here.
+            wanted |= {"MLFLOW_TRACKING_URI": (run_dir / "mlruns").as_uri(), "MLFLOW_EXPERIMENT_NAME": config.artifact.name,
+                       "MLFLOW_ALLOW_FILE_STORE": "true"}
+        if "wandb" in config.tracking.report_to:
+            wanted |= {"WANDB_MODE": "offline", "WANDB_DIR": str(run_dir), "WANDB_PROJECT": config.artifact.name,
+                       "WANDB_SILENT": "true"}
+        self.wanted = wanted
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self):
+        import os
+
+        for key, value in self.wanted.items():
+            if key not in os.environ:
+                self.saved[key] = None
+                os.environ[key] = value
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for key in self.saved:
+            os.environ.pop(key, None)
+        return False
+
+
+HEADLINE_METRICS = ("field_presence", "field_accuracy", "json_valid", "rouge_l")
+
+
+def write_results_and_report(run_dir: Path, config: Config, summary: dict, comparison: dict | None, echo) -> None:
+    """training_results.json (everything) and report.html; both before the summary, which is written last."""
+    import datetime
+    import platform
+
+    import peft
+    import transformers
+
+    from lorafit.report import RESULTS_FILE, write_report
+
+    results = {
+        **summary,
+        "artifact": {"name": config.artifact.name, "version": config.artifact.version},
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generation": comparison,
+        "headline_metrics": list(HEADLINE_METRICS),
+        "config": config.to_dict(),
+        "config_yaml": config.to_yaml(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "files": {"history": "metrics_history.jsonl", "report": "report.html", "tensorboard": "tensorboard"},
+    }
+    write_json(run_dir / RESULTS_FILE, results)
+    path = write_report(run_dir)
+    summary["report"] = str(path)
+    if comparison:
+        summary["generation"] = {side: {k: v["value"] for k, v in comparison[side].items()} for side in ("base", "adapter")}

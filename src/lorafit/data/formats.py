@@ -15,7 +15,7 @@ Pure functions: each rule is testable on a dict.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -46,10 +46,15 @@ class Record:
     messages: tuple[dict, ...] = ()
     text: str | None = None
     rank: float | None = None  # the curriculum field's value, when data.curriculum_field is set
+    meta: dict = field(default_factory=dict, compare=False, hash=False)  # PASSTHROUGH_FIELDS the row had
 
     def identity(self) -> str:
         """A canonical string of the content, to find identical examples in train and eval."""
         return self.text if self.text is not None else json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+
+
+# Row fields that are not content but that evaluation reads (docs/eval.md): kept on the Record as ``meta``.
+PASSTHROUGH_FIELDS = ("source", "sources", "should_refuse")
 
 
 class FieldMap:
@@ -81,9 +86,10 @@ def normalise(row: object, fmt: str, fields: FieldMap, where: str, *, task_prefi
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
     rank = _rank(row, rank_field) if rank_field else None
+    meta = {key: row[key] for key in PASSTHROUGH_FIELDS if key in row}
     if fmt == "text":
         text = _string(row, fields.key("text"), required=True)
-        return Record(where, text=(task_prefix or "") + text, rank=rank)
+        return Record(where, text=(task_prefix or "") + text, rank=rank, meta=meta)
     messages = _TO_MESSAGES[fmt](row, fields)
     problem = check_messages(messages)
     if problem:
@@ -91,7 +97,7 @@ def normalise(row: object, fmt: str, fields: FieldMap, where: str, *, task_prefi
     if task_prefix:
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[first_user] = {"role": "user", "content": task_prefix + messages[first_user]["content"]}
-    return Record(where, messages=tuple(messages), rank=rank)
+    return Record(where, messages=tuple(messages), rank=rank, meta=meta)
 
 
 def _rank(row: dict, key: str) -> float:

@@ -1,0 +1,278 @@
+"""``report.html``: one self-contained page per run (plots embedded as PNG data URIs, no script, no network).
+
+Built only from files in the run folder (metrics_history.jsonl and training_results.json), so
+`lorafit report RUN_DIR` rebuilds it any time. matplotlib draws the plots with its Agg backend (no display).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+from lorafit.run_files import write_atomic
+
+REPORT_FILE = "report.html"
+RESULTS_FILE = "training_results.json"
+HISTORY_FILE = "metrics_history.jsonl"
+
+_COLORS = {"train": "#4C72B0", "eval": "#DD8452", "best": "#55A868", "base": "#8C8C8C", "adapter": "#4C72B0"}
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        raise LorafitError(f"{path}: not found", why="the report is drawn from the run's metrics history",
+                           fix="point at a run folder written by `lorafit train`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(title: str, ylabel: str, lines: list[tuple[str, list, list, str]], *, best: tuple[int, float] | None = None,
+            log_y: bool = False, unit_range: bool = False) -> str | None:
+    """One line plot (PNG, base64) of (label, steps, values, color) series; None if no series has a point."""
+    lines = [line for line in lines if line[1]]
+    if not lines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.3))
+    for label, steps, values, color in lines:
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label, color=color)
+    if best is not None:
+        ax.axvline(best[0], color=_COLORS["best"], linestyle="--", linewidth=1)
+        right_half = best[0] > (min(min(s) for _, s, _, _ in lines) + max(max(s) for _, s, _, _ in lines)) / 2
+        ax.annotate(f"best {best[1]:.4g} @ step {best[0]}", (best[0], best[1]), textcoords="offset points",
+                    xytext=(-6 if right_half else 6, 10), ha="right" if right_half else "left", fontsize=8,
+                    color=_COLORS["best"])
+    if log_y and all(v > 0 for _, _, values, _ in lines for v in values):
+        ax.set_yscale("log")
+    if unit_range:
+        ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _bar_figure(title: str, names: list[str], base: list[float], adapter: list[float]) -> str | None:
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.3))
+    x = range(len(names))
+    for offset, values, label in ((-0.2, base, "base"), (0.2, adapter, "adapter")):
+        bars = ax.bar([i + offset for i in x], values, width=0.4, label=label, color=_COLORS[label])
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(list(x), names, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str]]:
+    """(title, PNG base64 or None, note when None) for every plot of the report, in page order."""
+    best = results.get("best") or {}
+    loss_best = (best["step"], best["value"]) if best.get("metric") in ("eval_loss", "loss") and best.get("step") is not None else None
+    gpu = _series(history, "gpu_allocated_peak_mb")[0]
+    out = [
+        ("Loss", _figure("Loss", "cross-entropy (nats/token)", [
+            ("train", *_series(history, "loss"), _COLORS["train"]),
+            ("eval", *_series(history, "eval_loss"), _COLORS["eval"])], best=loss_best), "no loss was logged"),
+        ("Learning rate", _figure("Learning rate", "learning rate", [
+            ("lr", *_series(history, "learning_rate"), _COLORS["train"])]), "no learning rate was logged"),
+        ("Gradient norm", _figure("Gradient norm (before clipping)", "L2 norm", [
+            ("grad norm", *_series(history, "grad_norm"), _COLORS["train"])], log_y=True), "no gradient norm was logged"),
+        ("Throughput", _figure("Throughput (training steps only)", "tokens / second", [
+            ("non-padding tokens/s", *_series(history, "tokens_per_second"), _COLORS["train"]),
+            ("supervised tokens/s", *_series(history, "supervised_tokens_per_second"), _COLORS["eval"])]),
+         "throughput is measured from the second logged step on"),
+        ("Memory", _figure("Peak memory", "MB", [
+            ("process RSS", *_series(history, "peak_rss_mb"), _COLORS["train"]),
+            *([("GPU allocated", *_series(history, "gpu_allocated_peak_mb"), _COLORS["eval"]),
+               ("GPU reserved", *_series(history, "gpu_reserved_peak_mb"), _COLORS["best"])] if gpu else [])]),
+         "no memory was logged"),
+    ]
+    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")})
+    if generation_keys:
+        palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
+        out.append(("Generation metrics during training", _figure("Generation metrics on the eval sample", "rate", [
+            (k.removeprefix("eval_"), *_series(history, k), palette[i % len(palette)]) for i, k in enumerate(generation_keys)],
+            unit_range=True), ""))
+    comparison = results.get("generation") or {}
+    names = [n for n, v in (comparison.get("adapter") or {}).items()
+             if v.get("value") is not None and (comparison["base"].get(n) or {}).get("value") is not None]
+    out.append(("Eval metrics: base vs adapter", _bar_figure(
+        f"Generation metrics on {comparison.get('examples', 0)} eval examples", names,
+        [comparison["base"][n]["value"] for n in names], [comparison["adapter"][n]["value"] for n in names]),
+        "no generation comparison (no eval data, or eval.generate_samples: 0)"))
+    return out
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+def _delta(after, before, lower_is_better: bool) -> str:
+    if after is None or before is None:
+        return ""
+    change = after - before
+    good = change < 0 if lower_is_better else change > 0
+    css = "good" if good else ("bad" if change else "")
+    return f'<span class="{css}">{change:+.4f}</span>'
+
+
+def _comparison_rows(results: dict) -> list[str]:
+    m = results.get("metrics") or {}
+    rows = []
+    if m.get("eval_loss_first") is not None:
+        rows.append(("eval loss", m["eval_loss_first"], m["eval_loss_final"], True, "step 0 vs final step"))
+        rows.append(("eval perplexity", m.get("eval_perplexity_first"), m.get("eval_perplexity_final"), True, ""))
+    comparison = results.get("generation") or {}
+    for name, value in (comparison.get("adapter") or {}).items():
+        before = (comparison.get("base", {}).get(name) or {}).get("value")
+        rows.append((name, before, value.get("value"), False, f"n = {value.get('n', 0)}"))
+    return [f"<tr><td>{html.escape(n)}</td><td>{_fmt(b)}</td><td>{_fmt(a)}</td><td>{_delta(a, b, low)}</td>"
+            f"<td class='muted'>{html.escape(note)}</td></tr>" for n, b, a, low, note in rows]
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
+main{max-width:1240px;margin:0 auto;padding:24px}
+h1{margin:0 0 4px;font-size:24px} h2{font-size:18px;margin:28px 0 10px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+.muted{color:#66707c;font-size:13px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px;margin-top:16px}
+.card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:12px 14px}
+.card .label{font-size:12px;color:#66707c;text-transform:uppercase;letter-spacing:.04em}
+.card .value{font-size:22px;font-weight:600;margin-top:4px} .card .sub{font-size:12px;color:#66707c;margin-top:2px}
+.plots{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:14px}
+figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:8px;text-align:center}
+figure img{max-width:100%;height:auto} figcaption{font-size:13px;color:#66707c}
+table{border-collapse:collapse;width:100%;background:#fff;font-size:14px}
+table.samples{table-layout:fixed}
+th,td{border:1px solid #dde1e6;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#eef1f4} td.num{text-align:right}
+.good{color:#1a7f37;font-weight:600} .bad{color:#cf222e;font-weight:600}
+pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12.5px;font-family:ui-monospace,Menlo,Consolas,monospace}
+details{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:8px 12px;margin-top:8px}
+"""
+
+
+def render_html(history: list[dict], results: dict) -> str:
+    """The report page as a string (pure: everything comes from the two arguments)."""
+    m = results.get("metrics") or {}
+    best = results.get("best") or {}
+    esc = html.escape
+    cards = []
+
+    def card(label: str, value: str, sub: str = "") -> None:
+        cards.append(f'<div class="card"><div class="label">{esc(label)}</div><div class="value">{value}</div>'
+                     f'<div class="sub">{sub}</div></div>')
+
+    if m.get("eval_loss_first") is not None:
+        card("eval loss", f"{m['eval_loss_first']:.3f} &rarr; {m['eval_loss_final']:.3f}",
+             f"best {m['eval_loss_best']:.4f} at step {m['eval_best_step']}")
+    adapter_gen = (results.get("generation") or {}).get("adapter") or {}
+    base_gen = (results.get("generation") or {}).get("base") or {}
+    for name in results.get("headline_metrics", []):
+        if (adapter_gen.get(name) or {}).get("value") is not None:
+            before = (base_gen.get(name) or {}).get("value")
+            card(name.replace("_", " "), f"{_fmt(before, 2)} &rarr; {_fmt(adapter_gen[name]['value'], 2)}", "base &rarr; adapter")
+    if best.get("value") is not None:
+        sub = f"at step {best['step']}" + (f"; stopped early at step {best['stopped_early_at']}" if best.get("stopped_early_at") else "")
+        card(f"best {best['metric']} ({best['mode']})", _fmt(best["value"]), sub)
+    if m.get("tokens_per_second"):
+        card("throughput", f"{m['tokens_per_second']:,.0f} tok/s",
+             f"{_fmt(m.get('supervised_tokens_per_second'), 0)} supervised tok/s")
+    if m.get("peak_rss_mb"):
+        gpu = f"; GPU {m['gpu_allocated_peak_mb']:,.0f} MB allocated" if m.get("gpu_allocated_peak_mb") else ""
+        card("peak memory", f"{m['peak_rss_mb']:,.0f} MB", f"process RSS{gpu}")
+    card("steps", f"{_fmt(m.get('steps'))}", f"{_fmt(m.get('epochs'), 2)} epochs, {_fmt(m.get('train_seconds'), 1)} s training")
+
+    figures = []
+    for title, png, note in plots(history, results):
+        if png:
+            figures.append(f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{png}"><figcaption>{esc(title)}</figcaption></figure>')
+        else:
+            figures.append(f'<figure><figcaption>{esc(title)}: {esc(note)}</figcaption></figure>')
+
+    samples = (results.get("generation") or {}).get("samples") or []
+    sample_rows = "".join(
+        f"<tr><td><pre>{esc(s['prompt'])}</pre><div class='muted'>{esc(s['where'])}</div></td>"
+        f"<td><pre>{esc(s['reference'])}</pre></td><td><pre>{esc(s['base'])}</pre></td><td><pre>{esc(s['adapter'])}</pre></td></tr>"
+        for s in samples)
+    data = results.get("data") or {}
+    data_rows = "".join(
+        f"<tr><td>{esc(split)}</td><td class='num'>{_fmt(d.get('rows'))}</td><td class='num'>{_fmt(d.get('kept'))}</td>"
+        f"<td class='num'>{_fmt(d.get('tokens'))}</td><td class='num'>{_fmt(d.get('supervised_tokens'))}</td>"
+        f"<td>{esc(', '.join(Path(s).name for s in d.get('sources', [])))}</td></tr>" for split, d in data.items())
+    title = f"lorafit run: {results.get('artifact', {}).get('name', Path(results.get('run_dir', 'run')).name)}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{_CSS}</style></head>
+<body><main>
+<h1>{esc(title)}</h1>
+<div class="muted">base {esc(str(results.get('base_model', '')))} &middot; adapter {esc(str(results.get('adapter_dir', '')))}
+ &middot; {esc(str(results.get('finished_at', '')))} &middot; {_fmt(results.get('duration_seconds'), 1)} s</div>
+<div class="cards">{''.join(cards)}</div>
+<h2>Training curves</h2>
+<div class="plots">{''.join(figures)}</div>
+<h2>Eval metrics before vs after</h2>
+<p class="muted">Loss rows: the evaluation before the first step vs the last one. Generation rows: the base model
+(adapter disabled) vs the final adapter on the same {(results.get('generation') or {}).get('examples', 0)} eval examples,
+greedy decoding. Definitions: docs/eval.md.</p>
+<table><tr><th>metric</th><th>before (base)</th><th>after (adapter)</th><th>change</th><th></th></tr>
+{''.join(_comparison_rows(results))}</table>
+<h2>Sample generations</h2>
+<table class="samples"><tr><th>prompt</th><th>reference</th><th>base (no adapter)</th><th>adapter</th></tr>{sample_rows or
+'<tr><td colspan="4" class="muted">no samples (no eval data, or eval.generate_samples: 0)</td></tr>'}</table>
+<h2>Data</h2>
+<table><tr><th>split</th><th>rows</th><th>kept</th><th>tokens</th><th>supervised tokens</th><th>sources</th></tr>{data_rows}</table>
+<details><summary>Run config</summary><pre>{esc(results.get('config_yaml', ''))}</pre></details>
+</main></body></html>
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Build ``report.html`` from the run folder's files (atomically replaced)."""
+    run_dir = Path(run_dir)
+    history = read_history(run_dir)
+    results_path = run_dir / RESULTS_FILE
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    path = run_dir / REPORT_FILE
+    write_atomic(path, render_html(history, results))
+    return path

@@ -1,0 +1,74 @@
+"""Best-step selection and early stopping on any logged metric (``eval.best``).
+
+transformers' EarlyStoppingCallback only watches metrics passed to ``on_evaluate`` and needs checkpoints saved
+for ``load_best_model_at_end``; lorafit's generation metrics arrive through ``on_log`` and runs save no
+checkpoints (yet), so this small callback watches the log and keeps the best adapter weights in memory
+(a LoRA adapter is a few MB, unlike a full model).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """True if ``value`` beats ``best`` by more than ``min_delta`` in the direction ``mode``.
+
+    >>> improved(0.9, 1.0, "min", 0.05), improved(0.96, 1.0, "min", 0.05), improved(0.5, None, "max", 0.0)
+    (True, False, True)
+    """
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class BestMetric(TrainerCallback):
+    """Tracks the best value of ``metric``; stops training after ``patience`` values without improvement.
+
+    With ``keep_weights``, the trainable (adapter) tensors of the best step are copied to CPU memory each time
+    the metric improves; ``restore`` puts them back into the model before the final adapter is written.
+    """
+
+    def __init__(self, metric: str, mode: str, *, patience: int | None = None, min_delta: float = 0.0,
+                 keep_weights: bool = False):
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.keep_weights = keep_weights
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.stale = 0
+        self.stopped_at: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self._model = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        value = (logs or {}).get(self.metric)
+        if value is None:
+            return
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_step, self.stale = value, state.global_step, 0
+            if self.keep_weights and self._model is not None:
+                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._model.named_parameters()
+                                     if p.requires_grad}
+            return
+        self.stale += 1
+        if self.patience is not None and self.stale >= self.patience and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+
+    @torch.no_grad()
+    def restore(self, model) -> bool:
+        """Load the best step's adapter weights into ``model``; False if none were kept."""
+        if not self.best_weights:
+            return False
+        params = dict(model.named_parameters())
+        for name, tensor in self.best_weights.items():
+            params[name].copy_(tensor)
+        return True
+
+    def as_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "value": self.best, "step": self.best_step,
+                "stopped_early_at": self.stopped_at, "patience": self.patience, "min_delta": self.min_delta}

@@ -24,7 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+\s+loss (\S+)")
-TIMING_KEYS = ("tokens_per_second", "peak_rss_mb", "peak_gpu_mb")  # machine dependent: the only fields allowed to differ
+# machine dependent: the only fields allowed to differ
+TIMING_KEYS = ("tokens_per_second", "supervised_tokens_per_second", "peak_rss_mb", "gpu_allocated_peak_mb",
+               "gpu_reserved_peak_mb")
 
 
 class Launch:

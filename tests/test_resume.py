@@ -337,10 +337,9 @@ def test_a_bad_step_within_nan_patience_is_skipped_without_touching_the_adapter(
 
 
 def test_early_stopping_stops_and_its_state_travels_in_the_checkpoint(tmp_path, tiny_model_dir):
-    from lorafit.monitors import EarlyStopping
-
-    stopper = EarlyStopping(metric="eval_loss", patience=1, min_delta=100.0)  # no evaluation can improve by 100
-    result = train(load_config(_setup(tmp_path, tiny_model_dir)), extra_callbacks=[stopper])
-    assert stopper.stopped_at == 4 and result.metrics["steps"] == 4  # evaluations at steps 0 and 4
+    # no evaluation can improve by 100: the second one (step 4; they run at steps 0 and 4) stops the run
+    config = load_config(_setup(tmp_path, tiny_model_dir), ["eval.best.patience=1", "eval.best.min_delta=100"])
+    result = train(config)
+    assert result.best["stopped_early_at"] == 4 and result.metrics["steps"] == 4
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / ckpt.STATE_JSON).read_text())
-    assert state["callbacks"]["EarlyStopping"] == {"best": stopper.best, "bad_evaluations": 1}
+    assert state["callbacks"]["BestMetric"] == {"best": result.best["value"], "best_step": 0, "stale": 1, "stopped_at": 4}

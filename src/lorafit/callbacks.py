@@ -15,8 +15,7 @@ from transformers import TrainerCallback
 from lorafit.metrics import GENERATION_METRICS as _GENERATION
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
-_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch",
-         "peak_rss_mb": "peak_rss_mb", "peak_gpu_mb": "peak_gpu_mb"}  # the last two from monitors.MemoryMonitor
+_KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch"}
 
 
 
@@ -132,11 +131,16 @@ class MetricsHistory(TrainerCallback):
     def snapshot(self) -> list[dict]:
         return [dict(r) for r in self.records] + ([dict(self._pending)] if self._pending else [])
 
-    def restore(self, records: list[dict], train_seconds: float) -> None:
+    def counters(self) -> dict:
+        """Running totals that are not in the records yet (between logs); checkpoints carry them."""
+        return {"train_seconds": self.train_seconds, "supervised_tokens": self.supervised_tokens}
+
+    def restore(self, records: list[dict], counters: dict) -> None:
         """Continue a resumed run: the file again holds exactly the history up to the checkpoint."""
         from lorafit.run_files import write_atomic
 
         self.records = [dict(r) for r in records]
         self._pending = None
-        self.train_seconds = train_seconds
+        self.train_seconds = counters["train_seconds"]
+        self.supervised_tokens = counters.get("supervised_tokens", 0)
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))

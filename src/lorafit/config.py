@@ -190,9 +190,7 @@ class TrainConfig(Section):
         100, gt=0, description="Checkpoint every N optimizer steps (and at each epoch end); null = epoch ends only."
     )
     keep_last: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are deleted after each save.")
-    keep_best: int = Field(0, ge=0, description="Also keep the N checkpoints with the best best_metric.")
-    best_metric: str = Field("eval_loss", description="Logged metric that ranks checkpoints for keep_best.")
-    best_metric_mode: Literal["min", "max"] = Field("min", description="Whether a lower or a higher best_metric is better.")
+    keep_best: int = Field(0, ge=0, description="Also keep the N checkpoints best by eval.best.metric.")
     nan_patience: int = Field(
         0, ge=0, description="Consecutive steps with a NaN/Inf loss or gradient tolerated (their updates are skipped) "
         "before the run stops; 0 = stop at the first.",

@@ -38,7 +38,6 @@ from lorafit.guards import NonFiniteGuard
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
 from lorafit.artifact import refuse_existing_version, write_final_artifact
 from lorafit.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
-from lorafit.monitors import MemoryMonitor
 from lorafit.provenance import collect_metadata
 from lorafit.result import RESULT_FILE, completed_result, failed_result, new_job_id
 from lorafit.run_files import DONE_MARKER, claim_run_dir, write_atomic, write_json
@@ -127,14 +126,14 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
                       keep_weights=b.final_adapter == "best")
     stop = StopRequest()
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir,
-                            [history, MemoryMonitor(), best, stop, *extra_callbacks],
+                            [history, best, stop, *extra_callbacks],
                             identity=identity, resume_from=resume_from, forced_resumes=forced)
     generation = setup_generation_eval(config, trainer, tokenizer, len(eval_data))
     trainer.callback_handler.callbacks.remove(history)  # first, so trackers log the values it derives (see on_log)
     trainer.callback_handler.callbacks.insert(0, history)
     if resume_from is not None:
         trainer.prepare_resume(resume_from)
-        history.restore(read_history(resume_from), trainer.resumed_train_seconds())
+        history.restore(read_history(resume_from), trainer.resumed_history_counters())
         if echo:
             echo.info(f"resuming from {resume_from} (step {read_meta(resume_from)['step']})")
     with offline_tracking_env(config, run_dir):
@@ -341,7 +340,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
     )
     settings = CheckpointSettings(
         root=run_dir / CHECKPOINTS, save_every=t.save_every, keep_last=t.keep_last, keep_best=t.keep_best,
-        best_metric=t.best_metric, best_mode=t.best_metric_mode,
+        best_metric=config.eval.best.metric, best_mode=config.eval.best.resolved_mode,  # one notion of "best"
         steps_per_epoch=steps_per_epoch(config, len(train_data)),
         identity=identity or {}, forced_resumes=list(forced_resumes),
     )

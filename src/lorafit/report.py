@@ -239,7 +239,8 @@ def render_html(history: list[dict], results: dict) -> str:
     data_rows = "".join(
         f"<tr><td>{esc(split)}</td><td class='num'>{_fmt(d.get('rows'))}</td><td class='num'>{_fmt(d.get('kept'))}</td>"
         f"<td class='num'>{_fmt(d.get('tokens'))}</td><td class='num'>{_fmt(d.get('supervised_tokens'))}</td>"
-        f"<td>{esc(', '.join(Path(s).name for s in d.get('sources', [])))}</td></tr>" for split, d in data.items())
+        f"<td>{esc(', '.join(Path(s).name for s in d.get('sources', [])))}</td></tr>"
+        for split, d in ((name, data.get(name)) for name in ("train", "eval")) if isinstance(d, dict))
     title = f"lorafit run: {results.get('artifact', {}).get('name', Path(results.get('run_dir', 'run')).name)}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">

@@ -69,6 +69,19 @@ class BestMetric(TrainerCallback):
             params[name].copy_(tensor)
         return True
 
+    # Checkpoints carry this state (lorafit's callback interface, docs/resume.md), so early stopping and the best
+    # adapter survive a resume exactly.
+    def state_dict(self) -> dict:
+        state = {"best": self.best, "best_step": self.best_step, "stale": self.stale, "stopped_at": self.stopped_at}
+        if self.best_weights:
+            state["best_weights"] = dict(self.best_weights)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.stale, self.stopped_at = (
+            state["best"], state["best_step"], state["stale"], state["stopped_at"])
+        self.best_weights = dict(state["best_weights"]) if state.get("best_weights") else None
+
     def as_dict(self) -> dict:
         return {"metric": self.metric, "mode": self.mode, "value": self.best, "step": self.best_step,
                 "stopped_early_at": self.stopped_at, "patience": self.patience, "min_delta": self.min_delta}

@@ -151,7 +151,7 @@ class LorafitTrainer(Trainer):
                 "tr_loss": self._tr_loss,
                 "total_loss_scalar": self._total_loss_scalar,
                 "globalstep_last_logged": self._globalstep_last_logged,
-                "train_seconds": self.history.train_seconds,
+                "history": self.history.counters(),
             },
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in [self.guard, *self.stateful]},
         }
@@ -202,9 +202,9 @@ class LorafitTrainer(Trainer):
             if type(cb).__name__ in callbacks:
                 cb.load_state_dict(callbacks[type(cb).__name__])
 
-    def resumed_train_seconds(self) -> float:
-        """Seconds spent in training steps up to the checkpoint (throughput counts the whole run)."""
-        return self._resume_state["loop"]["train_seconds"]
+    def resumed_history_counters(self) -> dict:
+        """MetricsHistory's running totals at the checkpoint (throughput and token counts cover the whole run)."""
+        return self._resume_state["loop"]["history"]
 
     def checkpoint_is_final(self, folder: Path) -> bool:
         meta = ckpt.read_meta(folder)

@@ -24,10 +24,20 @@ from lorafit.data import SplitStats, TokenizedDataset, prepare_split
 from lorafit.data.collate import PadCollator
 from lorafit.data.labels import require_chat_template
 from lorafit.errors import LorafitError
+from lorafit.eval_isolation import IsolatedEvalTrainer
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
+from lorafit.quantization import (
+    PackedLayoutGuard,
+    check_optimizer_available,
+    check_precision_supported,
+    mixed_precision,
+    optimizer_note,
+    prepare_for_kbit_training,
+    require_bitsandbytes,
+)
 from lorafit.run_files import DONE_MARKER, claim_run_dir, move_files_into, staging_dir, write_atomic, write_json
 
-OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
 @dataclass
@@ -61,7 +71,9 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
         config.data.eval, tokenizer, config.data, train_on_inputs=config.train.train_on_inputs, split="eval"
     )
 
-    model = load_base_model(config.model, model_path)
+    model = load_base_model(config.model, model_path, config.quant)
+    if config.quant.bits is not None:
+        model = prepare_for_kbit_training(model)
     set_seed(config.train.seed)  # adapter init draws from the RNG: same seed, same initial adapter
     model = attach_lora(model, config.lora)
     trainable, total = count_parameters(model)
@@ -69,8 +81,11 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
         echo.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     frozen_before = frozen_weight_digests(model)
 
+    if echo and optimizer_note(config):
+        echo.info(optimizer_note(config))
     history = MetricsHistory(run_dir / "metrics_history.jsonl", echo=echo.progress if echo else None)
-    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir, [history, *extra_callbacks])
+    guards = [PackedLayoutGuard()] if config.quant.bits == 4 else []
+    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir, [history, *guards, *extra_callbacks])
     trainer.train()
     if len(eval_data) and not _evaluated_at(history, trainer.state.global_step):
         trainer.evaluate()
@@ -100,10 +115,9 @@ def train(config: Config, *, overwrite: bool = False, echo=None, extra_callbacks
 
 def _refuse_unsupported(config: Config) -> None:
     if config.quant.bits is not None:
-        raise LorafitError(
-            f"quant.bits: {config.quant.bits}-bit (QLoRA) bases are not supported by this version",
-            fix="set quant.bits: null to train a full-precision base",
-        )
+        require_bitsandbytes(f"quant.bits: {config.quant.bits}")
+    check_optimizer_available(config)
+    check_precision_supported(config)
     unavailable = [t for t in config.tracking.report_to if t != "tensorboard" and not _importable(t)]
     if unavailable:
         raise LorafitError(
@@ -138,7 +152,7 @@ def total_optimizer_steps(config: Config, num_examples: int) -> int:
 
 def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset, eval_data: TokenizedDataset,
                   run_dir: Path, callbacks: list):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     t, e = config.train, config.eval
@@ -160,8 +174,10 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         optim=OPTIMIZERS[t.optimizer],
         seed=t.seed,
         data_seed=t.seed,
-        bf16=config.model.dtype == "bf16",
-        fp16=False,
+        bf16=mixed_precision(config) == "bf16",
+        fp16=mixed_precision(config) == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=t.log_every,
         logging_first_step=True,
@@ -179,7 +195,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(
+    trainer = IsolatedEvalTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -242,4 +258,11 @@ def write_outputs(run_dir: Path, model, tokenizer, config: Config, summary: dict
     tokenizer.save_pretrained(staging)
     move_files_into(staging, run_dir)
     write_atomic(run_dir / "training_config.yaml", config.to_yaml())
+    if config.artifact.merge:
+        from lorafit.merge import merge_adapter
+
+        # Before the summary: a run whose merge failed must not look finished.
+        report = merge_adapter(run_dir, run_dir / "merged", dtype=config.model.dtype, quant=config.quant, replace=True)
+        summary["merged_dir"] = str(run_dir / "merged")
+        summary["merge"] = {k: report[k] for k in ("dtype", "max_abs_logit_diff", "mean_abs_logit_diff")}
     write_json(run_dir / DONE_MARKER, summary)

@@ -44,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--only", nargs="*", help="Run only the modes whose name contains one of these words.")
     args = parser.parse_args()
     data = REPO / "examples" / "data" / "quickstart_train.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,13 +60,15 @@ def main() -> None:
         print(f"| mode | peak RSS (MiB) | tokens/s (non-padding) | train loss first -> last ({args.steps} steps) |")
         print("| --- | --- | --- | --- |")
         for name, overrides in MODES.items():
+            if args.only and not any(word in name for word in args.only):
+                continue
             out = Path(tmp) / "result.json"
             subprocess.run([sys.executable, "-c", RUNNER, str(config), str(out), *overrides], check=True,
                            env={**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             r = json.loads(out.read_text())
             print(f"| {name} | {r['peak_rss_mib']:,.0f} | {r['tokens_per_second']:,.0f} | "
-                  f"{r['loss'][0]:.2f} -> {r['loss'][1]:.2f} |", flush=True)
+                  f"{r['loss'][0]:.3f} -> {r['loss'][1]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,18 +110,23 @@ def test_generate_stops_at_the_end_of_turn_token(fp32_run, tiny_model_dir):
     assert not raw["stopped_at_end_of_turn"] and len(raw["token_ids"]) == 12
 
 
-@pytest.mark.slow
 def test_generate_and_chat_commands(fp32_run, tmp_path):
+    """The commands in-process (typer's runner: real argument parsing, stdin and exit codes, no interpreter start)."""
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    runner = CliRunner()
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say blue"},
                                                         {"messages": [{"role": "user", "content": "Say green"}]}])
-    done = lorafit("generate", "--model", str(fp32_run.run_dir / "merged"), "--file", str(prompts), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = runner.invoke(app, ["generate", "--model", str(fp32_run.run_dir / "merged"), "--file", str(prompts)])
+    assert done.exit_code == 0, done.output[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["response"], r["stopped_at_end_of_turn"]) for r in rows] == [("blue blue", True), ("green green", True)]
 
-    chat = lorafit("chat", "--adapter", str(fp32_run.adapter_dir), cwd=tmp_path, stdin="Say black\n/exit\nSay red\n")
-    assert chat.returncode == 0, chat.stderr[-3000:]
+    chat = runner.invoke(app, ["chat", "--adapter", str(fp32_run.adapter_dir)], input="Say black\n/exit\nSay red\n")
+    assert chat.exit_code == 0, chat.output[-3000:]
     assert chat.stdout.splitlines() == ["black black"]  # /exit ends the session before the last line
 
-    bad = lorafit("generate", "--model", str(fp32_run.run_dir / "merged"), cwd=tmp_path)
-    assert bad.returncode == 1 and "exactly one of --prompt" in bad.stderr
+    bad = runner.invoke(app, ["generate", "--model", str(fp32_run.run_dir / "merged")])
+    assert bad.exit_code == 1 and "exactly one of --prompt" in bad.output

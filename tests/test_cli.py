@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 QUICKSTART_DATA = REPO / "examples" / "data"
 
 
-def lorafit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def lorafit(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "lorafit", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, input=stdin)
 
 
 def _small_quickstart(tmp_path: Path, model_dir: Path) -> Path:

@@ -326,6 +326,111 @@ def init_tiny_model(
     typer.echo(f"wrote tiny model and tokenizer to {written}")
 
 
+@app.command()
+def merge(
+    artifact_dir: Path = typer.Argument(..., help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create for the merged model (must not exist, or be empty)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights on disk: bf16, fp16 or fp32."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
+) -> None:
+    """Merge an adapter into a full-precision reload of its base: a standalone model with checks and checksums."""
+    _quiet_libraries()
+    from lorafit.merge import merge_adapter
+
+    try:
+        report = merge_adapter(artifact_dir, out, dtype=dtype, base=base, echo=typer.echo)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.secho(f"merged model written to {out.resolve()}", fg=typer.colors.GREEN)
+    typer.echo(f"  logits vs adapter-on-base  max {report['max_abs_logit_diff']:.3g}  mean {report['mean_abs_logit_diff']:.3g}"
+               f"  (tolerance {report['tolerance']:g} for {report['dtype']})")
+    gap = report.get("quantization_gap")
+    if gap and "max_abs_logit_diff" in gap:
+        typer.echo(f"  quantization gap (adapter on {gap['quant']['bits']}-bit base vs merged reference)  "
+                   f"max {gap['max_abs_logit_diff']:.3g}  mean {gap['mean_abs_logit_diff']:.3g}")
+
+
+def _generator(adapter: Optional[Path], model: Optional[Path], base: Optional[Path], dtype: str):
+    from lorafit.generate import check_dtype, load_generator
+
+    return load_generator(adapter=adapter, model=model, base=base, dtype=check_dtype(dtype))
+
+
+AdapterOption = typer.Option(None, "--adapter", help="Adapter folder, run on its base.")
+ModelOption = typer.Option(None, "--model", help="Standalone model folder (e.g. from `lorafit merge`).")
+BaseOption = typer.Option(None, "--base", help="With --adapter: base model folder (default: from adapter_config.json).")
+DtypeOption = typer.Option("fp32", "--dtype", help="Precision to run in: fp32, bf16 or fp16.")
+
+
+@app.command()
+def generate(
+    adapter: Optional[Path] = AdapterOption,
+    model: Optional[Path] = ModelOption,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One user message."),
+    file: Optional[Path] = typer.Option(None, "--file", help='JSONL of {"prompt": ...} or {"messages": [...]}; prints JSONL.'),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+    base: Optional[Path] = BaseOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Reply to a prompt (or each line of a file) with the chat template; stops at the end-of-turn token."""
+    _quiet_libraries()
+    import json
+
+    from lorafit.generate import read_prompts
+
+    try:
+        if (prompt is None) == (file is None):
+            raise LorafitError("give exactly one of --prompt TEXT or --file prompts.jsonl")
+        conversations = read_prompts(file) if file is not None else [[{"role": "user", "content": prompt}]]
+        generator = _generator(adapter, model, base, dtype)
+        for messages in conversations:
+            reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            if file is None:
+                typer.echo(reply["text"])
+            else:
+                typer.echo(json.dumps({"messages": messages, "response": reply["text"],
+                                       "stopped_at_end_of_turn": reply["stopped_at_end_of_turn"]}, ensure_ascii=False))
+    except LorafitError as error:
+        _fail(error)
+
+
+@app.command()
+def chat(
+    adapter: Optional[Path] = AdapterOption,
+    model: Optional[Path] = ModelOption,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for the conversation."),
+    base: Optional[Path] = BaseOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Interactive chat: one line per user turn; the conversation is kept; /exit or end of input ends it."""
+    _quiet_libraries()
+    try:
+        generator = _generator(adapter, model, base, dtype)
+    except LorafitError as error:
+        _fail(error)
+        return
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            typer.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        messages.append({"role": "assistant", "content": reply["text"]})
+        typer.echo(reply["text"])
+
+
 def run() -> None:
     app()
 

@@ -81,6 +81,11 @@ class LoraConfig(Section):
 
 class QuantConfig(Section):
     bits: Literal[4, 8] | None = Field(None, description="Load the base in 4 or 8 bits (QLoRA); null = full precision.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's, better for normal weights) or fp4.")
+    double_quant: bool = Field(True, description="4-bit: also quantize the quantization scales (saves ~0.4 bit per weight).")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Precision of the matmuls in quantized layers and of training autocast; bf16 on a recent GPU."
+    )
 
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -182,7 +187,12 @@ class TrainConfig(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Warmup in steps (instead of warmup_ratio).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    optimizer: Literal["adamw", "sgd", "paged_adamw_8bit"] = Field(
+        "adamw", description="Optimizer; paged_adamw_8bit (bitsandbytes) keeps 8-bit states and pages them out of GPU memory."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (non-reentrant): much less memory, ~30% slower on GPU, ~2x on CPU."
+    )
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
     log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     group_by_length: bool = Field(True, description="Batch examples of similar length: less padding, faster.")
@@ -296,6 +306,9 @@ class ArtifactConfig(Section):
     name: str = Field("adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Adapter name (letters, digits, . _ -).")
     version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$", description="Semantic version.")
     license: str | None = Field(None, description="License written in the model card.")
+    merge: bool = Field(
+        False, description="After training, also write a standalone merged model (model.dtype) into <run folder>/merged/."
+    )
 
 
 class TrackingConfig(Section):

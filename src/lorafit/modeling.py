@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
+from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,13 +73,19 @@ def refuse_pickle_weights(folder: Path, *, allow_pickle: bool, what: str = "mode
         )
 
 
-def load_base_model(model: ModelConfig, path: str, *, allow_pickle: bool = False):
+def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = None, *, allow_pickle: bool = False):
+    """The base in ``model.dtype``; with ``quant.bits`` set, its linear layers quantized by bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(Path(path), allow_pickle=allow_pickle)
+    extra = {}
+    if quant is not None and quant.bits is not None:
+        from lorafit.quantization import bnb_config
+
+        extra["quantization_config"] = bnb_config(quant)
     base = _local_only(
         AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
+        use_safetensors=None if allow_pickle else True, **extra,
     )
     base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
     return base

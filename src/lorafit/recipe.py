@@ -36,6 +36,15 @@ from lorafit.data.packing import PackedCollator
 from lorafit.errors import LorafitError
 from lorafit.guards import NonFiniteGuard
 from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
+from lorafit.quantization import (
+    PackedLayoutGuard,
+    check_optimizer_available,
+    check_precision_supported,
+    mixed_precision,
+    optimizer_note,
+    prepare_for_kbit_training,
+    require_bitsandbytes,
+)
 from lorafit.artifact import refuse_existing_version, write_final_artifact
 from lorafit.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
 from lorafit.provenance import collect_metadata
@@ -45,7 +54,7 @@ from lorafit.selection import BestMetric
 from lorafit.signals import StopRequest
 from lorafit.trainer import CheckpointSettings, LorafitTrainer
 
-OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
 @dataclass
@@ -108,7 +117,9 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
     train_stats = prepared.train_stats
     write_data_report(run_dir, prepared, echo)
 
-    model = load_base_model(config.model, model_path, allow_pickle=allow_pickle)
+    model = load_base_model(config.model, model_path, config.quant, allow_pickle=allow_pickle)
+    if config.quant.bits is not None:
+        model = prepare_for_kbit_training(model)
     set_seed(config.train.seed)  # adapter init draws from the RNG: same seed, same initial adapter
     model = attach_lora(model, config.lora)
     require_only_adapter_trainable(model, config.lora.modules_to_save)
@@ -120,13 +131,16 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
     identity = run_identity(config, train_data, eval_data, base_check.before)
     forced = _forced_resumes(resume_from, identity, force_resume)
 
+    if echo and optimizer_note(config):
+        echo.info(optimizer_note(config))
     history = MetricsHistory(run_dir / "metrics_history.jsonl", echo=echo.progress if echo else None)
     b = config.eval.best
     best = BestMetric(b.metric, b.resolved_mode, patience=b.patience, min_delta=b.min_delta,
                       keep_weights=b.final_adapter == "best")
     stop = StopRequest()
+    guards = [PackedLayoutGuard()] if config.quant.bits == 4 else []
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir,
-                            [history, best, stop, *extra_callbacks],
+                            [history, best, stop, *guards, *extra_callbacks],
                             identity=identity, resume_from=resume_from, forced_resumes=forced)
     generation = setup_generation_eval(config, trainer, tokenizer, len(eval_data))
     trainer.callback_handler.callbacks.remove(history)  # first, so trackers log the values it derives (see on_log)
@@ -159,6 +173,7 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
     parameters = {"trainable": trainable, "total": total}
     metadata = collect_metadata(config, model_path, tokenizer, data, parameters, base_check, started)
     adapter_dir = write_final_artifact(run_dir, model, tokenizer, config, metadata, metrics, overwrite=republish)
+    merged = merge_at_end(config, adapter_dir, run_dir)  # before the summary: a failed merge leaves the run unfinished
     summary = {
         "run_dir": str(run_dir),
         "adapter_dir": str(adapter_dir),
@@ -171,6 +186,7 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
         "forced_resumes": forced,
         "duration_seconds": round(time.time() - started, 2),
         "best": {**best.as_dict(), "final_adapter": "best" if restored_best else "last"},
+        **merged,
     }
     write_results_and_report(run_dir, config, summary, comparison, echo)
     write_json(run_dir / DONE_MARKER, summary)
@@ -254,10 +270,9 @@ def _raise_if_stopped(trainer, stop: StopRequest, run_dir: Path) -> None:
 
 def _refuse_unsupported(config: Config) -> None:
     if config.quant.bits is not None:
-        raise LorafitError(
-            f"quant.bits: {config.quant.bits}-bit (QLoRA) bases are not supported by this version",
-            fix="set quant.bits: null to train a full-precision base",
-        )
+        require_bitsandbytes(f"quant.bits: {config.quant.bits}")
+    check_optimizer_available(config)
+    check_precision_supported(config)
     unavailable = [t for t in config.tracking.report_to if t != "tensorboard" and not _importable(t)]
     if unavailable:
         raise LorafitError(
@@ -319,8 +334,10 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         optim=OPTIMIZERS[t.optimizer],
         seed=t.seed,
         data_seed=t.seed,
-        bf16=config.model.dtype == "bf16",
-        fp16=False,
+        bf16=mixed_precision(config) == "bf16",
+        fp16=mixed_precision(config) == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=t.log_every,
         logging_first_step=True,
@@ -520,3 +537,14 @@ def write_results_and_report(run_dir: Path, config: Config, summary: dict, compa
     summary["report"] = str(path)
     if comparison:
         summary["generation"] = {side: {k: v["value"] for k, v in comparison[side].items()} for side in ("base", "adapter")}
+
+
+def merge_at_end(config: Config, adapter_dir: Path, run_dir: Path) -> dict:
+    """With artifact.merge, the standalone merged model in <run>/merged (replacing an earlier one)."""
+    if not config.artifact.merge:
+        return {}
+    from lorafit.merge import merge_adapter
+
+    report = merge_adapter(adapter_dir, run_dir / "merged", dtype=config.model.dtype, quant=config.quant, replace=True)
+    return {"merged_dir": str(run_dir / "merged"),
+            "merge": {k: report[k] for k in ("dtype", "max_abs_logit_diff", "mean_abs_logit_diff")}}

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorafit import checkpoint as ckpt
+from lorafit.eval_isolation import IsolatedEvalTrainer
 from lorafit.guards import NonFiniteGuard
 
 
@@ -79,7 +80,7 @@ class SaveSchedule(TrainerCallback):
         control.should_save = True
 
 
-class LorafitTrainer(Trainer):
+class LorafitTrainer(IsolatedEvalTrainer):
     def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.settings = settings

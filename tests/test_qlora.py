@@ -63,7 +63,17 @@ def test_nf4_qlora_trains_the_tiny_model_and_the_loss_falls(nf4_run, tiny_model_
     assert any("lora_B" in name and t.abs().max() > 0 for name, t in adapter.items())  # B starts at zero
     summary = json.loads((nf4_run.run_dir / "training_summary.json").read_text())
     assert summary["base_weights_unchanged"] is True
-    assert yaml_quant(nf4_run.run_dir) == NF4
+    assert yaml_quant(nf4_run.adapter_dir) == NF4
+    # The base-weight proof covers the quantized storage itself: the packed 4-bit data and its quantization state.
+    check = json.loads((nf4_run.adapter_dir / "metadata.json").read_text())["base_weight_check"]
+    assert check["unchanged"] is True and check["fingerprint"] == check["fingerprint_after"]
+    from lorafit.fingerprint import frozen_fingerprint
+    from lorafit.modeling import load_base_model
+    from lorafit.config import ModelConfig, QuantConfig
+
+    quantized = load_base_model(ModelConfig(path=str(tiny_model_dir)), str(tiny_model_dir), QuantConfig(**NF4))
+    digests = frozen_fingerprint(quantized.requires_grad_(False))
+    assert any(name.endswith("#absmax") for name in digests)  # scales outside the parameter are hashed too
 
 
 @pytest.mark.slow

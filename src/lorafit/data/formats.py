@@ -164,39 +164,31 @@ def _content_text(content: object, place: str) -> str:
     raise RowError("wrong_type", f"{place}.content must be a string or a list of text parts (got {type(content).__name__})")
 
 
-def _from_messages(row: dict, fields: FieldMap) -> list[dict]:
-    key, role_key, content_key = fields.key("messages"), fields.key("role"), fields.key("content")
-    messages = []
-    for i, message in enumerate(_list(row, key)):
-        place = f"{key}[{i}]"
-        if not isinstance(message, dict):
-            raise RowError("wrong_type", f'{place} must be an object with "{role_key}" and "{content_key}"')
-        if role_key not in message or content_key not in message:
-            missing = role_key if role_key not in message else content_key
-            raise RowError("missing_field", f'{place}: field "{missing}" missing')
-        role = message[role_key]
-        if role not in ROLES:
-            raise RowError("unknown_role", f"{place}.{role_key} is {role!r}; expected one of {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _content_text(message[content_key], place)})
-    return messages
-
-
-def _from_sharegpt(row: dict, fields: FieldMap) -> list[dict]:
-    key, from_key, value_key = fields.key("conversations"), fields.key("from"), fields.key("value")
+def _turns(row: dict, key: str, role_key: str, text_key: str, to_role, expected) -> list[dict]:
+    """A list of turn objects -> messages; ``to_role`` maps the row's role value to ours (None = unknown)."""
     messages = []
     for i, turn in enumerate(_list(row, key)):
         place = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise RowError("wrong_type", f'{place} must be an object with "{from_key}" and "{value_key}"')
-        if from_key not in turn or value_key not in turn:
-            missing = from_key if from_key not in turn else value_key
+            raise RowError("wrong_type", f'{place} must be an object with "{role_key}" and "{text_key}"')
+        if role_key not in turn or text_key not in turn:
+            missing = role_key if role_key not in turn else text_key
             raise RowError("missing_field", f'{place}: field "{missing}" missing')
-        role = SHAREGPT_ROLES.get(str(turn[from_key]).lower())
+        role = to_role(turn[role_key])
         if role is None:
-            raise RowError("unknown_role", f"{place}.{from_key} is {turn[from_key]!r}; expected one of "
-                                           f"{', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": _content_text(turn[value_key], place)})
+            raise RowError("unknown_role", f"{place}.{role_key} is {turn[role_key]!r}; expected one of {', '.join(expected)}")
+        messages.append({"role": role, "content": _content_text(turn[text_key], place)})
     return messages
+
+
+def _from_messages(row: dict, fields: FieldMap) -> list[dict]:
+    return _turns(row, fields.key("messages"), fields.key("role"), fields.key("content"),
+                  lambda role: role if role in ROLES else None, ROLES)
+
+
+def _from_sharegpt(row: dict, fields: FieldMap) -> list[dict]:
+    return _turns(row, fields.key("conversations"), fields.key("from"), fields.key("value"),
+                  lambda role: SHAREGPT_ROLES.get(str(role).lower()), SHAREGPT_ROLES)
 
 
 def _from_alpaca(row: dict, fields: FieldMap) -> list[dict]:

@@ -1,7 +1,8 @@
 """The training recipe: one run, read top to bottom.
 
-    claim run folder -> tokenizer -> data -> base model -> LoRA -> Trainer -> train -> final eval
-    -> check the base did not change -> write adapter, config, metrics, summary (summary last)
+    claim run folder -> tokenizer -> data -> base model (4/8-bit if asked) -> LoRA -> fingerprint the base
+    -> Trainer (checkpoints, resume, signals, NaN guard) -> final eval -> check the base did not change
+    -> best adapter -> publish the artifact (-> merged model) -> results + report -> summary (last)
 
 transformers' Trainer does the loop (schedules, accumulation with token-count loss normalisation, clipping,
 evaluation, trackers, and later checkpoints and accelerate-based multi-GPU); this file only wires it up.

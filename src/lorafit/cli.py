@@ -187,12 +187,12 @@ def _print_summary(result) -> None:
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
             f"({100 * m['eval_loss_reduction']:.1f}% lower, best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"
         )
-    generation = getattr(result, "generation", None) or {}
+    generation = result.generation
     for name in ("field_presence", "field_accuracy", "json_valid", "rouge_l"):
         base, adapter = generation.get("base", {}).get(name), generation.get("adapter", {}).get(name)
         if base is not None and adapter is not None:
             typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
-    best = getattr(result, "best", None) or {}
+    best = result.best
     if best.get("value") is not None and best.get("metric") != "eval_loss":
         typer.echo(f"  best           {best['metric']} {best['value']:.4f} at step {best['step']}")
     if best.get("stopped_early_at") is not None:
@@ -205,7 +205,7 @@ def _print_summary(result) -> None:
         typer.echo(f"  peak memory    {m['peak_rss_mb']:,.0f} MB RSS{gpu}")
     typer.echo(f"  metrics        {result.run_dir / 'metrics_history.jsonl'}")
     typer.echo(f"  verify         lorafit verify {result.adapter_dir}")
-    if getattr(result, "report", None):
+    if result.report:
         typer.secho(f"  report         {result.report}", bold=True)
 
 

@@ -59,7 +59,7 @@ def test_fp32_merge_matches_adapter_on_base_and_loads_without_peft(fp32_run, tin
     plain_base = _probe_logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer)
     assert (plain_base - reference).abs().max() > 1e-2  # the adapter changed something, so the match means something
 
-    sums = json.loads((merged_dir / "checksums.json").read_text())
+    sums = json.loads((merged_dir / "checksums.json").read_text())["files"]
     files = sorted(p.name for p in merged_dir.iterdir() if p.name != "checksums.json")
     assert sorted(sums) == files and {"model.safetensors", "config.json", "generation_config.json",
                                       "tokenizer.json", "merge_report.json"} <= set(files)

@@ -60,6 +60,13 @@ def checksums_for(folder: Path) -> dict[str, str]:
     }
 
 
+def write_checksums(folder: Path) -> dict[str, str]:
+    """Write ``checksums.json`` (sha256 of every other file) into ``folder``; used for artifacts and merged models."""
+    sums = checksums_for(folder)
+    write_json(folder / CHECKSUMS, {"algorithm": "sha256", "files": sums})
+    return sums
+
+
 def _normalise_adapter_config(folder: Path) -> None:
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -139,7 +146,7 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
         write_json(staging / "training_metrics.json", metrics)
         write_json(staging / "metadata.json", metadata)
         (staging / "README.md").write_text(model_card(config, metadata, metrics, str(target)), encoding="utf-8")
-        write_json(staging / CHECKSUMS, {"algorithm": "sha256", "files": checksums_for(staging)})
+        write_checksums(staging)
         fsync_tree(staging)
         replaced = None
         if target.exists():  # --overwrite: move the old one aside first, so there is never a mix of both

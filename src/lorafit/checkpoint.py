@@ -327,10 +327,6 @@ def dataset_fingerprint(dataset) -> str:
     return digest.hexdigest()
 
 
-def base_fingerprint(frozen_digests: dict[str, str]) -> str:
-    return _sha256(json.dumps(sorted(frozen_digests.items())).encode())
-
-
 def find_resume_point(root: Path, resume: str | None, *, overwrite: bool) -> Path | None:
     """Which checkpoint a run starts from: None (fresh) or a verified folder. Cleans up cut-short saves first.
 

@@ -496,10 +496,11 @@ def validate_config(data: dict, *, base_dir: Path | None, source: str = "config"
         return Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         lines = [_describe(e) for e in _dedupe_union_errors(exc.errors())]
+        # Clashes are checked on the raw sections too: pydantic skips a section's validator when a field failed.
+        for section, clashes in (("train", train_clashes), ("data", data_clashes)):
+            raw = data.get(section) if isinstance(data.get(section), dict) else {}
+            lines += [f"{section}: {p}" for p in clashes(raw) if f"{section}: {p}" not in lines]
         raw_train = data.get("train") if isinstance(data.get("train"), dict) else {}
-        lines += [f"train: {p}" for p in train_clashes(raw_train) if f"train: {p}" not in lines]
-        raw_data = data.get("data") if isinstance(data.get("data"), dict) else {}
-        lines += [f"data: {p}" for p in data_clashes(raw_data) if f"data: {p}" not in lines]
         if "train_on_inputs" in raw_train:
             # Renamed with the data layer (issue 3): say where it went instead of only "unknown key".
             lines = [line.replace("train.train_on_inputs: unknown key", "train.train_on_inputs: moved to data.train_on "

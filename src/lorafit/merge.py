@@ -13,7 +13,6 @@ which is why a quantized base is never the merge target.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from lorafit.artifact import write_checksums
 from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.modeling import DTYPES, load_base_model, resolve_model_path
+from lorafit.run_files import fsync_tree
 
 # Max |logit difference| allowed between the merged model as saved (reloaded from disk) and adapter-on-base in
 # fp32. fp32 is exact up to summation order (measured 3e-6 on the tiny model); bf16/fp16 round every weight to
@@ -163,7 +164,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
             )
         (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         write_checksums(staging)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if replace and out_dir.exists():
             shutil.rmtree(out_dir)
         elif out_dir.exists():
@@ -238,24 +239,3 @@ def check_dtype_on_disk(folder: Path, dtype: str) -> None:
 
 
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_checksums(folder: Path) -> dict:
-    sums = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "checksums.json"}
-    (folder / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n", encoding="utf-8")
-    return sums
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())

@@ -21,7 +21,6 @@ import torch
 from lorafit.callbacks import MetricsHistory, peak_memory
 from lorafit.checkpoint import (
     CHECKPOINTS,
-    base_fingerprint,
     check_resume,
     config_hash,
     dataset_fingerprint,
@@ -47,6 +46,7 @@ from lorafit.quantization import (
     require_bitsandbytes,
 )
 from lorafit.artifact import refuse_existing_version, write_final_artifact
+from lorafit.fingerprint import combined_digest
 from lorafit.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
 from lorafit.provenance import collect_metadata
 from lorafit.result import RESULT_FILE, completed_result, failed_result, new_job_id
@@ -217,7 +217,7 @@ def run_identity(config: Config, train_data, eval_data, frozen_digests: dict[str
         "config_sha256": config_hash(config_dict),
         "fingerprints": {
             "data": {"train": dataset_fingerprint(train_data), "eval": dataset_fingerprint(eval_data)},
-            "base_model": base_fingerprint(frozen_digests),
+            "base_model": combined_digest(frozen_digests),
         },
     }
 

@@ -19,16 +19,9 @@ from pathlib import Path
 import torch
 
 from lorafit.data.sources import Example, SourceData, SourceStats
+from lorafit.fingerprint import sha256_file
 
 CACHE_VERSION = "1"  # bump when reading, normalising or labelling changes what a source tokenises to
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -47,7 +40,7 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def source_key(source, options: dict, tokenizer_hash: str) -> str:
-    payload = {"version": CACHE_VERSION, "file": file_digest(Path(source.path)),
+    payload = {"version": CACHE_VERSION, "file": sha256_file(Path(source.path)),
                # The path is part of the key because the entry records where each row came from (error and report lines).
                "source": source.model_dump(mode="json", exclude={"weight", "max_examples", "max_tokens", "eval_fraction"}),
                "options": options, "tokenizer": tokenizer_hash}

@@ -49,7 +49,7 @@ def build_model(folder: Path) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from lorafit.tiny_model import build_tokenizer
+    from lorafit.model.tiny import build_tokenizer
 
     if (folder / "config.json").is_file():
         return

@@ -94,7 +94,7 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def newest_step(run_dir: Path) -> int:
-    from lorafit.checkpoint import newest_verified
+    from lorafit.training.checkpoint import newest_verified
 
     folder = newest_verified(run_dir / "checkpoints")
     return int(folder.name[5:]) if folder else 0
@@ -183,7 +183,7 @@ def main() -> None:
     import shutil
 
     from lorafit import load_config, train
-    from lorafit.tiny_model import ensure_tiny_model
+    from lorafit.model.tiny import ensure_tiny_model
 
     import torch
 

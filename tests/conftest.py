@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from lorafit.tiny_model import ensure_tiny_model
+    from lorafit.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lorafit import load_config, train
-from lorafit.artifact import CHECKSUMS, checksums_for
+from lorafit.artifact.publish import CHECKSUMS, checksums_for
 from lorafit.cli import app
 from lorafit.errors import LorafitError
 from lorafit import fine_tune
-from lorafit.verify import verify_artifact
+from lorafit.artifact.verify import verify_artifact
 
 runner = CliRunner()
 
@@ -134,7 +134,7 @@ def test_shapes_must_match_the_rank_and_the_base(trained, tmp_path, tiny_model_d
 
 
 def test_a_different_base_is_detected(trained, tmp_path):
-    from lorafit.tiny_model import write_tiny_model
+    from lorafit.model.tiny import write_tiny_model
 
     other = write_tiny_model(tmp_path / "other", seed=1)
     problems = verify_artifact(trained.adapter_dir, other).problems

@@ -7,8 +7,9 @@ import json
 from conftest import REPO
 
 from lorafit.config import default_config_path
-from lorafit.sample_data import generate_conversations, write_sample_data
-from lorafit.tiny_model import TINY_ARCH, folder_digest, write_tiny_model
+from lorafit.data.sample import generate_conversations, write_sample_data
+from lorafit.hashing import folder_digest
+from lorafit.model.tiny import TINY_ARCH, write_tiny_model
 
 RESOURCES = default_config_path().parent
 
@@ -17,7 +18,7 @@ def test_shipped_sample_data_is_what_the_generator_writes(tmp_path):
     write_sample_data(tmp_path)
     for name in ("quickstart_train.jsonl", "quickstart_eval.jsonl"):
         fresh = (tmp_path / name).read_bytes()
-        assert (RESOURCES / "data" / name).read_bytes() == fresh, f"regenerate: python -m lorafit.sample_data {RESOURCES / 'data'}"
+        assert (RESOURCES / "data" / name).read_bytes() == fresh, f"regenerate: python -m lorafit.data.sample {RESOURCES / 'data'}"
         assert (REPO / "examples" / "data" / name).read_bytes() == fresh, "examples/data must equal the packaged copy"
     assert (REPO / "examples" / "quickstart.yaml").read_bytes() == default_config_path().read_bytes()
 

@@ -177,9 +177,9 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
 
 
 def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from lorafit.callbacks import MetricsHistory
-    from lorafit.modeling import load_base_model
-    from lorafit.recipe import build_trainer
+    from lorafit.training.callbacks import MetricsHistory
+    from lorafit.model.loading import load_base_model
+    from lorafit.training.recipe import build_trainer
 
     rows = [conversation("q " * (1 + (7 * i) % 13), "a " * (1 + i % 3)) for i in range(12)]
     write_jsonl(tmp_path / "t.jsonl", rows)

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from lorafit import load_config, train
 from lorafit.errors import LorafitError
-from lorafit.evaluate import GenerationSettings, generate_answers, read_examples, run_eval
-from lorafit.report import write_report
+from lorafit.evaluate.run import GenerationSettings, generate_answers, read_examples, run_eval
+from lorafit.evaluate.report import write_report
 from test_cli import lorafit
 
 QUICKSTART = REPO / "examples" / "data"

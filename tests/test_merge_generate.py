@@ -34,7 +34,7 @@ def fp32_run(tmp_path_factory, tiny_model_dir):
 
 
 def _probe_logits(model, tokenizer):
-    from lorafit.merge import probe_batch, probe_logits
+    from lorafit.export.merge import probe_batch, probe_logits
 
     return probe_logits(model, probe_batch(tokenizer))
 
@@ -79,14 +79,14 @@ def test_bf16_merge_is_bf16_on_disk_through_the_cli(fp32_run, tmp_path):
     assert 0 < report["max_abs_logit_diff"] <= report["tolerance"]
 
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
-    from lorafit.merge import merge_adapter
+    from lorafit.export.merge import merge_adapter
 
     with pytest.raises(LorafitError, match="not an empty folder"):
         merge_adapter(fp32_run.adapter_dir, out)
 
 
 def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_model_dir):
-    from lorafit.merge import merge_adapter
+    from lorafit.export.merge import merge_adapter
 
     with pytest.raises(LorafitError, match="not an adapter folder"):
         merge_adapter(tiny_model_dir, tmp_path / "out")
@@ -94,7 +94,7 @@ def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_model_dir)
 
 
 def test_generate_stops_at_the_end_of_turn_token(fp32_run, tiny_model_dir):
-    from lorafit.generate import load_generator
+    from lorafit.evaluate.generate import load_generator
 
     generator = load_generator(adapter=fp32_run.adapter_dir)
     end_of_turn = generator.tokenizer.convert_tokens_to_ids("<|end|>")

@@ -67,8 +67,8 @@ def test_nf4_qlora_trains_the_tiny_model_and_the_loss_falls(nf4_run, tiny_model_
     # The base-weight proof covers the quantized storage itself: the packed 4-bit data and its quantization state.
     check = json.loads((nf4_run.adapter_dir / "metadata.json").read_text())["base_weight_check"]
     assert check["unchanged"] is True and check["fingerprint"] == check["fingerprint_after"]
-    from lorafit.fingerprint import frozen_fingerprint
-    from lorafit.modeling import load_base_model
+    from lorafit.artifact.integrity import frozen_fingerprint
+    from lorafit.model.loading import load_base_model
     from lorafit.config import ModelConfig, QuantConfig
 
     quantized = load_base_model(ModelConfig(path=str(tiny_model_dir)), str(tiny_model_dir), QuantConfig(**NF4))
@@ -78,7 +78,7 @@ def test_nf4_qlora_trains_the_tiny_model_and_the_loss_falls(nf4_run, tiny_model_
 
 @pytest.mark.slow
 def test_merging_a_qlora_adapter_reloads_the_base_in_full_precision_and_reports_the_gap(nf4_run, tmp_path):
-    from lorafit.merge import merge_adapter
+    from lorafit.export.merge import merge_adapter
 
     report = merge_adapter(nf4_run.adapter_dir, tmp_path / "merged", dtype="fp32")  # quant read from the run
     assert report["max_abs_logit_diff"] <= 1e-5  # merged into fp32 weights, not into the 4-bit ones
@@ -120,8 +120,8 @@ def test_an_eval_forward_leaves_4bit_lora_gradients_unchanged_only_with_the_guar
     from peft import LoraConfig, get_peft_model
 
     from lorafit.config import ModelConfig, QuantConfig
-    from lorafit.modeling import load_base_model
-    from lorafit.quantization import packed_4bit_layers, prepare_for_kbit_training
+    from lorafit.model.loading import load_base_model
+    from lorafit.model.quantization import packed_4bit_layers, prepare_for_kbit_training
 
     if not guarded and not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here, nothing to show")

@@ -19,10 +19,10 @@ from conftest import REPO, conversation, write_jsonl
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lorafit import checkpoint as ckpt
+from lorafit.training import checkpoint as ckpt
 from lorafit import load_config, train
 from lorafit.errors import LorafitError
-from lorafit.recipe import RunStopped
+from lorafit.training.recipe import RunStopped
 
 sys.path.insert(0, str(REPO / "scripts"))
 import kill_resume  # noqa: E402  (the harness shared with the long script)

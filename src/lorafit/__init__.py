@@ -19,11 +19,11 @@ def __getattr__(name: str):
 
         return getattr(config, name)
     if name in ("train", "TrainResult"):
-        from lorafit import recipe
+        from lorafit.training import recipe
 
         return getattr(recipe, name)
     if name == "fine_tune":
-        from lorafit.result import fine_tune
+        from lorafit.training.api import fine_tune
 
         return fine_tune
     if name == "LorafitError":

@@ -1,4 +1,5 @@
-"""The data layer: read sources in any format, check, tokenise with labels (cached), mix, pack, audit."""
+"""The data layer: read sources in any format, check, tokenise with labels (cached), mix, pack, audit.
+May use: errors, hashing, run_folder, config."""
 
 from __future__ import annotations
 

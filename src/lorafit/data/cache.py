@@ -9,7 +9,6 @@ renamed, so a killed run never leaves a half entry; token ids go in safetensors,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,24 +18,21 @@ from pathlib import Path
 import torch
 
 from lorafit.data.sources import Example, SourceData, SourceStats
-from lorafit.fingerprint import sha256_file
+from lorafit.hashing import sha256_file, sha256_json
 
 CACHE_VERSION = "1"  # bump when reading, normalising or labelling changes what a source tokenises to
 
 
 def tokenizer_digest(tokenizer) -> str:
     """A digest of the tokenizer's vocabulary, merges, normaliser and special tokens, and the chat template."""
-    digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        digest.update(backend.to_str().encode())
+        model = backend.to_str()
     else:  # a slow tokenizer: its vocabulary is what we can see
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        model = sorted(tokenizer.get_vocab().items())
     specials = {"all": sorted(tokenizer.all_special_tokens), "added": sorted(tokenizer.get_added_vocab().items()),
                 "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "class": type(tokenizer).__name__}
-    digest.update(json.dumps(specials, sort_keys=True).encode())
-    digest.update(b"\0template\0" + (getattr(tokenizer, "chat_template", None) or "").encode())
-    return digest.hexdigest()
+    return sha256_json({"model": model, "specials": specials, "template": getattr(tokenizer, "chat_template", None) or ""})
 
 
 def source_key(source, options: dict, tokenizer_hash: str) -> str:
@@ -44,12 +40,15 @@ def source_key(source, options: dict, tokenizer_hash: str) -> str:
                # The path is part of the key because the entry records where each row came from (error and report lines).
                "source": source.model_dump(mode="json", exclude={"weight", "max_examples", "max_tokens", "eval_fraction"}),
                "options": options, "tokenizer": tokenizer_hash}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return sha256_json(payload)
+
+
+def cache_root() -> Path:
+    """lorafit's cache folder (tokenised data, the built tiny model): $LORAFIT_CACHE or ~/.cache/lorafit."""
+    return Path(os.environ.get("LORAFIT_CACHE") or Path.home() / ".cache" / "lorafit")
 
 
 def cache_dir() -> Path:
-    from lorafit.tiny_model import cache_root
-
     return cache_root() / "data"
 
 

@@ -5,7 +5,6 @@ on the file's bytes, the source's config, the tokenizer, the chat template and t
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from lorafit.data.formats import FieldMap, Record, RowError, describe_expected, 
 from lorafit.data.labels import IGNORE_INDEX, TokenizedExample, tokenize_conversation, tokenize_text
 from lorafit.data.readers import read_rows
 from lorafit.errors import LorafitError
+from lorafit.hashing import sha256_text
 
 MAX_LISTED = 10
 
@@ -149,7 +149,7 @@ def tokenise_records(records: list[Record], tokenizer, *, max_seq_length: int, t
                 continue
             stats.truncated += 1
             input_ids, labels, truncated = input_ids[:max_seq_length], labels[:max_seq_length], True
-        example = Example(input_ids, labels, record.where, hashlib.sha256(record.identity().encode()).hexdigest(),
+        example = Example(input_ids, labels, record.where, sha256_text(record.identity()),
                           record.rank, tokenised.unterminated_turns, truncated)
         # Position 0 is never a target (nothing precedes it), so a label there would be counted but not trained.
         if example.num_supervised - (labels[0] != IGNORE_INDEX) <= 0:

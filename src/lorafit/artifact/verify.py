@@ -16,8 +16,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorafit.artifact import CHECKSUMS, checksums_for
-from lorafit.provenance import weight_files
+from lorafit.artifact.publish import CHECKSUMS, checksums_for
+from lorafit.artifact.provenance import weight_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

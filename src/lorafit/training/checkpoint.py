@@ -18,7 +18,6 @@ after that. A folder whose manifest is missing or does not match its files is ne
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,8 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.run_files import fsync_dir, write_atomic, write_durable
+from lorafit.hashing import sha256_bytes, sha256_json, token_sequences_digest
+from lorafit.run_folder import fsync_dir, write_atomic, write_durable
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -142,10 +142,6 @@ def restore_rng(states: dict) -> None:
 # ---------------------------------------------------------------------------------------------- commit
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _pause() -> None:
     seconds = os.environ.get(PAUSE_ENV)
     if seconds:
@@ -167,7 +163,7 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, bytes], *, keep_la
         for file_name in sorted(files):
             data = files[file_name]
             write_durable(staging / file_name, data)
-            manifest["files"][file_name] = {"sha256": _sha256(data), "bytes": len(data)}
+            manifest["files"][file_name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
             _pause()
         write_durable(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         fsync_dir(staging)
@@ -224,7 +220,7 @@ def verify(folder: Path) -> list[str]:
         except OSError:
             problems.append(f"{name}: missing")
             continue
-        if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
             problems.append(f"{name}: content does not match its sha256 in the manifest")
     return problems
 
@@ -315,16 +311,12 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
 
 def config_hash(config_dict: dict) -> str:
     trimmed = {k: v for k, v in _flat(config_dict).items() if k not in RESUME_IGNORED}
-    return _sha256(json.dumps(trimmed, sort_keys=True).encode())
+    return sha256_json(trimmed)
 
 
 def dataset_fingerprint(dataset) -> str:
     """sha256 of the tokenised examples in order: changes with the data files, the tokenizer or the template."""
-    digest = hashlib.sha256()
-    for example in dataset.examples:
-        digest.update(torch.tensor(example.input_ids, dtype=torch.int64).numpy().tobytes())
-        digest.update(torch.tensor(example.labels, dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()
+    return token_sequences_digest(seq for example in dataset.examples for seq in (example.input_ids, example.labels))
 
 
 def find_resume_point(root: Path, resume: str | None, *, overwrite: bool) -> Path | None:

@@ -9,17 +9,20 @@ any working directory; ``train.output_dir`` is resolved against the working dire
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from lorafit.errors import LorafitError
-from lorafit.metrics import GENERATION_METRICS
+
+# Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
+# importing evaluation code; lorafit.evaluate.metrics has one function per name (a test keeps them in step).
+GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_schema", "field_presence", "field_accuracy",
+                      "citation_coverage", "refusal_correct")
+LOSS_METRICS = ("loss", "perplexity")
 
 BUILTIN_TINY_MODEL = "lorafit:tiny"
 
@@ -224,7 +227,7 @@ def train_clashes(train: dict) -> list[str]:
     return problems
 
 
-# Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.metrics defines the generation ones).
+# Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.evaluate.metrics defines the generation ones).
 TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second")
 EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS))
 LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity")
@@ -334,244 +337,9 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-# ---------------------------------------------------------------------------------------------- file loading
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise LorafitError(
-                f"{loader.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
-                f"(first given on line {seen[key] + 1})",
-                why="YAML would silently keep only the last value",
-                fix="keep one of them",
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_config_file(path: Path) -> dict:
-    if not path.is_file():
-        raise LorafitError(f"{path}: config file not found", fix="check the path, or run `lorafit train` alone for the quickstart")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        def no_dups(pairs):
-            keys = [k for k, _ in pairs]
-            dup = next((k for k in keys if keys.count(k) > 1), None)
-            if dup is not None:
-                raise LorafitError(f"{path}: duplicate key {dup!r}", why="JSON would keep only the last value", fix="keep one of them")
-            return dict(pairs)
-
-        try:
-            data = json.loads(text, object_pairs_hook=no_dups)
-        except json.JSONDecodeError as exc:
-            raise LorafitError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}", fix="fix the syntax at that line") from None
-    else:
-        loader = _StrictLoader(text)
-        loader.name = str(path)
-        try:
-            data = loader.get_single_data()
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise LorafitError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}", fix="fix the syntax at that line") from None
-        finally:
-            loader.dispose()
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise LorafitError(f"{path}: the config must be a mapping of sections (model, lora, data, train, ...)")
-    return data
-
-
-# ---------------------------------------------------------------------------------------------- overrides
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Return a copy of ``data`` with each ``a.b.c=value`` applied; values are parsed as YAML scalars.
-
-    >>> apply_overrides({"train": {"seed": 1}}, ["train.seed=7", "lora.r=32"])
-    {'train': {'seed': 7}, 'lora': {'r': 32}}
-    """
-    result = json.loads(json.dumps(data))  # deep copy: never mutate what the caller passed
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise LorafitError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node: Any = result
-        parts = key.strip().split(".")
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise LorafitError(f"--set {item!r}: {'.'.join(parts[:depth])} is a list of {len(node)}; {part!r} is not an index in it")
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise LorafitError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
-    return result
-
-
-# ---------------------------------------------------------------------------------------------- validation errors
-
-_FIELD_NAMES_CACHE: dict[tuple, list[str]] = {}
-
-
-def _known_keys(loc: tuple) -> list[str]:
-    """Field names valid at ``loc`` (the path of the unknown key's parent), for 'did you mean'."""
-    model: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return []
-    return list(model.model_fields) if model is not None else []
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _describe(err: dict) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    path = _format_loc(loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent, key = loc[:-1], str(loc[-1])
-        known = _known_keys(parent)
-        match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f" — did you mean {_format_loc((*parent, match[0]))}?" if match else f" — valid keys here: {', '.join(known)}"
-        return f"{path}: unknown key{hint}"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    message = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None and kind != "none_required" else f" (got {value!r})"
-    return f"{path}: {message}{shown}"
-
-
-def _dedupe_union_errors(errors: list[dict]) -> list[dict]:
-    """A value failing a union (e.g. 'all-linear' | list) reports once per branch; keep one line per place."""
-    out, seen = [], set()
-    for err in errors:
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-        if err["type"] != "extra_forbidden" and loc in seen:
-            continue
-        seen.add(loc)
-        out.append(err)
-    return out
-
-
-def validate_config(data: dict, *, base_dir: Path | None, source: str = "config") -> Config:
-    """Validate a raw mapping into a frozen Config, or raise one LorafitError listing every problem."""
-    try:
-        return Config.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        lines = [_describe(e) for e in _dedupe_union_errors(exc.errors())]
-        # Clashes are checked on the raw sections too: pydantic skips a section's validator when a field failed.
-        for section, clashes in (("train", train_clashes), ("data", data_clashes)):
-            raw = data.get(section) if isinstance(data.get(section), dict) else {}
-            lines += [f"{section}: {p}" for p in clashes(raw) if f"{section}: {p}" not in lines]
-        raw_train = data.get("train") if isinstance(data.get("train"), dict) else {}
-        if "train_on_inputs" in raw_train:
-            # Renamed with the data layer (issue 3): say where it went instead of only "unknown key".
-            lines = [line.replace("train.train_on_inputs: unknown key", "train.train_on_inputs: moved to data.train_on "
-                                  "(true -> data.train_on: all, false -> all_assistant); unknown key") for line in lines]
-        raise LorafitError(
-            f"{source}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the config",
-            details=lines,
-            fix="see `lorafit config show` for the full schema with defaults, and docs/config.md",
-        ) from None
-
-
-def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
-    """Load and validate a config from a YAML/JSON file (or a dict), with ``--set`` style overrides.
-
-    Relative input paths in a file resolve against the file's folder; in a dict, against the working directory.
-    """
-    if isinstance(source, dict):
-        data, base_dir, name = source, Path.cwd(), "config"
-    else:
-        path = Path(source).expanduser().resolve()
-        data, base_dir, name = _read_config_file(path), path.parent, str(source)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return validate_config(data, base_dir=base_dir, source=name)
-
-
-def default_config_path() -> Path:
-    """The quickstart config shipped inside the package (its data ships beside it)."""
-    return Path(__file__).parent / "resources" / "quickstart.yaml"
-
-
 def warmup_steps_for(train: TrainConfig, total_steps: int) -> int:
     if train.warmup_steps is not None:
         return train.warmup_steps
     if train.warmup_ratio is not None:
         return math.ceil(train.warmup_ratio * total_steps)
     return 0
-
-
-def _type_name(annotation) -> str:
-    """Readable type for the docs: `fp32 | bf16`, `list[str]`, `int | null` instead of typing reprs."""
-    import typing
-
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Literal:
-        return " | ".join("null" if a is None else str(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " | ".join(_type_name(a) for a in args)
-    if origin is list:
-        return f"list[{_type_name(args[0])}]"
-    if annotation is type(None):
-        return "null"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def schema_reference() -> str:
-    """Markdown reference of every section and key, generated from the field descriptions (docs/config.md)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            annotation = field.annotation
-            sub = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-            if sub is not None:
-                walk(sub, f"{prefix}{name}.")
-                continue
-            default = "required" if field.is_required() else (
-                "[]" if field.default_factory is list else json.dumps(field.default)
-            )
-            type_name = _type_name(annotation).replace("|", "\\|")  # a bare | would split the table cell
-            lines.append(f"| `{prefix}{name}` | `{type_name}` | `{default}` | {field.description or ''} |")
-
-    walk(Config, "")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.run_files import write_atomic
+from lorafit.run_folder import write_atomic
 
 REPORT_FILE = "report.html"
 RESULTS_FILE = "training_results.json"

@@ -8,7 +8,30 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.fingerprint import combined_digest, frozen_fingerprint
+from lorafit.hashing import combined_digest, tensor_digest
+
+
+def _quant_state_tensors(param) -> dict[str, torch.Tensor]:
+    """bitsandbytes keeps 4-bit scales outside the parameter (``quant_state``); they are base weights too."""
+    state = getattr(param, "quant_state", None)
+    if state is None or not hasattr(state, "as_dict"):
+        return {}
+    return {k: v for k, v in state.as_dict(packed=True).items() if isinstance(v, torch.Tensor)}
+
+
+def frozen_fingerprint(model) -> dict[str, str]:
+    """Digest of every frozen parameter and buffer-like quantisation state, by name.
+
+    For a quantised base this hashes the quantised storage (what is actually used), not a dequantised copy.
+    """
+    digests: dict[str, str] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            continue
+        digests[name] = tensor_digest(param)
+        for key, tensor in _quant_state_tensors(param).items():
+            digests[f"{name}#{key}"] = tensor_digest(tensor)
+    return digests
 
 
 @dataclass

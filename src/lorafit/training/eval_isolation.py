@@ -4,7 +4,7 @@ Two things leaked from evaluation into training, both silently:
 - **Random state.** Every DataLoader iteration draws its base seed from the global torch RNG, and evaluation
   iterates the eval loader; the next epoch's shuffle, adapter dropout and anything else drawn afterwards then
   differ. ``preserved_rng`` saves and restores python, numpy, torch (CPU and every CUDA device) RNG states.
-- **4-bit weights on CPU** (bitsandbytes): see ``lorafit.quantization.keep_4bit_training_layout``.
+- **4-bit weights on CPU** (bitsandbytes): see ``lorafit.model.quantization.keep_4bit_training_layout``.
 
 ``IsolatedEvalTrainer`` is transformers' Trainer with ``evaluate`` wrapped in ``preserved_rng``; Trainer's own
 periodic and at-start evaluations go through ``evaluate``, so they are covered. Code that generates samples

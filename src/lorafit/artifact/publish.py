@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lorafit.config import ArtifactConfig, Config
 from lorafit.errors import LorafitError
-from lorafit.fingerprint import sha256_file
-from lorafit.run_files import fsync_tree, write_json
+from lorafit.hashing import sha256_file
+from lorafit.run_folder import fsync_tree, write_json
 
 FINAL = "final_artifact"
 CHECKSUMS = "checksums.json"

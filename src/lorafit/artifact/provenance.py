@@ -8,7 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from lorafit.fingerprint import sha256_file, sha256_text
+from lorafit.hashing import sha256_file, sha256_text
 
 PACKAGES = ("lorafit", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
             "bitsandbytes", "trl")

@@ -95,7 +95,7 @@ def write_sample_data(folder: Path) -> list[Path]:
     return paths
 
 
-if __name__ == "__main__":  # python -m lorafit.sample_data FOLDER
+if __name__ == "__main__":  # python -m lorafit.data.sample FOLDER
     import sys
 
     for written in write_sample_data(Path(sys.argv[1])):

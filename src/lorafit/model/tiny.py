@@ -9,13 +9,13 @@ Widths are multiples of 64 because 4-bit kernels (QLoRA) require it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from lorafit.sample_data import generate_conversations
+from lorafit.data.cache import cache_root
+from lorafit.data.sample import generate_conversations
 
 # Bump when anything below changes what is written: the cache folder name carries it.
 TINY_MODEL_VERSION = 1
@@ -128,10 +128,6 @@ def write_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAFIT_CACHE") or Path.home() / ".cache" / "lorafit")
-
-
 def ensure_tiny_model(seed: int = 0) -> Path:
     """Return the cached tiny model folder, building it on first use.
 
@@ -153,12 +149,3 @@ def ensure_tiny_model(seed: int = 0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over the names and bytes of every file in ``folder`` (sorted): equal digests, equal folders."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()

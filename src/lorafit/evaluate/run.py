@@ -3,7 +3,7 @@
 Used three ways: `lorafit eval` (an adapter or a plain model, optionally against its base), during training every
 N evaluations (``GenerationEval``), and at the end of training for the report's base-vs-adapter comparison.
 Data goes through the same readers and tokenisation as training (``read_records``, ``tokenise_records``), so
-"eval loss" here is the number training logs. The metric definitions are in ``lorafit.metrics`` and docs/eval.md.
+"eval loss" here is the number training logs. The metric definitions are in ``lorafit.evaluate.metrics`` and docs/eval.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from lorafit import metrics as M
+from lorafit.evaluate import metrics as M
 from lorafit.config import DataSource, ModelConfig
 from lorafit.data import TokenizedDataset
 from lorafit.data.collate import PadCollator
@@ -275,26 +275,11 @@ def deltas(adapter: dict, base: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- `lorafit eval`
 
 
-def resolve_adapter_dir(path: Path) -> Path:
-    """An adapter folder, or a run folder (its training_summary.json names the adapter folder)."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        return path
-    summary = path / "training_summary.json"
-    if summary.is_file():
-        adapter_dir = Path(json.loads(summary.read_text(encoding="utf-8"))["adapter_dir"])
-        if (adapter_dir / "adapter_config.json").is_file():
-            return adapter_dir
-    raise LorafitError(
-        f"{path}: no adapter_config.json here",
-        why="--adapter takes an adapter folder (adapter_config.json + adapter_model.safetensors) or a finished run folder",
-        fix="point --adapter at the folder `lorafit train` reported as 'adapter'",
-    )
-
-
 def load_models(adapter: Path | None, model: Path | None, dtype: str = "fp32"):
     """(model, tokenizer, description). With an adapter, the model is a PeftModel whose adapter can be disabled."""
-    from lorafit.modeling import load_base_model, load_tokenizer, resolve_model_path
+    from lorafit.model.loading import load_base_model, load_tokenizer, resolve_model_path
+
+    from lorafit.model.adapters import resolve_adapter_dir
 
     adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
     if model is not None:

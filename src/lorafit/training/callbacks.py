@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from lorafit.metrics import GENERATION_METRICS as _GENERATION
+from lorafit.evaluate.metrics import GENERATION_METRICS as _GENERATION
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
 _KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch"}
@@ -137,7 +137,7 @@ class MetricsHistory(TrainerCallback):
 
     def restore(self, records: list[dict], counters: dict) -> None:
         """Continue a resumed run: the file again holds exactly the history up to the checkpoint."""
-        from lorafit.run_files import write_atomic
+        from lorafit.run_folder import write_atomic
 
         self.records = [dict(r) for r in records]
         self._pending = None

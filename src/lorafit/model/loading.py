@@ -17,7 +17,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_model_path(model: ModelConfig) -> str:
     """A local folder for ``model.path``; builds the embedded tiny model on first use. Never downloads."""
     if model.path == BUILTIN_TINY_MODEL:
-        from lorafit.tiny_model import ensure_tiny_model
+        from lorafit.model.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model())
     path = Path(model.path)
@@ -80,7 +80,7 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
     refuse_pickle_weights(Path(path), allow_pickle=allow_pickle)
     extra = {}
     if quant is not None and quant.bits is not None:
-        from lorafit.quantization import bnb_config
+        from lorafit.model.quantization import bnb_config
 
         extra["quantization_config"] = bnb_config(quant)
     base = _local_only(

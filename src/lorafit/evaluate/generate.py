@@ -14,7 +14,7 @@ import torch
 
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
-from lorafit.modeling import DTYPES, load_base_model, resolve_model_path
+from lorafit.model.loading import DTYPES, load_base_model, resolve_model_path
 
 
 @dataclass
@@ -80,7 +80,7 @@ def load_generator(*, adapter: str | Path | None = None, model: str | Path | Non
     if adapter is not None:
         from peft import PeftModel
 
-        from lorafit.merge import read_adapter_config, resolve_base
+        from lorafit.model.adapters import read_adapter_config, resolve_base
 
         adapter = Path(adapter).expanduser().resolve()
         read_adapter_config(adapter)

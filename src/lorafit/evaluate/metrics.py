@@ -12,9 +12,7 @@ import math
 import re
 from typing import Iterable
 
-GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_schema", "field_presence", "field_accuracy",
-                      "citation_coverage", "refusal_correct")
-LOSS_METRICS = ("loss", "perplexity")
+from lorafit.config import GENERATION_METRICS, LOSS_METRICS  # noqa: F401  (the names; the functions are below)
 
 DEFAULT_CITATION_PATTERN = r"\[([^\[\]\s]{1,64})\]"
 DEFAULT_REFUSAL_PATTERNS = (

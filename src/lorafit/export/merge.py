@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from lorafit.artifact import write_checksums
+from lorafit.artifact.publish import write_checksums
 from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
-from lorafit.modeling import DTYPES, load_base_model, resolve_model_path
-from lorafit.run_files import fsync_tree
+from lorafit.model.adapters import read_adapter_config, resolve_base, training_quant
+from lorafit.model.loading import DTYPES, load_base_model
+from lorafit.run_folder import fsync_tree
 
 # Max |logit difference| allowed between the merged model as saved (reloaded from disk) and adapter-on-base in
 # fp32. fp32 is exact up to summation order (measured 3e-6 on the tiny model); bf16/fp16 round every weight to
@@ -39,50 +40,6 @@ PROBE_PROMPTS = [
     "Write one sentence about the sea.",
     "2 + 2 =",
 ]
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise LorafitError(
-            f"{adapter_dir}: not an adapter folder",
-            why="an adapter folder holds adapter_config.json and adapter_model.safetensors",
-            fix="pass the folder `lorafit train` reported as the adapter (training_summary.json: adapter_dir)",
-        )
-    return json.loads(config_file.read_text(encoding="utf-8"))
-
-
-def resolve_base(adapter_dir: Path, base: str | Path | None) -> str:
-    """The base model folder: ``base`` if given, else adapter_config.json's base_model_name_or_path."""
-    if base is None:
-        base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-        if not base:
-            raise LorafitError(
-                f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is empty",
-                fix="pass the base model folder with --base MODEL_DIR",
-            )
-        if not Path(base).exists() and (Path(base).is_absolute() or str(base).startswith(".")):
-            raise LorafitError(
-                f"{base}: the adapter's base model folder (adapter_config.json base_model_name_or_path) is not found",
-                fix="pass the base model folder with --base MODEL_DIR",
-            )
-    return resolve_model_path(ModelConfig(path=str(base)))
-
-
-def training_quant(adapter_dir: Path) -> QuantConfig | None:
-    """The quant section the adapter was trained with, from training_config.yaml beside it (or a parent)."""
-    import yaml
-
-    for folder in (adapter_dir, *list(adapter_dir.parents)[:2]):
-        config_file = folder / "training_config.yaml"
-        if config_file.is_file():
-            section = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("quant") or {}
-            try:
-                quant = QuantConfig.model_validate(section)
-            except ValueError:
-                return None  # written by another lorafit version: no gap report rather than a failed merge
-            return quant if quant.bits else None
-    return None
 
 
 def claim_output(out_dir: Path) -> Path:
@@ -203,7 +160,7 @@ def quantization_gap(base_path: str, adapter_dir: Path, quant: QuantConfig, prob
     """Logit difference between the adapter on the quantized base (as trained) and on the fp32 base."""
     from peft import PeftModel
 
-    from lorafit.quantization import keep_4bit_training_layout
+    from lorafit.model.quantization import keep_4bit_training_layout
 
     try:
         model = load_base_model(ModelConfig(path=base_path, dtype="fp32"), base_path, quant)

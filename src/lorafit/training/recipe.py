@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lorafit.callbacks import MetricsHistory, peak_memory
-from lorafit.checkpoint import (
+from lorafit.training.callbacks import MetricsHistory, peak_memory
+from lorafit.training.checkpoint import (
     CHECKPOINTS,
     check_resume,
     config_hash,
@@ -34,9 +34,9 @@ from lorafit.data import SplitStats, TokenizedDataset, prepare_data, use_configu
 from lorafit.data.collate import PadCollator
 from lorafit.data.packing import PackedCollator
 from lorafit.errors import LorafitError
-from lorafit.guards import NonFiniteGuard
-from lorafit.modeling import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
-from lorafit.quantization import (
+from lorafit.training.guards import NonFiniteGuard
+from lorafit.model.loading import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
+from lorafit.model.quantization import (
     PackedLayoutGuard,
     check_optimizer_available,
     check_precision_supported,
@@ -45,15 +45,15 @@ from lorafit.quantization import (
     prepare_for_kbit_training,
     require_bitsandbytes,
 )
-from lorafit.artifact import refuse_existing_version, write_final_artifact
-from lorafit.fingerprint import combined_digest
-from lorafit.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
-from lorafit.provenance import collect_metadata
-from lorafit.result import RESULT_FILE, completed_result, failed_result, new_job_id
-from lorafit.run_files import DONE_MARKER, claim_run_dir, write_atomic, write_json
-from lorafit.selection import BestMetric
-from lorafit.signals import StopRequest
-from lorafit.trainer import CheckpointSettings, LorafitTrainer
+from lorafit.artifact.publish import refuse_existing_version, write_final_artifact
+from lorafit.hashing import combined_digest
+from lorafit.artifact.integrity import BaseWeightCheck, require_adapter_changed, require_only_adapter_trainable
+from lorafit.artifact.provenance import collect_metadata
+from lorafit.artifact.result import RESULT_FILE, completed_result, failed_result, new_job_id
+from lorafit.run_folder import DONE_MARKER, claim_run_dir, write_atomic, write_json
+from lorafit.training.selection import BestMetric
+from lorafit.training.signals import StopRequest
+from lorafit.training.trainer import CheckpointSettings, LorafitTrainer
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "paged_adamw_8bit": "paged_adamw_8bit"}
 
@@ -452,7 +452,7 @@ def summarise_series(records: list[dict]) -> dict:
 
 def setup_generation_eval(config: Config, trainer, tokenizer, eval_rows: int):
     """The fixed eval sample answered for generation metrics; logs them every eval.generate_every evaluations."""
-    from lorafit.evaluate import GenerationEval, GenerationSettings, read_examples, spread_sample
+    from lorafit.evaluate.run import GenerationEval, GenerationSettings, read_examples, spread_sample
 
     e = config.eval
     if not eval_rows or not e.generate_samples:
@@ -467,7 +467,7 @@ def setup_generation_eval(config: Config, trainer, tokenizer, eval_rows: int):
 def compare_generation(model, tokenizer, generation) -> dict | None:
     if generation is None:
         return None
-    from lorafit.evaluate import compare_base_and_adapter
+    from lorafit.evaluate.run import compare_base_and_adapter
 
     return compare_base_and_adapter(model, tokenizer, *generation)
 
@@ -519,7 +519,7 @@ def write_results_and_report(run_dir: Path, config: Config, summary: dict, compa
     import peft
     import transformers
 
-    from lorafit.report import RESULTS_FILE, write_report
+    from lorafit.evaluate.report import RESULTS_FILE, write_report
 
     results = {
         **summary,
@@ -544,7 +544,7 @@ def merge_at_end(config: Config, adapter_dir: Path, run_dir: Path) -> dict:
     """With artifact.merge, the standalone merged model in <run>/merged (replacing an earlier one)."""
     if not config.artifact.merge:
         return {}
-    from lorafit.merge import merge_adapter
+    from lorafit.export.merge import merge_adapter
 
     report = merge_adapter(adapter_dir, run_dir / "merged", dtype=config.model.dtype, quant=config.quant, replace=True)
     return {"merged_dir": str(run_dir / "merged"),

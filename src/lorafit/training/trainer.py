@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lorafit import checkpoint as ckpt
-from lorafit.eval_isolation import IsolatedEvalTrainer
-from lorafit.guards import NonFiniteGuard
+from lorafit.training import checkpoint as ckpt
+from lorafit.training.eval_isolation import IsolatedEvalTrainer
+from lorafit.training.guards import NonFiniteGuard
 
 
 @dataclass

@@ -1,0 +1,198 @@
+"""Commands that take a finished adapter or run: verify, eval, report, merge, generate, chat."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lorafit.errors import LorafitError
+
+from lorafit.cli.app import AllowPickle, _fail, _quiet_libraries, app
+
+
+@app.command()
+def verify(
+    artifact_dir: Path = typer.Argument(..., help="A final_artifact folder."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Also check the adapter against this base model folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    allow_pickle: bool = AllowPickle,
+) -> None:
+    """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base. Exit 0 or 1."""
+    import json
+
+    from lorafit.artifact.verify import verify_artifact
+
+    report = verify_artifact(artifact_dir, base, allow_pickle=allow_pickle)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for warning in report.warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+        if report.ok:
+            checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
+            typer.secho(f"OK {artifact_dir} ({checked})", fg=typer.colors.GREEN)
+        else:
+            typer.secho(f"FAILED {artifact_dir}: {len(report.problems)} problem(s)", fg=typer.colors.RED, err=True)
+            for problem in report.problems:
+                typer.echo(f"  {problem}", err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+
+@app.command("eval")
+def eval_command(
+    data: List[Path] = typer.Option(..., "--data", help="Held-out data file (repeatable; each file is a source)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder, or a finished run folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base without the adapter, with deltas."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per forward pass."),
+    max_seq_length: int = typer.Option(1024, "--max-seq-length", min=1, help="Longer examples are truncated for the loss."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data."""
+    _quiet_libraries()
+    from lorafit.evaluate import metrics as metric_defs
+    from lorafit.evaluate.run import run_eval
+
+    chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
+    try:
+        result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length)
+    except LorafitError as error:
+        _fail(error)
+        return
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
+        return
+    from lorafit.evaluate.run import format_eval
+
+    typer.echo(format_eval(result))
+
+
+@app.command("report")
+def report_command(run_dir: Path = typer.Argument(..., help="A run folder (train.output_dir).")) -> None:
+    """Rebuild RUN_DIR/report.html from the run's metrics files."""
+    from lorafit.evaluate.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.echo(f"wrote {path}")
+
+
+
+@app.command()
+def merge(
+    artifact_dir: Path = typer.Argument(..., help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create for the merged model (must not exist, or be empty)."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights on disk: bf16, fp16 or fp32."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
+) -> None:
+    """Merge an adapter into a full-precision reload of its base: a standalone model with checks and checksums."""
+    _quiet_libraries()
+    from lorafit.export.merge import merge_adapter
+
+    try:
+        report = merge_adapter(artifact_dir, out, dtype=dtype, base=base, echo=typer.echo)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.secho(f"merged model written to {out.resolve()}", fg=typer.colors.GREEN)
+    typer.echo(f"  logits vs adapter-on-base  max {report['max_abs_logit_diff']:.3g}  mean {report['mean_abs_logit_diff']:.3g}"
+               f"  (tolerance {report['tolerance']:g} for {report['dtype']})")
+    gap = report.get("quantization_gap")
+    if gap and "max_abs_logit_diff" in gap:
+        typer.echo(f"  quantization gap (adapter on {gap['quant']['bits']}-bit base vs merged reference)  "
+                   f"max {gap['max_abs_logit_diff']:.3g}  mean {gap['mean_abs_logit_diff']:.3g}")
+
+
+def _generator(adapter: Optional[Path], model: Optional[Path], base: Optional[Path], dtype: str):
+    from lorafit.evaluate.generate import check_dtype, load_generator
+
+    return load_generator(adapter=adapter, model=model, base=base, dtype=check_dtype(dtype))
+
+
+AdapterOption = typer.Option(None, "--adapter", help="Adapter folder, run on its base.")
+ModelOption = typer.Option(None, "--model", help="Standalone model folder (e.g. from `lorafit merge`).")
+BaseOption = typer.Option(None, "--base", help="With --adapter: base model folder (default: from adapter_config.json).")
+DtypeOption = typer.Option("fp32", "--dtype", help="Precision to run in: fp32, bf16 or fp16.")
+
+
+@app.command()
+def generate(
+    adapter: Optional[Path] = AdapterOption,
+    model: Optional[Path] = ModelOption,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One user message."),
+    file: Optional[Path] = typer.Option(None, "--file", help='JSONL of {"prompt": ...} or {"messages": [...]}; prints JSONL.'),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+    base: Optional[Path] = BaseOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Reply to a prompt (or each line of a file) with the chat template; stops at the end-of-turn token."""
+    _quiet_libraries()
+    import json
+
+    from lorafit.evaluate.generate import read_prompts
+
+    try:
+        if (prompt is None) == (file is None):
+            raise LorafitError("give exactly one of --prompt TEXT or --file prompts.jsonl")
+        conversations = read_prompts(file) if file is not None else [[{"role": "user", "content": prompt}]]
+        generator = _generator(adapter, model, base, dtype)
+        for messages in conversations:
+            reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            if file is None:
+                typer.echo(reply["text"])
+            else:
+                typer.echo(json.dumps({"messages": messages, "response": reply["text"],
+                                       "stopped_at_end_of_turn": reply["stopped_at_end_of_turn"]}, ensure_ascii=False))
+    except LorafitError as error:
+        _fail(error)
+
+
+@app.command()
+def chat(
+    adapter: Optional[Path] = AdapterOption,
+    model: Optional[Path] = ModelOption,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message for the conversation."),
+    base: Optional[Path] = BaseOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Interactive chat: one line per user turn; the conversation is kept; /exit or end of input ends it."""
+    _quiet_libraries()
+    try:
+        generator = _generator(adapter, model, base, dtype)
+    except LorafitError as error:
+        _fail(error)
+        return
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            typer.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        messages.append({"role": "assistant", "content": reply["text"]})
+        typer.echo(reply["text"])
+
+

@@ -1,0 +1,60 @@
+"""The typer app, its sub-apps and what every command shares: loading a config, failing cleanly, quieting
+library chatter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lorafit import __version__
+from lorafit.errors import LorafitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune causal language models with LoRA adapters from one YAML file.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Check and print configs.")
+app.add_typer(config_app, name="config")
+data_app = typer.Typer(no_args_is_help=True, help="Look at what the data layer makes of a config's data.")
+app.add_typer(data_app, name="data")
+
+SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable).")
+
+
+def _fail(error: LorafitError) -> None:
+    typer.secho(f"error: {error.render()}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars while writing shards, advisory warnings) hides lorafit's own lines."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(config: Optional[Path], overrides: Optional[List[str]]):
+    from lorafit.config import default_config_path, load_config
+
+    return load_config(config or default_config_path(), overrides or [])
+
+
+
+@app.callback(invoke_without_command=True)
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"lorafit {__version__}")
+        raise typer.Exit(0)
+
+
+AllowPickle = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin/.pt) weights. They can run code: trusted files only.")
+
+

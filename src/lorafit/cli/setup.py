@@ -1,0 +1,84 @@
+"""Commands that prepare a run: config validate/show, data inspect, init-tiny-model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lorafit.errors import LorafitError
+
+from lorafit.cli.app import SetOption, _fail, _load, _quiet_libraries, app, config_app, data_app
+
+
+@config_app.command("validate")
+def config_validate(config: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
+    """Exit 0 if CONFIG is valid, 1 with every problem listed if not."""
+    try:
+        _load(config, overrides)
+    except LorafitError as error:
+        _fail(error)
+    typer.echo(f"{config}: valid")
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Argument(None, help="Config file. Omitted: the bundled quickstart."),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Print the resolved config (every default filled in, paths resolved) as YAML."""
+    try:
+        typer.echo(_load(config, overrides).to_yaml(), nl=False)
+    except LorafitError as error:
+        _fail(error)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: Path = typer.Argument(..., help="Config file."),
+    overrides: Optional[List[str]] = SetOption,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of text."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-read and re-tokenise instead of using the cache."),
+) -> None:
+    """Per source: rows, skips, token lengths, supervision, padding; the audit; one example with trained tokens
+    marked. Exit 1 if the data is invalid or the audit fails (as `lorafit train` would)."""
+    _quiet_libraries()
+    import json
+
+    from lorafit.data.inspect import build_report, render_text
+    from lorafit.model.loading import load_tokenizer, resolve_model_path
+
+    try:
+        cfg = _load(config, overrides)
+        tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+        report = build_report(cfg, tokenizer, use_cache=not no_cache)
+    except LorafitError as error:
+        _fail(error)
+        return
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(render_text(report, colour=sys.stdout.isatty()))
+    if report["audit"] and report["audit_enforced"]:
+        raise typer.Exit(1)
+
+
+@app.command("init-tiny-model")
+def init_tiny_model(
+    out_dir: Path = typer.Argument(..., help="Folder to create."),
+    seed: int = typer.Option(0, help="Weights and tokenizer are a pure function of this seed."),
+) -> None:
+    """Write the embedded tiny Llama model and its BPE tokenizer (with chat template) to OUT_DIR."""
+    _quiet_libraries()
+    from lorafit.model.tiny import write_tiny_model
+
+    try:
+        written = write_tiny_model(out_dir, seed=seed)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.echo(f"wrote tiny model and tokenizer to {written}")
+
+

@@ -1,0 +1,1 @@
+"""Exports of a finished adapter: a standalone merged model. May use every package below train."""

@@ -1,0 +1,86 @@
+"""The package layout is a rule, not a habit: imports point down the stages of a run, with no cycle.
+
+Layers (a module may import its own package and any lower layer, never a higher one):
+    errors, hashing, run_folder, config  <  data  <  model  <  evaluate  <  artifact  <  export  <  training  <  cli
+Function-level (lazy) imports count too: a lazy import upwards is still a dependency upwards.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lorafit"
+LAYERS = [
+    {"errors", "hashing", "run_folder", "config"},
+    {"data"},
+    {"model"},
+    {"evaluate"},
+    {"artifact"},
+    {"export"},
+    {"training"},
+    {"cli", "__init__", "__main__"},
+]
+MAX_LINES = 400
+
+
+def _layer(unit: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if unit in names)
+
+
+def _unit(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level lorafit units imported anywhere in ``path`` (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] == "lorafit":
+                if len(parts) > 1:
+                    found.add(parts[1])
+                else:  # from lorafit import x
+                    found.update(alias.name for alias in node.names if (PACKAGE / alias.name).exists()
+                                 or (PACKAGE / f"{alias.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "lorafit" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down_the_layers(path):
+    unit = _unit(path)
+    upward = sorted(u for u in _imports(path) - {unit} if _layer(u) > _layer(unit))
+    assert not upward, f"{path.relative_to(PACKAGE)} ({unit}, layer {_layer(unit)}) imports higher layers: {upward}"
+
+
+def test_every_unit_has_a_layer_and_every_package_says_what_it_owns():
+    units = {_unit(p) for p in MODULES}
+    unknown = sorted(u for u in units if not any(u in layer for layer in LAYERS))
+    assert not unknown, f"add these to LAYERS (and docs/design.md): {unknown}"
+    for package in (p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and ("may use" in doc.lower() or "bottom layer" in doc.lower()), \
+            f"{package.name}/__init__.py must open with what it owns and which packages it may use"
+
+
+def test_no_module_is_over_the_size_limit():
+    too_long = {str(p.relative_to(PACKAGE)): n for p in MODULES
+                if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not too_long, f"split these modules (limit {MAX_LINES} lines): {too_long}"
+
+
+def test_hashlib_is_used_in_one_module_only():
+    users = sorted(str(p.relative_to(PACKAGE)) for p in MODULES if "hashlib" in p.read_text(encoding="utf-8"))
+    assert users == ["hashing.py"], f"every sha256 goes through lorafit.hashing; also found in {users}"

@@ -94,7 +94,7 @@ class QuantConfig(Section):
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
 FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
-               "system", "history", "prompt", "completion", "response", "text")
+               "system", "history", "prompt", "completion", "response", "text", "tools", "part_text")
 
 
 class DataSource(Section):
@@ -138,6 +138,9 @@ class DataConfig(Section):
     )
     chat_template: str | None = Field(None, description="Inline Jinja chat template; replaces the tokenizer's.")
     chat_template_file: str | None = Field(None, description="A Jinja chat template file (relative to the config file).")
+    system_turn: Literal["keep", "merge_into_first_user", "drop"] = Field(
+        "keep", description="A system message, for templates without a system role: keep it, put it before the first user message, or drop it."
+    )
     order: Literal["shuffle", "curriculum"] = Field("shuffle", description="Training order: shuffled, or curriculum (ascending).")
     curriculum_field: str | None = Field(None, description="Numeric row field curriculum sorts by; null = token length (shortest first).")
     mix_examples: int | None = Field(None, gt=0, description="Size of a weighted mix; default the sum of the sources' sizes.")

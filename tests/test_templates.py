@@ -128,6 +128,14 @@ def test_system_turn_policy_for_templates_without_a_system_role(tmp_path, policy
     assert tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX]) == "Hello.<end_of_turn>"
 
 
+def test_system_turn_is_part_of_the_cache_key(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [conversation("Hi", "Hello.", system="Be brief.")])
+    kept = load_source(DataSource(path=str(path)), tiny_tokenizer, _data(), use_cache=True).examples[0]
+    dropped = load_source(DataSource(path=str(path)), tiny_tokenizer, _data(system_turn="drop"), use_cache=True).examples[0]
+    assert "Be brief." in tiny_tokenizer.decode(kept.input_ids)
+    assert "Be brief." not in tiny_tokenizer.decode(dropped.input_ids)
+
+
 def test_template_using_a_missing_bos_token_names_the_row(tmp_path):
     tokenizer, _ = family("llama3")
     tokenizer.bos_token = None

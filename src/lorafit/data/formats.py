@@ -209,6 +209,8 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, to_role, expected,
             message = {"role": "assistant", "content": "", "tool_calls": _calls(_parsed(message["content"], place), place)}
         elif calls:
             message["tool_calls"] = _calls(calls, place)
+        if role == "tool":  # some templates print which call a result answers (Mistral's needs the id)
+            message |= {key: turn[key] for key in ("tool_call_id", "name") if isinstance(turn.get(key), str)}
         messages.append(message)
     return messages
 
@@ -231,7 +233,8 @@ def _calls(calls: object, place: str) -> list[dict]:
             raise RowError("wrong_type", f'{place}: a tool call must be an object with a "name" (and "arguments")')
         arguments = function.pop("parameters", function.get("arguments", {}))
         function["arguments"] = _parsed(arguments, place) if isinstance(arguments, str) else arguments
-        result.append({"type": "function", "function": {"name": function["name"], "arguments": function["arguments"]}})
+        result.append({"type": "function", "function": {"name": function["name"], "arguments": function["arguments"]}}
+                      | ({"id": call["id"]} if isinstance(call.get("id"), str) else {}))
     return result
 
 

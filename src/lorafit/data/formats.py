@@ -177,7 +177,8 @@ def _content_text(content: object, place: str, part_key: str = "text") -> str:
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind != "text":
-                raise RowError("wrong_type", f'{place}.content[{j}] is {kind!r}; only {{"type": "text", "{part_key}": ...}} parts are supported')
+                raise RowError("wrong_type", f'{place}.content[{j}] is {kind!r}; '
+                               f'only {{"type": "text", "{part_key}": ...}} parts are supported')
             if not isinstance(part.get(part_key), str):
                 keys = ", ".join(map(str, part))
                 other = next((k for k in part if k != "type" and isinstance(part[k], str)), None)
@@ -303,7 +304,10 @@ def check_messages(messages: list[dict]) -> tuple[str, str] | None:
         if not content.strip() and not message.get("tool_calls"):
             what = "an empty assistant turn: there is nothing to learn from it" if role == "assistant" else f"an empty {role} turn"
             return "empty_field", f"message {i} is {what}"
-        expected = {"user": "assistant", "tool": "tool_or_assistant"}.get(role) or ("tool" if message.get("tool_calls") else "user")
+        if role == "assistant":
+            expected = "tool" if message.get("tool_calls") else "user"
+        else:
+            expected = "assistant" if role == "user" else "tool_or_assistant"
     if expected == "tool":
         return "role_order", "the last tool call has no tool result after it"
     if not any(m["role"] == "assistant" for m in messages):
@@ -314,7 +318,8 @@ def check_messages(messages: list[dict]) -> tuple[str, str] | None:
 def _order_problem(i: int, message: dict, expected: str, *, first: bool) -> str | None:
     role = message["role"]
     if role == "tool":
-        return None if expected in ("tool", "tool_or_assistant") else f"message {i} is a tool result that follows no tool call"
+        ok = expected in ("tool", "tool_or_assistant")
+        return None if ok else f"message {i} is a tool result that follows no tool call"
     if expected == "tool":
         return f"message {i} follows a tool call but is a {role} turn, not the tool's result"
     if role == "assistant" and expected in ("assistant", "tool_or_assistant"):

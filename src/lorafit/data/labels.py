@@ -23,6 +23,7 @@ from lorafit.data.templates import check_tools_rendered, has_tool_parts, render
 from lorafit.errors import LorafitError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+_END_OF_TURN: dict[tuple, str | None] = {}
 _PROBE = ({"role": "user", "content": "lorafit-probe-question"}, {"role": "assistant", "content": "lorafit-probe-answer"})
 
 
@@ -74,13 +75,17 @@ def end_of_turn_token(tokenizer, specials: list[str]) -> str | None:
     Tool-call turns have no content to search after, and some templates put other special tokens inside a turn
     (``<tool_call>``), so the end is the first occurrence of THIS token, not of any special token.
     """
-    try:
-        text = render(tokenizer, _PROBE, add_generation_prompt=False)
-    except RowError:
-        return None
-    answer = text.find(_PROBE[1]["content"])
-    found = _first_special(text, answer + len(_PROBE[1]["content"]), specials) if answer >= 0 else None
-    return text[found[0] : found[1]] if found else None
+    # What the probe renders to depends only on the template and the special tokens: computed once per pair.
+    key = (tokenizer.chat_template, repr(tokenizer.special_tokens_map), tuple(specials))
+    if key not in _END_OF_TURN:
+        try:
+            text = render(tokenizer, _PROBE, add_generation_prompt=False)
+        except RowError:
+            text = ""
+        answer = text.find(_PROBE[1]["content"])
+        found = _first_special(text, answer + len(_PROBE[1]["content"]), specials) if answer >= 0 else None
+        _END_OF_TURN[key] = text[found[0] : found[1]] if found else None
+    return _END_OF_TURN[key]
 
 
 def _end_of_answer(segment: str, content: str, specials: list[str], end_of_turn: str | None = None) -> int:

@@ -114,7 +114,7 @@ def _answer_start(prompt: str, upto: str) -> tuple[int, bool]:
     """Where the answer starts in ``upto`` (the conversation through this turn), and whether the generation
     prompt is an exact prefix. A prompt that differs only in whitespace (a template file with indentation and a
     newline after ``{{ ... }}`` lines) is matched character by character ignoring whitespace; any other difference
-    means the template renders history differently once the conversation goes on (None)."""
+    means the template renders history differently once the conversation goes on (-1)."""
     if upto.startswith(prompt):
         return len(prompt), True
     i = 0
@@ -180,6 +180,9 @@ def tokenize_conversation(tokenizer, messages, *, train_on: str = "all_assistant
     The template supplies BOS and the like as text, so no special tokens are added here.
     """
     full, spans = supervised_spans(tokenizer, messages, train_on=train_on, tools=tools)
+    if train_on == "all":  # every token: no offsets needed (a slow tokenizer can do this too)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        return TokenizedExample(ids, list(ids))
     try:
         encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:  # a Python (slow) tokenizer has no character offsets
@@ -196,8 +199,6 @@ def tokenize_conversation(tokenizer, messages, *, train_on: str = "all_assistant
             if _overlaps(token, span):
                 supervised[k] = True
                 first = k if first is None else first
-        if train_on == "all":
-            continue
         if not any(full[span.start : span.end].endswith(token) for token in specials):
             unterminated += 1
         if not span.prompt_exact:

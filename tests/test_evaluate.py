@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from lorafit import load_config, train
 from lorafit.errors import LorafitError
-from lorafit.evaluate.run import GenerationSettings, generate_answers, read_examples, run_eval
+from lorafit.evaluate.examples import read_examples
+from lorafit.evaluate.run import run_eval
+from lorafit.evaluate.scoring import GenerationSettings, generate_answers
 from lorafit.evaluate.report import write_report
 from test_cli import lorafit
 

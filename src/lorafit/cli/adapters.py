@@ -45,14 +45,16 @@ def verify(
 @app.command("eval")
 def eval_command(
     data: List[Path] = typer.Option(..., "--data", help="Held-out data file (repeatable; each file is a source)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder, or a finished run folder."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base without the adapter, with deltas."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per forward pass."),
-    max_seq_length: int = typer.Option(1024, "--max-seq-length", min=1, help="Longer examples are truncated for the loss."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, help="Loss tokenisation: longest example (default: the adapter's data.max_seq_length, else 1024)."),
+    truncation: Optional[str] = typer.Option(None, "--truncation", help="Loss tokenisation: drop or truncate longer examples (default: the adapter's data.truncation, else truncate)."),
+    train_on: Optional[str] = typer.Option(None, "--train-on", help="Loss tokenisation: all_assistant, last_assistant or all (default: the adapter's data.train_on)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
     """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data."""
@@ -62,8 +64,11 @@ def eval_command(
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
     try:
+        _check_choice("--truncation", truncation, ("drop", "truncate"))
+        _check_choice("--train-on", train_on, ("all_assistant", "last_assistant", "all"))
         result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length)
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
+                          train_on=train_on, truncation=truncation)
     except LorafitError as error:
         _fail(error)
         return
@@ -75,6 +80,11 @@ def eval_command(
     from lorafit.evaluate.run import format_eval
 
     typer.echo(format_eval(result))
+
+
+def _check_choice(option: str, value: Optional[str], choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise LorafitError(f"{option} {value}: unknown", fix=f"use one of {', '.join(choices)}")
 
 
 @app.command("report")
@@ -93,7 +103,7 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder (train
 
 @app.command()
 def merge(
-    artifact_dir: Path = typer.Argument(..., help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    artifact_dir: Path = typer.Argument(..., help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
     out: Path = typer.Option(..., "--out", help="Folder to create for the merged model (must not exist, or be empty)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights on disk: bf16, fp16 or fp32."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
@@ -122,7 +132,7 @@ def _generator(adapter: Optional[Path], model: Optional[Path], base: Optional[Pa
     return load_generator(adapter=adapter, model=model, base=base, dtype=check_dtype(dtype))
 
 
-AdapterOption = typer.Option(None, "--adapter", help="Adapter folder, run on its base.")
+AdapterOption = typer.Option(None, "--adapter", help="A run folder, an artifact folder or a PEFT adapter folder, run on its base.")
 ModelOption = typer.Option(None, "--model", help="Standalone model folder (e.g. from `lorafit merge`).")
 BaseOption = typer.Option(None, "--base", help="With --adapter: base model folder (default: from adapter_config.json).")
 DtypeOption = typer.Option("fp32", "--dtype", help="Precision to run in: fp32, bf16 or fp16.")

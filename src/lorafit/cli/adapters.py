@@ -13,14 +13,20 @@ from lorafit.errors import LorafitError
 from lorafit.cli.app import AllowPickle, _fail, _quiet_libraries, app
 
 
+# `lorafit verify` exit codes: 0 verified, 1 a problem found, 3 no problem found but integrity not provable
+# (no checksums.json). 2 is left to typer's usage errors.
+VERIFY_EXIT = {"ok": 0, "failed": 1, "unproven": 3}
+
+
 @app.command()
 def verify(
-    artifact_dir: Path = typer.Argument(..., help="A final_artifact folder."),
+    artifact_dir: Path = typer.Argument(..., help="A final_artifact folder, a run folder (its newest final artifact) or a PEFT adapter folder."),
     base: Optional[Path] = typer.Option(None, "--base", help="Also check the adapter against this base model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     allow_pickle: bool = AllowPickle,
 ) -> None:
-    """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base. Exit 0 or 1."""
+    """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base.
+    Exit 0 verified, 1 a problem found, 3 no problem found but no checksums.json to prove the files."""
     import json
 
     from lorafit.artifact.verify import verify_artifact
@@ -31,14 +37,20 @@ def verify(
     else:
         for warning in report.warnings:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-        if report.ok:
-            checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
-            typer.secho(f"OK {artifact_dir} ({checked})", fg=typer.colors.GREEN)
+        checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
+        if report.status == "ok":
+            typer.secho(f"OK {report.artifact} ({checked})", fg=typer.colors.GREEN)
+        elif report.status == "unproven":
+            typer.secho(f"PASSED, INTEGRITY NOT PROVEN {report.artifact}", fg=typer.colors.YELLOW)
+            typer.echo(f"  passed: {checked} (safetensors headers, finite values, names and shapes vs "
+                       "adapter_config.json" + (", shapes vs the base" if base is not None else "") + ")")
+            for reason in report.unproven:
+                typer.echo(f"  not proven: {reason}")
         else:
-            typer.secho(f"FAILED {artifact_dir}: {len(report.problems)} problem(s)", fg=typer.colors.RED, err=True)
+            typer.secho(f"FAILED {report.artifact}: {len(report.problems)} problem(s)", fg=typer.colors.RED, err=True)
             for problem in report.problems:
                 typer.echo(f"  {problem}", err=True)
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(VERIFY_EXIT[report.status])
 
 
 

@@ -62,8 +62,11 @@ def find_adapter_dir(path: str | Path) -> Path:
             named = Path(json.loads(summary.read_text(encoding="utf-8")).get("adapter_dir") or "")
         except (json.JSONDecodeError, AttributeError):
             named = Path()
-        if str(named) not in ("", ".") and (named / ADAPTER_CONFIG).is_file():
-            return named
+        if str(named) not in ("", "."):
+            # A copied or moved run folder still names the old place: its own artifact of that name is meant.
+            here = named if named.is_relative_to(path) else path / named.parent.name / named.name
+            if (here / ADAPTER_CONFIG).is_file():
+                return here
     artifacts = [p for p in path.glob(_FINAL_ARTIFACTS) if (p / ADAPTER_CONFIG).is_file()] if path.is_dir() else []
     if artifacts:
         # A run folder moved since training (its summary names the old place), or one whose run has not finished

@@ -14,12 +14,12 @@ from transformers import TrainerCallback
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.evaluate import metrics as M
-from lorafit.evaluate.examples import EvalExample, as_source, read_examples, spread_sample
+from lorafit.evaluate.examples import EvalExample, as_source, read_examples, run_examples, spread_sample
 from lorafit.evaluate.loss import LossSettings
 from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
 
 __all__ = ["GenerationEval", "GenerationSettings", "compare_base_and_adapter", "format_eval", "read_examples",
-           "run_eval", "spread_sample"]
+           "run_eval", "setup_generation_eval", "spread_sample"]
 
 
 # ---------------------------------------------------------------------------------------------- `lorafit eval`
@@ -107,6 +107,22 @@ class GenerationEval(TrainerCallback):
         values = {f"eval_{name}": v["value"] for name, v in aggregated.items() if v["value"] is not None}
         if values:
             self.trainer.log(values)
+
+
+def setup_generation_eval(config, trainer, tokenizer, eval_split) -> tuple[list[EvalExample], GenerationSettings] | None:
+    """The fixed eval sample answered for generation metrics (``data.eval`` sources with their format, fields and
+    task_prefix, and the rows ``data.eval_fraction`` held out); logs them every ``eval.generate_every`` evaluations.
+
+    ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``). None when nothing is answered.
+    """
+    e = config.eval
+    if not eval_split or not e.generate_samples:
+        return None
+    settings = GenerationSettings.from_eval_config(e, e.batch_size or config.train.batch_size)
+    examples = spread_sample(run_examples(config.data, eval_split, e.citation_pattern), e.generate_samples)
+    if e.generate_every:
+        trainer.add_callback(GenerationEval(trainer, tokenizer, examples, settings, e.generate_every))
+    return examples, settings
 
 
 def compare_base_and_adapter(model, tokenizer, examples: list[EvalExample], settings: GenerationSettings,

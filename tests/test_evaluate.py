@@ -251,3 +251,20 @@ def test_generation_examples_keep_source_fields_and_held_out_rows(tmp_path, tiny
     # A bare path (what the recipe passed before) cannot read the mapped file: that was the failure after model load.
     with pytest.raises(LorafitError, match="cannot tell the data format"):
         read_examples([str(mapped)])
+
+
+def test_a_run_with_a_field_mapped_eval_source_and_held_out_rows_answers_both(tmp_path, tiny_model_dir):
+    """Before: generation eval re-read the eval source as a bare path and failed after the model had loaded."""
+    train_rows = write_jsonl(tmp_path / "train.jsonl", [_two_turns(i) for i in range(12)])
+    mapped = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"Say {i}", "a": f"{i} {i}"} for i in range(3)])
+    result = train(load_config({
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(train_rows), "eval_fraction": 0.25}],
+                 "eval": [{"path": str(mapped), "format": "prompt_completion", "fields": {"prompt": "q", "completion": "a"}}],
+                 "max_seq_length": 96},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4, "seed": 3},
+        "eval": {"every": None, "at_start": False, "max_new_tokens": 4},  # generate_samples: its default, 16
+    }))
+    comparison = json.loads((result.run_dir / "training_results.json").read_text())["generation"]
+    assert comparison["examples"] == 3 + 3  # the mapped file's rows and the 3 held-out training rows
+    assert [s["prompt"] for s in comparison["samples"][:3]] == ["Say 0", "Say 1", "Say 2"]

@@ -29,9 +29,28 @@ def resolve_model_path(model: ModelConfig) -> str:
                 fix="point model.path at the folder save_pretrained() wrote",
             )
         return str(path)
+    if path.is_file():
+        raise _not_a_model_folder(path)
     if path.is_absolute() or model.path.startswith("."):
         raise LorafitError(f"{model.path}: model folder not found", fix="check model.path (relative paths start at the config file's folder)")
     return model.path  # a hub-style name: only the local Hugging Face cache is consulted (local_files_only)
+
+
+def _not_a_model_folder(path: Path) -> LorafitError:
+    """model.path names a file: a GGUF (llama.cpp) file gets its own answer, it is the common case."""
+    if path.suffix.lower() == ".gguf":
+        return LorafitError(
+            f"{path}: a GGUF file; GGUF bases are not supported for training",
+            why="lorafit trains on a Hugging Face model folder (config.json + *.safetensors); GGUF holds llama.cpp's "
+            "quantized inference weights, which LoRA training cannot update through",
+            fix="set model.path to the Hugging Face folder the GGUF was made from (or convert it back to one), "
+            "and use quant.bits for a quantized base",
+        )
+    return LorafitError(
+        f"{path}: a file, not a model folder",
+        why="model.path names the folder save_pretrained() wrote (config.json, *.safetensors, tokenizer files)",
+        fix="point model.path at that folder",
+    )
 
 
 def _local_only(fn, name: str, **kwargs):

@@ -143,7 +143,9 @@ def _train(config: Config, run_dir: Path, started: float, *, overwrite, republis
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run_dir,
                             [history, best, stop, *guards, *extra_callbacks],
                             identity=identity, resume_from=resume_from, forced_resumes=forced)
-    generation = setup_generation_eval(config, trainer, tokenizer, len(eval_data))
+    from lorafit.evaluate.run import setup_generation_eval
+
+    generation = setup_generation_eval(config, trainer, tokenizer, prepared.eval_examples)
     trainer.callback_handler.callbacks.remove(history)  # first, so trackers log the values it derives (see on_log)
     trainer.callback_handler.callbacks.insert(0, history)
     if resume_from is not None:
@@ -448,20 +450,6 @@ def summarise_series(records: list[dict]) -> dict:
         best_step, best_value = pick(points, key=lambda p: p[1])
         out[key] = {"first": points[0][1], "final": points[-1][1], "best": best_value, "best_step": best_step}
     return out
-
-
-def setup_generation_eval(config: Config, trainer, tokenizer, eval_rows: int):
-    """The fixed eval sample answered for generation metrics; logs them every eval.generate_every evaluations."""
-    from lorafit.evaluate.run import GenerationEval, GenerationSettings, read_examples, spread_sample
-
-    e = config.eval
-    if not eval_rows or not e.generate_samples:
-        return None
-    settings = GenerationSettings.from_eval_config(e, e.batch_size or config.train.batch_size)
-    examples = spread_sample(read_examples([s.path for s in config.data.eval], e.citation_pattern), e.generate_samples)
-    if e.generate_every:
-        trainer.add_callback(GenerationEval(trainer, tokenizer, examples, settings, e.generate_every))
-    return examples, settings
 
 
 def compare_generation(model, tokenizer, generation) -> dict | None:

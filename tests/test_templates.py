@@ -7,6 +7,8 @@ generation prompt tokenises to exactly the tokens before its answer.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import conversation, write_jsonl
 from fixtures_tokenizers import CHATML, CHATML_FILE, FAMILIES, family, with_template
@@ -200,3 +202,27 @@ def test_plain_chatml_is_unchanged_by_whole_text_tokenisation():
               "<|im_start|>assistant\n", '{"name": "Ana Lopez", "age": 34}<|im_end|>',
               "\n<|im_start|>user\nAnd her city?<|im_end|>\n<|im_start|>assistant\n", "Lisbon.<|im_end|>", "\n"]
     assert example.input_ids == [t for p in pieces for t in tokenizer(p, add_special_tokens=False)["input_ids"]]
+
+
+def test_eval_prompts_follow_system_turn_and_a_refusing_template_is_a_clear_error(tmp_path):
+    """Generation (eval, generate, chat) renders prompts as training did: data.system_turn applies to eval examples,
+    and a template that raises is a LorafitError with its own message, not a jinja2 traceback."""
+    from lorafit.config import DataConfig
+    from lorafit.errors import LorafitError
+    from lorafit.evaluate.examples import run_examples
+    from lorafit.evaluate.generate import render_prompt
+
+    tokenizer, _ = family("gemma")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    train = tmp_path / "train.jsonl"
+    train.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(LorafitError, match="System role not supported"):
+        render_prompt(tokenizer, rows[0]["messages"][:2])
+    data = DataConfig(train=[{"path": str(train)}], eval=[{"path": str(path)}], system_turn="merge_into_first_user")
+    (example,) = run_examples(data, [])
+    assert [m["role"] for m in example.prompt] == ["user"]
+    assert example.prompt[0]["content"].startswith("Be brief.") and example.prompt[0]["content"].endswith("Hi")
+    assert "Be brief." in render_prompt(tokenizer, example.prompt)

@@ -6,13 +6,14 @@ training; the held-out part of a training source (``data.eval_fraction``) is fou
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
 from lorafit.config import DataConfig, DataSource
 from lorafit.data.formats import Record
 from lorafit.data.sources import read_records
+from lorafit.data.templates import apply_system_turn
 from lorafit.errors import LorafitError
 from lorafit.evaluate import metrics as M
 
@@ -103,8 +104,10 @@ def run_examples(data: DataConfig, eval_split, citation_pattern: str = M.DEFAULT
 
     ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``); their places select the held-out rows.
     """
-    return read_examples(data.eval, citation_pattern) + held_out_examples(
+    examples = read_examples(data.eval, citation_pattern) + held_out_examples(
         data.train, (e.where for e in eval_split), citation_pattern)
+    # Prompts must be rendered as training rendered them: a template without a system role needs the same policy.
+    return [replace(e, prompt=apply_system_turn(e.prompt, data.system_turn)) for e in examples]
 
 
 def spread_sample(items: list, count: int) -> list:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
-from lorafit.data.labels import render
+from lorafit.data.formats import RowError
+from lorafit.data.templates import render
 from lorafit.errors import LorafitError
 from lorafit.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_model_path
 
@@ -42,7 +43,11 @@ def render_prompt(tokenizer, messages) -> str:
             why="lorafit generates chat turns exactly as they were formatted in training",
             fix="use a model folder (or adapter folder) whose tokenizer_config.json has a chat_template",
         )
-    return render(tokenizer, messages, add_generation_prompt=True)
+    try:
+        return render(tokenizer, messages, add_generation_prompt=True)
+    except RowError as error:
+        raise LorafitError(error.message, fix="give the conversation in a form the template accepts (data.system_turn "
+                           "merges or drops a system turn for templates without a system role)") from None
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:

@@ -50,6 +50,16 @@ class ModelConfig(Section):
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision the base weights load in.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped in the model folder. Off: it is code execution.")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager"] = Field(
+        "auto",
+        description="Attention kernel. 'auto': flash-attention 3 or 2 where installed and the GPU and dtype allow "
+        "(bf16/fp16), else sdpa. Every choice keeps packed examples apart; flex_attention cannot train on a CPU.",
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused Triton kernels (liger-kernel: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy). 'auto': "
+        "on with CUDA and the package installed (pip install 'lorafit[liger]'); 'liger' without them is an error.",
+    )
 
     @field_validator("path")
     @classmethod

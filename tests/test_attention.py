@@ -116,6 +116,7 @@ def test_packed_row_equals_examples_one_by_one_through_lorafit_loading(tiny_mode
     _assert_packed_equals_alone(model, tiny_tokenizer, 1e-5)
 
 
+@pytest.mark.slow
 def test_flex_attention_keeps_packed_examples_apart_on_a_cpu(tiny_model_dir):
     """Forward only: torch's FlexAttention has no CPU backward (which is why lorafit refuses it for CPU training).
     Compiled, its first forward took ~2 minutes on 2 cores; with TorchDynamo off (a fresh process: the switch is

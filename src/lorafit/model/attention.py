@@ -22,7 +22,6 @@ import torch
 
 from lorafit.errors import LorafitError
 
-CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager")
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -70,7 +69,7 @@ def unavailable_reason(choice: str, dtype: torch.dtype, machine: Machine) -> str
         if machine.capability[0] != 9:
             return "flash-attention 3 runs on Hopper GPUs only (H100/H200, compute capability 9.x)"
         return None if _flash_3_installed() else "the flash-attn-3 package (flash_attn_interface) is not installed"
-    raise ValueError(choice)  # the config schema only lets CHOICES through
+    raise ValueError(choice)  # the config schema only lets the choices above through
 
 
 def resolve_attention(requested: str, dtype: torch.dtype, machine: Machine | None = None) -> str:

@@ -1,6 +1,6 @@
 """Fused training kernels: ``model.kernels`` (liger-kernel, an optional extra: ``pip install 'lorafit[liger]'``).
 
-With liger on, the base model's RMSNorm, SwiGLU MLP and RoPE run as Triton kernels and the loss is a fused
+With liger on, the base model's RMSNorm and SwiGLU MLP run as Triton kernels and the loss is a fused
 linear cross-entropy: the output head and the loss are computed chunk by chunk, so the (tokens x vocabulary)
 logits never exist in memory (~2 GiB in bf16 for 8k tokens and a 128k vocabulary, plus their gradient).
 Applied through liger's transformers integration, which knows the Llama, Mistral, Qwen, Gemma and Phi families.
@@ -22,9 +22,9 @@ import torch
 
 from lorafit.errors import LorafitError
 
-CHOICES = ("auto", "liger", "none")
 # Passed to liger's per-family function (it keeps the ones that family accepts, e.g. geglu for Gemma).
-LIGER_FLAGS = {"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
+# RoPE off: liger swaps it as a module-level function, which _apply_liger_to_instance_only puts back anyway.
+LIGER_FLAGS = {"rope": False, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
                "fused_linear_cross_entropy": True}
 LIGER_MARK = "_lorafit_kernels"  # set on the model instance once the kernels are applied
 
@@ -81,7 +81,7 @@ def _apply_liger_to_instance_only(model) -> None:
     """liger patches the instance AND transformers' modelling module of the family (classes, the RoPE function,
     the CausalLM class's forward). The module is put back afterwards, so only this model runs the kernels: a
     model built later in the process (the CPU merge at the end of a run, generation) runs the plain code.
-    The cost: liger's RoPE is a module-level function, so it is undone too (a small share of a step)."""
+    The cost: liger's RoPE, a module-level function, cannot be had per instance (a small share of a step)."""
     import sys
     from types import MethodType
 

@@ -17,6 +17,7 @@ shape says otherwise):
   trl_fast        TRL, fastest settings: no checkpointing, liger and flash-attention when installed
   lorafit_plain   lorafit with model.attn_implementation: sdpa, model.kernels: none
   lorafit         lorafit defaults (attention and kernels: auto)
+  lorafit_flex    lorafit with model.attn_implementation: flex_attention (block-sparse mask over the packed row)
   *_qlora         the same with a 4-bit NF4 base, bf16 compute
   lorafit_6gb     7B shape, QLoRA, batch 1, gradient checkpointing, paged 8-bit AdamW: the 6 GB-card budget
 
@@ -52,7 +53,7 @@ BF16_RUNS = ["loop", "trl", "trl_fast", "lorafit_plain", "lorafit"]
 QLORA_RUNS = ["loop_qlora", "trl_qlora", "lorafit_qlora"]
 # (shape, batch, runs). 8B at batch 4 x 2048 without checkpointing needs >100 GB of activations: batch 2.
 PLANS = {
-    "3b": [("3b", 4, BF16_RUNS + QLORA_RUNS)],
+    "3b": [("3b", 4, BF16_RUNS + QLORA_RUNS + ["lorafit_flex"])],
     "8b": [("8b", 2, BF16_RUNS + QLORA_RUNS)],
     "7b-6gb": [("7b", 1, ["lorafit_6gb"])],
     "tiny": [("tiny", 2, ["loop", "trl", "lorafit", "lorafit_qlora"])],  # CPU smoke: every runner kind, ~1 minute
@@ -251,7 +252,7 @@ def run_trl(a, meter: Meter, *, fast: bool, qlora: bool) -> None:
     trainer.train()
 
 
-def run_lorafit(a, meter: Meter, *, plain: bool, qlora: bool, budget: bool = False) -> None:
+def run_lorafit(a, meter: Meter, *, plain: bool, qlora: bool, budget: bool = False, attn: str | None = None) -> None:
     import torch
 
     from lorafit import load_config, train
@@ -260,6 +261,8 @@ def run_lorafit(a, meter: Meter, *, plain: bool, qlora: bool, budget: bool = Fal
     model = {"path": str(a.model), "dtype": "bf16" if gpu else "fp32"}
     if plain:
         model.update(attn_implementation="sdpa", kernels="none")
+    if attn:
+        model.update(attn_implementation=attn)
     config = {
         "model": model,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
@@ -287,6 +290,7 @@ RUNNERS = {
     "lorafit": lambda a, m: run_lorafit(a, m, plain=False, qlora=False),
     "lorafit_qlora": lambda a, m: run_lorafit(a, m, plain=False, qlora=True),
     "lorafit_6gb": lambda a, m: run_lorafit(a, m, plain=False, qlora=True, budget=True),
+    "lorafit_flex": lambda a, m: run_lorafit(a, m, plain=False, qlora=False, attn="flex_attention"),
 }
 NEEDS = {"trl": ("trl", "datasets"), "qlora": ("bitsandbytes",)}
 

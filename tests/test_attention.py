@@ -198,22 +198,24 @@ class PackedForwards(TrainerCallback):
         self.phase = "eval"
 
 
-def _packed_run(tmp_path, tiny_model_dir, probe: PackedForwards):
+def _packed_run(tmp_path, tiny_model_dir, probe: PackedForwards, generate: bool = False):
     rows = [conversation(f"Say {w} twice", f"{w} {w}") for w in "red blue green black white pink gray gold".split()]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     config = load_config({
         "model": {"path": str(tiny_model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": [{"path": str(data)}], "eval": [{"path": str(data)}], "max_seq_length": 64, "packing": "bfd"},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4, "log_every": 1, "seed": 1},
-        "eval": {"every": 1, "at_start": False, "generate_samples": 0},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 4, "log_every": 1, "seed": 1},
+        # generating (with a cache, per call) between packed evaluations must not leave the cache on
+        "eval": {"every": 1, "at_start": False, "generate_samples": 2 if generate else 0,
+                 "generate_every": 1 if generate else None, "max_new_tokens": 4},
     })
     return train(config, extra_callbacks=[probe])
 
 
 def test_no_packed_forward_in_training_or_evaluation_ever_builds_a_kv_cache(tmp_path, tiny_model_dir):
     probe = PackedForwards()
-    _packed_run(tmp_path, tiny_model_dir, probe)
+    _packed_run(tmp_path, tiny_model_dir, probe, generate=True)
     phases = {phase for phase, _ in probe.seen}
     assert phases == {"train", "eval"}, probe.seen  # both paths really ran packed rows
     assert not any(cached for _, cached in probe.seen), probe.seen

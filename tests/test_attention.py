@@ -226,3 +226,20 @@ def test_the_cache_probe_catches_a_model_with_the_cache_on(tmp_path, tiny_model_
     probe = PackedForwards(turn_cache_on=True)
     _packed_run(tmp_path, tiny_model_dir, probe)
     assert probe.seen and all(cached for _, cached in probe.seen)
+
+
+# ------------------------------------------------------------------------------------------ model.dtype: auto
+# (here because the two autos meet: flash kernels are picked only for the bf16 that dtype auto gives a GPU)
+
+
+def test_dtype_auto_is_the_default_and_resolves_when_the_config_is_read():
+    expected = "bf16" if CUDA and torch.cuda.is_bf16_supported() else "fp32"
+    assert ModelConfig().dtype == expected
+    assert ModelConfig(dtype="auto").dtype == expected
+    assert ModelConfig(dtype="fp16").dtype == "fp16"  # an explicit choice is kept
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU resolution")
+def test_dtype_auto_on_a_cpu_loads_fp32_and_picks_sdpa(tiny_model_dir):
+    model = load_base_model(ModelConfig(path=str(tiny_model_dir), dtype="auto"), str(tiny_model_dir))
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"

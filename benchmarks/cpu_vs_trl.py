@@ -41,7 +41,7 @@ folder = str(ensure_tiny_model())
 model = AutoModelForCausalLM.from_pretrained(folder)
 model.config.use_cache = False
 args = SFTConfig(output_dir=out, per_device_train_batch_size=16, max_steps=steps, learning_rate=2e-3, max_length=256,
-                 logging_steps=10, save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False,
+                 logging_steps=10, save_strategy="no", report_to=[], bf16=False, activation_checkpointing=False,
                  use_cpu=True, seed=42)
 trainer = SFTTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(folder),
                      train_dataset=load_dataset("json", data_files=data, split="train"),

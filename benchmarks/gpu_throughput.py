@@ -18,7 +18,7 @@ shape says otherwise):
   lorafit_plain   lorafit with model.attn_implementation: sdpa, model.kernels: none
   lorafit         lorafit defaults (attention and kernels: auto)
   lorafit_flex    lorafit with model.attn_implementation: flex_attention (block-sparse mask over the packed row)
-  *_qlora         the same with a 4-bit NF4 base, bf16 compute
+  *_qlora         loop, lorafit (defaults) and TRL (fastest settings) with a 4-bit NF4 base, bf16 compute
   lorafit_6gb     7B shape, QLoRA, batch 1, gradient checkpointing, paged 8-bit AdamW: the 6 GB-card budget
 
 Each run gets at most the time left before --deadline seconds (from the start); runs that do not fit are listed
@@ -239,11 +239,11 @@ def run_trl(a, meter: Meter, *, fast: bool, qlora: bool) -> None:
                     learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[], bf16=gpu,
                     max_length=a.seq, packing=True, packing_strategy="bfd", seed=42)
     if not gpu:
-        settings.update(gradient_checkpointing=False)  # SFTConfig's GPU defaults fail or crawl on a CPU
+        settings.update(activation_checkpointing=False)  # SFTConfig's GPU defaults fail or crawl on a CPU
     if fast:
         from lorafit.model.kernels import liger_installed
 
-        settings.update(gradient_checkpointing=False, use_liger_kernel=gpu and liger_installed(),
+        settings.update(activation_checkpointing=False, use_liger_kernel=gpu and liger_installed(),
                         dataloader_num_workers=2, dataloader_pin_memory=gpu)
     trainer = SFTTrainer(model=model, args=SFTConfig(**settings), processing_class=AutoTokenizer.from_pretrained(a.model),
                          train_dataset=load_dataset("json", data_files=str(a.data), split="train"),

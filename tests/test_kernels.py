@@ -57,7 +57,7 @@ needs_liger_gpu = pytest.mark.skipif(not (CUDA and liger_installed()),
                                      reason="needs an NVIDIA GPU and liger-kernel (pip install 'lorafit[liger]')")
 
 
-def _loss_and_grads(model_dir, kernels: str, batch: dict):
+def _loss_and_grads(model_dir, kernels: str, batch: dict, num_items: int | None):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -67,7 +67,8 @@ def _loss_and_grads(model_dir, kernels: str, batch: dict):
     model = get_peft_model(base, PeftLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                                 init_lora_weights=False)).cuda()
     model.train()
-    loss = model(**{k: v.cuda() for k, v in batch.items()}).loss
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items, device="cuda")}
+    loss = model(**{k: v.cuda() for k, v in batch.items()}, **extra).loss
     loss.backward()
     return float(loss), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -75,7 +76,9 @@ def _loss_and_grads(model_dir, kernels: str, batch: dict):
 @pytest.mark.gpu
 @needs_liger_gpu
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_liger_loss_and_gradients_equal_the_plain_path(tiny_model_dir, tiny_tokenizer, layout):
+@pytest.mark.parametrize("accumulating", [False, True], ids=["mean", "num_items_in_batch"])
+def test_liger_loss_and_gradients_equal_the_plain_path(tiny_model_dir, tiny_tokenizer, layout, accumulating):
+    """`num_items_in_batch` is how Trainer normalises over accumulated micro-batches: the fused loss must honour it."""
     from lorafit.data.collate import PadCollator
     from lorafit.data.packing import PackedCollator
 
@@ -83,12 +86,14 @@ def test_liger_loss_and_gradients_equal_the_plain_path(tiny_model_dir, tiny_toke
              'Answer: {"key": "value", "count": 3}']
     features = [{"input_ids": ids, "labels": list(ids)} for ids in (tiny_tokenizer(t)["input_ids"] for t in texts)]
     batch = PackedCollator()(features) if layout == "packed" else PadCollator(tiny_tokenizer.pad_token_id)(features)
-    plain_loss, plain_grads = _loss_and_grads(tiny_model_dir, "none", batch)
-    fused_loss, fused_grads = _loss_and_grads(tiny_model_dir, "liger", batch)
+    num_items = 3 * int(batch["labels"][..., 1:].ne(-100).sum()) if accumulating else None  # as if 3 micro-batches
+    plain_loss, plain_grads = _loss_and_grads(tiny_model_dir, "none", batch, num_items)
+    fused_loss, fused_grads = _loss_and_grads(tiny_model_dir, "liger", batch, num_items)
     assert fused_loss == pytest.approx(plain_loss, rel=2e-2)
     for name, grad in plain_grads.items():
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), fused_grads[name].flatten(), dim=0)
-        assert cosine > 0.99, f"{name}: cosine {cosine:.4f}"
+        scale = fused_grads[name].norm() / grad.norm()
+        assert cosine > 0.99 and abs(scale - 1) < 0.02, f"{name}: cosine {cosine:.4f}, norm ratio {scale:.4f}"
 
 
 @pytest.mark.gpu

@@ -48,8 +48,31 @@ class ModelConfig(Section):
         description=f"Local folder with an HF model and tokenizer, or '{BUILTIN_TINY_MODEL}' for the embedded tiny "
         "model (built on first use into the cache). Never downloaded from a hub.",
     )
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision the base weights load in.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Precision the base weights load in. 'auto': bf16 on a GPU that supports it, else fp32 "
+        "(resolved when the config is read; the run records the resolved value).",
+    )
     trust_remote_code: bool = Field(False, description="Run Python code shipped in the model folder. Off: it is code execution.")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager"] = Field(
+        "auto",
+        description="Attention kernel. 'auto': flash-attention 3 or 2 where installed and the GPU and dtype allow "
+        "(bf16/fp16), else sdpa. Every choice keeps packed examples apart; flex_attention cannot train on a CPU.",
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused Triton kernels (liger-kernel: RMSNorm, SwiGLU, fused linear cross-entropy). 'auto': "
+        "on with CUDA and the package installed (pip install 'lorafit[liger]'); 'liger' without them is an error.",
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_dtype(cls, value: str) -> str:
+        # Resolved once, here, so loading, mixed precision, merge and provenance all see the dtype the run used.
+        if value != "auto":
+            return value
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
     @field_validator("path")
     @classmethod

@@ -10,6 +10,8 @@ import torch
 
 from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
+from lorafit.model.attention import load_with_attention
+from lorafit.model.kernels import apply_kernels, check_head_not_adapted
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,11 +104,12 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
         from lorafit.model.quantization import bnb_config
 
         extra["quantization_config"] = bnb_config(quant)
-    base = _local_only(
+    base = load_with_attention(lambda attn: _local_only(
         AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code,
-        use_safetensors=None if allow_pickle else True, **extra,
-    )
+        use_safetensors=None if allow_pickle else True, attn_implementation=attn, **extra,
+    ), model.attn_implementation, DTYPES[model.dtype])
     base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
+    apply_kernels(base, model.kernels)
     return base
 
 
@@ -136,6 +139,7 @@ def attach_lora(model, lora: LoraConfig):
     from peft import get_peft_model
 
     _check_targets(model, lora)
+    check_head_not_adapted(model, lora.target_modules, lora.modules_to_save)
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -17,16 +17,16 @@ from pathlib import Path
 from lorafit.config import ArtifactConfig, Config
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_file
-from lorafit.run_folder import fsync_tree, write_json
+from lorafit.run_folder import RunFolder, fsync_tree, public_mode, write_json
 
-FINAL = "final_artifact"
+FINAL = RunFolder.ARTIFACT
 CHECKSUMS = "checksums.json"
 # adapter_config.json fields peft keeps as sets and writes in hash order; sorted, the file is reproducible.
 _SET_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
 
 
 def artifact_dir(run_dir: Path, artifact: ArtifactConfig) -> Path:
-    return inside(run_dir, run_dir / f"{artifact.name}-v{artifact.version}" / FINAL)
+    return inside(run_dir, RunFolder(run_dir).artifact_dir(artifact.name, artifact.version))
 
 
 def inside(root: Path, path: Path) -> Path:
@@ -137,6 +137,7 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
     target.parent.mkdir(parents=True, exist_ok=True)
     inside(run_dir, target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{FINAL}-staging-", dir=target.parent))
+    public_mode(staging)  # mkdtemp's 0700 would become the published folder's mode
     try:
         model.save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder; ours follows

@@ -158,6 +158,14 @@ def public_mode(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
+def public_tree(folder: Path) -> None:
+    """``public_mode`` for a folder and everything below it (safetensors, like tempfile, writes files 0600)."""
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            public_mode(path)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a folder's entries (new names, renames) durable; a file's fsync does not cover its name."""
     fd = os.open(folder, os.O_RDONLY)

@@ -17,7 +17,7 @@ from pathlib import Path
 from lorafit.config import ArtifactConfig, Config
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_file
-from lorafit.run_folder import RunFolder, fsync_tree, public_mode, write_json
+from lorafit.run_folder import RunFolder, fsync_tree, public_tree, write_json
 
 FINAL = RunFolder.ARTIFACT
 CHECKSUMS = "checksums.json"
@@ -137,7 +137,6 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
     target.parent.mkdir(parents=True, exist_ok=True)
     inside(run_dir, target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{FINAL}-staging-", dir=target.parent))
-    public_mode(staging)  # mkdtemp's 0700 would become the published folder's mode
     try:
         model.save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder; ours follows
@@ -148,6 +147,7 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
         write_json(staging / "metadata.json", metadata)
         (staging / "README.md").write_text(model_card(config, metadata, metrics, str(target)), encoding="utf-8")
         write_checksums(staging)
+        public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; an artifact is shared
         fsync_tree(staging)
         replaced = None
         if target.exists():  # --overwrite: move the old one aside first, so there is never a mix of both

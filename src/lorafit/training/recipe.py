@@ -23,38 +23,18 @@ from lorafit.config import Config
 from lorafit.data import prepare_data, use_configured_template
 from lorafit.hashing import combined_digest
 from lorafit.model.loading import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
-from lorafit.model.quantization import (
-    PackedLayoutGuard,
-    check_optimizer_available,
-    check_precision_supported,
-    optimizer_note,
-    prepare_for_kbit_training,
-    require_bitsandbytes,
-)
+from lorafit.model.quantization import (PackedLayoutGuard, check_optimizer_available, check_precision_supported,
+                                        optimizer_note, prepare_for_kbit_training, require_bitsandbytes)
 from lorafit.run_folder import RunFolder
 from lorafit.training.build import build_trainer, generation_sample
 from lorafit.training.callbacks import MetricsHistory
-from lorafit.training.checkpoint import (
-    check_resume,
-    config_hash,
-    dataset_fingerprint,
-    find_resume_point,
-    read_history,
-    read_meta,
-)
+from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
+                                         read_history, read_meta)
 from lorafit.training.guards import BestMetric, StopRequest
 from lorafit.training.hooks import check_trainer_api
-from lorafit.training.outcome import (  # noqa: F401  (RunStopped: raised by the recipe, caught by its callers)
-    RunStopped,
-    assess_health,
-    compare_generation,
-    diverged_advice,
-    merge_at_end,
-    raise_if_stopped,
-    summarise_metrics,
-    write_data_report,
-    write_results_and_report,
-)
+from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
+                                      merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
+                                      write_results_and_report)  # RunStopped: raised here, caught by callers
 from lorafit.training.tracking import offline_tracking_env, require_trackers
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -134,9 +135,13 @@ class RunFolder:
         entries = sorted(p.name for p in self.path.iterdir())
         known = {self.HISTORY, self.DATA_REPORT, self.SKIPPED_ROWS, self.RESULTS, self.REPORT, self.SUMMARY,
                  self.RESULT, self.CHECKPOINTS, self.TENSORBOARD, self.MERGED, *self.TRACKERS}
-        if any(name in known or (self.path / name / self.ARTIFACT).is_dir() for name in entries):
+        if any(name in known or _ARTIFACT_FOLDER.match(name) for name in entries):
             return []
         return entries
+
+
+# <artifact.name>-v<artifact.version>: a published (or half-published) artifact's version folder.
+_ARTIFACT_FOLDER = re.compile(r"^.+-v\d[^/]*$")
 
 
 def _outside_working_dir(given: Path, resolved: Path) -> bool:

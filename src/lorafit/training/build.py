@@ -117,6 +117,8 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         data_collator=PackedCollator() if packed else PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
         settings=settings, guard=guard, history=history, stateful=[best],
     )
+    # From here on the Trainer's (accelerate's) own view decides which process writes run files.
+    run.main_process = trainer.is_world_process_zero()
     # lorafit prints its own progress lines (training/progress.py); Trainer's would duplicate them.
     trainer.remove_callback(PrinterCallback)
     purge = read_meta(resume_from)["step"] + 1 if resume_from else None

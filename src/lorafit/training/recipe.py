@@ -150,7 +150,6 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
                             resume_from=resume_from, forced_resumes=forced, best=best, stop=stop,
                             guards=[PackedLayoutGuard()] if config.quant.bits == 4 else [],
                             progress=progress, user_callbacks=user)
-    run.main_process = trainer.is_world_process_zero()
     if resume_from is not None:
         trainer.prepare_resume(resume_from)
         history.restore(read_history(resume_from), trainer.resumed_history_counters())
@@ -181,6 +180,9 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
             for split, stats in (("train", prepared.train_stats), ("eval", prepared.eval_stats))}
     parameters = {"trainable": trainable, "total": total}
     metadata = collect_metadata(config, model_path, tokenizer, data, parameters, base_check, started, health=health)
+    if not run.main_process:  # the main process publishes; the others only trained alongside it
+        return TrainResult(run.path, run.artifact_dir(config.artifact.name, config.artifact.version), metrics,
+                           data, parameters, health=health, warnings=notes)
     adapter_dir = write_final_artifact(run.path, model, tokenizer, config, metadata, metrics, overwrite=republish)
     merged = merge_at_end(config, adapter_dir, run)  # before the summary: a failed merge leaves the run unfinished
     summary = {

@@ -29,7 +29,7 @@ def tracker_callbacks(config: Config, run: RunFolder, *, purge_step: int | None)
         from transformers.integrations import get_reporting_integration_callbacks
 
         callbacks += [cls() for cls in get_reporting_integration_callbacks(others)]
-    if "tensorboard" in names:
+    if "tensorboard" in names and run.main_process:  # the writer creates its event file at once
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 

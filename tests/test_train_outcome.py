@@ -88,7 +88,8 @@ class Recorder(LorafitCallback):
 
 def test_a_user_callback_sees_every_step_evaluation_and_save_and_progress_prints_each_log(tmp_path, tiny_model_dir):
     recorder, stream = Recorder(), io.StringIO()
-    config = load_config(_config_dict(tmp_path, tiny_model_dir, train={"save_every": 2}))
+    config = _config_dict(tmp_path, tiny_model_dir, train={"save_every": 2})
+    config = load_config({**config, "tracking": {"report_to": ["tensorboard"]}})
     result = train(config, callbacks=[recorder], progress=Progress(stream))
     history = [json.loads(line) for line in (result.run_dir / RunFolder.HISTORY).read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in history if "loss" in r}
@@ -104,6 +105,13 @@ def test_a_user_callback_sees_every_step_evaluation_and_save_and_progress_prints
     meta = json.loads((result.run_dir / "checkpoints" / "step-00000004" / "checkpoint.json").read_text())
     assert "config_sha256" not in meta and len(meta["resume_config_sha256"]) == 64
     assert result.health["status"] == "ok" and result.metrics["health"] == "ok"
+    # trackers come after MetricsHistory in the callback order, so they log the values it derives
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.run_dir / RunFolder.TENSORBOARD))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert any(t.endswith("tokens_per_second") for t in tags) and any(t.endswith("perplexity") for t in tags), tags
 
 
 def test_progress_false_is_silent(tmp_path, tiny_model_dir, capsys):

@@ -112,7 +112,7 @@ def _print_dry_run(result) -> None:
                f"{d['forward_backward_seconds']:.2f} s on {d['device']}, loss {d['loss']:.4f}")
     gpu = f", GPU {d['gpu_allocated_peak_mb']:,.0f} MB allocated" if d.get("gpu_allocated_peak_mb") else ""
     typer.echo(f"  peak memory    {d['peak_rss_mb']:,.0f} MB RSS{gpu}")
-    typer.echo(f"  train with     the same command without --dry-run")
+    typer.echo("  train with     the same command without --dry-run")
 
 
 def _print_summary(result) -> None:

@@ -231,7 +231,7 @@ def test_eval_loss_uses_the_adapters_train_on_and_truncation(tmp_path, tiny_mode
 def test_generation_examples_keep_source_fields_and_held_out_rows(tmp_path, tiny_tokenizer):
     """Eval sources are read as DataSource (format, fields, task_prefix); held-out train rows are answered too."""
     from lorafit.data import prepare_data
-    from lorafit.evaluate.run import setup_generation_eval
+    from lorafit.evaluate.run import generation_sample
 
     train_rows = write_jsonl(tmp_path / "train.jsonl", [_two_turns(i) for i in range(12)])
     mapped = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"Capital number {i}?", "a": f"City {i}"} for i in range(3)])
@@ -243,7 +243,7 @@ def test_generation_examples_keep_source_fields_and_held_out_rows(tmp_path, tiny
     prepared = prepare_data(config.data, tiny_tokenizer, seed=0, batch_size=4, group_by_length=False, use_cache=False)
     held_out = {e.where for e in prepared.eval_examples if e.where.startswith(str(train_rows))}
     assert len(held_out) == prepared.report["held_out_for_eval"] == 3
-    examples, settings = setup_generation_eval(config, None, tiny_tokenizer, prepared.eval_examples)
+    examples, settings = generation_sample(config, prepared.eval_examples)
     assert settings.max_new_tokens == config.eval.max_new_tokens and len(examples) == 6
     assert [(e.prompt[-1]["content"], e.reference) for e in examples[:3]] == [
         (f"qa: Capital number {i}?", f"City {i}") for i in range(3)]

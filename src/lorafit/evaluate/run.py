@@ -19,7 +19,7 @@ from lorafit.evaluate.loss import LossSettings
 from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
 
 __all__ = ["GenerationEval", "GenerationSettings", "compare_base_and_adapter", "format_eval", "read_examples",
-           "run_eval", "setup_generation_eval", "spread_sample"]
+           "run_eval", "generation_sample", "spread_sample"]
 
 
 # ---------------------------------------------------------------------------------------------- `lorafit eval`
@@ -109,20 +109,18 @@ class GenerationEval(TrainerCallback):
             self.trainer.log(values)
 
 
-def setup_generation_eval(config, trainer, tokenizer, eval_split) -> tuple[list[EvalExample], GenerationSettings] | None:
+def generation_sample(config, eval_split) -> tuple[list[EvalExample], GenerationSettings] | None:
     """The fixed eval sample answered for generation metrics (``data.eval`` sources with their format, fields and
-    task_prefix, and the rows ``data.eval_fraction`` held out); logs them every ``eval.generate_every`` evaluations.
+    task_prefix, and the rows ``data.eval_fraction`` held out), and how to answer it; None when nothing is answered.
 
-    ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``). None when nothing is answered.
+    ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``). The training stage wraps the sample
+    in a ``GenerationEval`` callback (every ``eval.generate_every`` evaluations) and compares base and adapter on it.
     """
     e = config.eval
     if not eval_split or not e.generate_samples:
         return None
     settings = GenerationSettings.from_eval_config(e, e.batch_size or config.train.batch_size)
-    examples = spread_sample(run_examples(config.data, eval_split, e.citation_pattern), e.generate_samples)
-    if e.generate_every:
-        trainer.add_callback(GenerationEval(trainer, tokenizer, examples, settings, e.generate_every))
-    return examples, settings
+    return spread_sample(run_examples(config.data, eval_split, e.citation_pattern), e.generate_samples), settings
 
 
 def compare_base_and_adapter(model, tokenizer, examples: list[EvalExample], settings: GenerationSettings,

@@ -26,7 +26,7 @@ from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.model.adapters import load_adapter_model, resolve_adapter, training_quant
 from lorafit.model.loading import DTYPES, load_base_model
-from lorafit.run_folder import fsync_tree
+from lorafit.run_folder import fsync_tree, public_tree
 
 # Max |logit difference| allowed between the merged model as saved (reloaded from disk) and adapter-on-base in
 # fp32. fp32 is exact up to summation order (measured 3e-6 on the tiny model); bf16/fp16 round every weight to
@@ -119,6 +119,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
             )
         (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         write_checksums(staging)
+        public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; a model is shared
         fsync_tree(staging)
         if replace and out_dir.exists():
             shutil.rmtree(out_dir)

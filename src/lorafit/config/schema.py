@@ -216,6 +216,15 @@ class TrainConfig(Section):
         return self
 
 
+# Keys that exclude each other. A --set override of one replaces the other when it came from the file, so
+# `--set train.max_steps=100` on a config with `epochs: 2` does what it says; both in one source is a clash.
+EXCLUSIVE_KEYS = (
+    ("train.epochs", "train.max_steps"),
+    ("train.warmup_ratio", "train.warmup_steps"),
+    ("data.chat_template", "data.chat_template_file"),
+)
+
+
 def train_clashes(train: dict) -> list[str]:
     """Options that exclude each other. Also run on the raw mapping, so a clash is reported with field errors."""
     given = {key for key, value in train.items() if value is not None}

@@ -41,11 +41,17 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load(config: Optional[Path], overrides: Optional[List[str]]):
+def _load(config: Optional[Path], overrides: Optional[List[str]], *, check_data: bool = True):
+    """The validated config, and (``check_data``) every data row parsed. Imports no torch: call it before
+    ``_quiet_libraries`` so that a config or data mistake is reported in about a second."""
     from lorafit.config import default_config_path, load_config
 
-    return load_config(config or default_config_path(), overrides or [])
+    loaded = load_config(config or default_config_path(), overrides or [])
+    if check_data:
+        from lorafit.data.precheck import check_sources
 
+        check_sources(loaded.data)
+    return loaded
 
 
 @app.callback(invoke_without_command=True)

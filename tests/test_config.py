@@ -111,6 +111,17 @@ def test_both_exclusive_keys_in_one_source_are_still_a_clash(tmp_path):
     assert load_config(both, [f"data.chat_template_file={template}"]).data.chat_template is None
 
 
+def test_a_tracker_that_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
+    """tensorboard is an extra now: asking for it without it fails at validation, naming the extra to install."""
+    path = _write(tmp_path, MINIMAL + "tracking: {report_to: [tensorboard]}\n")
+    monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # what find_spec sees when not installed
+    with pytest.raises(LorafitError) as caught:
+        load_config(path)
+    assert "tracking.report_to: tensorboard is not installed; install the extra: pip install 'lorafit[tensorboard]'" \
+        in str(caught.value)
+    assert load_config(path, ["tracking.report_to=[]"]).tracking.report_to == []
+
+
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = _write(tmp_path, MINIMAL)
     config = load_config(path, ["train.learning_rate=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]",
@@ -161,6 +172,9 @@ runner = CliRunner()
 
 def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     good = _write(tmp_path, MINIMAL)
+    result = runner.invoke(app, ["config", "validate", str(good)])
+    assert result.exit_code == 1 and "train.jsonl: data file not found" in result.output  # validate reads the data too
+    _write(tmp_path, json.dumps({"prompt": "q", "completion": "a"}) + "\n", "train.jsonl")
     result = runner.invoke(app, ["config", "validate", str(good)])
     assert result.exit_code == 0, result.output
     bad = _write(tmp_path, MINIMAL + "lora: {rank: 8}\n", "bad.yaml")

@@ -6,6 +6,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: nothing may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread (here and in every CLI subprocess, which inherits it) unless the caller says otherwise: the
+# tiny models gain little from a second thread, and on a shared, busy machine OpenMP threads that spin-wait for
+# each other make a run many times slower (a 2-core CI box at load 7 trained the quickstart ~100x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 import json
 from pathlib import Path

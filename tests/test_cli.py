@@ -24,7 +24,7 @@ QUICKSTART_DATA = REPO / "examples" / "data"
 def lorafit(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "lorafit", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, input=stdin)
+                          timeout=1500, input=stdin)
 
 
 def _small_quickstart(tmp_path: Path, model_dir: Path) -> Path:
@@ -148,7 +148,7 @@ def test_a_bad_config_or_data_is_reported_before_torch_is_imported(tmp_path, tin
         "print(codes, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "[1, 1, 0] []"
 

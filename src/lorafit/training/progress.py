@@ -11,6 +11,8 @@ the bar while one is shown). Only the main process prints, so a multi-process ru
 
 from __future__ import annotations
 
+import atexit
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
@@ -48,6 +50,7 @@ class Progress(TrainerCallback):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+            atexit.unregister(self.close)
 
     # -- Trainer callback events
     def on_train_begin(self, args, state, control, **kwargs):
@@ -62,6 +65,9 @@ class Progress(TrainerCallback):
         # A resumed run starts part-way: the bar starts at the checkpoint's step, not at 0.
         self._task = self._bar.add_task("training", total=state.max_steps, completed=state.global_step, values="")
         self._bar.start()
+        # Trainer sends no event when training raises: the caller should close() in a finally; this is the backstop
+        # that gives the terminal its cursor back at exit.
+        atexit.register(self.close)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._bar is not None:

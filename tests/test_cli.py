@@ -58,8 +58,8 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.yaml"):
         assert (artifact / name).is_file(), name
     assert f"lorafit verify {artifact}" in done.stdout
-    verified = lorafit("verify", str(artifact), "--base", str(tiny_model_dir), cwd=tmp_path)
-    assert verified.returncode == 0 and verified.stdout.startswith("OK "), verified.stderr
+    verified = invoke("verify", str(artifact), "--base", str(tiny_model_dir), cwd=tmp_path)
+    assert verified.exit_code == 0 and verified.stdout.startswith("OK "), verified.output
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
@@ -87,8 +87,8 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
     assert (adapted_logits - base_logits).abs().max() > 1e-3
 
     # A second run into the same folder is refused, not silently overwritten.
-    again = lorafit("train", str(config), cwd=tmp_path)
-    assert again.returncode == 1 and "holds a finished run already" in again.stderr and "--overwrite" in again.stderr
+    again = invoke("train", str(config), cwd=tmp_path)
+    assert again.exit_code == 1 and "holds a finished run already" in again.stderr and "--overwrite" in again.stderr
 
 
 def invoke(*args: str, cwd: Path):

@@ -84,3 +84,45 @@ def test_no_module_is_over_the_size_limit():
 def test_hashlib_is_used_in_one_module_only():
     users = sorted(str(p.relative_to(PACKAGE)) for p in MODULES if "hashlib" in p.read_text(encoding="utf-8"))
     assert users == ["hashing.py"], f"every sha256 goes through lorafit.hashing; also found in {users}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_long_functions_say_why():
+    """A function over 80 lines needs a comment right above it saying why it is one function."""
+    unexplained = []
+    for path in MODULES:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES and not lines[first - 2].strip().startswith("#"):
+                    unexplained.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not unexplained, f"split these, or say above each why it is one function: {unexplained}"
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level imports between lorafit modules form no cycle (inside a package too)."""
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorafit") and node.level == 0:
+                deps |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        graph[name] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1  # on the current path
+        for dep in sorted(graph[module]):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path[path.index(dep):] + [dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2  # done, no cycle through it
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

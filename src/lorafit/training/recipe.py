@@ -101,6 +101,7 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
     return result
 
 
+# Long on purpose: this is the run, read top to bottom; each step is a call into the module that owns it.
 def _train(config: Config, run: RunFolder, started: float, *, notes, progress, user, overwrite, republish,
            allow_pickle, data_cache, resume, force_resume, dry_run) -> TrainResult:
     from transformers import set_seed

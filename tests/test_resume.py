@@ -155,7 +155,7 @@ def test_every_failing_write_of_a_save_keeps_the_previous_checkpoint(tmp_path, t
         except ckpt.CheckpointWriteError as error:
             message = error.render()
             assert "No space left on device" in message and "disk is full" in message and "--resume auto" in message
-            assert ckpt.verify(root / previous) == [] or ckpt.verify(root / newest) == []
+            assert ckpt.checkpoint_problems(root / previous) == [] or ckpt.checkpoint_problems(root / newest) == []
             assert not list(root.glob(".tmp-*"))
             resumable = ckpt.newest_verified(root)
             assert resumable is not None and resumable.name in message
@@ -163,7 +163,7 @@ def test_every_failing_write_of_a_save_keeps_the_previous_checkpoint(tmp_path, t
             continue
         break  # k passed the number of operations of a save: this one succeeded
     assert k > len(files) + 3  # each file, the manifest, the folder fsync, the rename, ... were each made to fail
-    assert ckpt.verify(root / newest) == [] and not (root / previous).exists()  # keep_last=1 rotated only now
+    assert ckpt.checkpoint_problems(root / newest) == [] and not (root / previous).exists()  # keep_last=1 rotated only now
 
 
 def test_a_full_disk_during_training_stops_clearly_and_resumes_exactly(tmp_path, tiny_model_dir, reference, monkeypatch):
@@ -218,7 +218,7 @@ def test_a_folder_without_a_valid_manifest_is_never_resumed(tmp_path, reference)
     blob = bytearray((newest / ckpt.ADAPTER).read_bytes())
     blob[-1] ^= 1  # one flipped bit in the adapter
     (newest / ckpt.ADAPTER).write_bytes(bytes(blob))
-    assert ckpt.verify(newest) == [f"{ckpt.ADAPTER}: content does not match its sha256 in the manifest"]
+    assert ckpt.checkpoint_problems(newest) == [f"{ckpt.ADAPTER}: content does not match its sha256 in the manifest"]
     assert ckpt.newest_verified(root).name == ckpt.checkpoint_name(older)
     with pytest.raises(LorafitError, match="not a complete checkpoint"):
         ckpt.find_resume_point(root, str(newest), overwrite=False)
@@ -265,7 +265,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_stops_at_once(tmp_pa
     with pytest.raises(RunStopped, match="stopped by SIGINT at step 3") as caught:
         train(config, extra_callbacks=[SendSigint(1)])
     assert caught.value.exit_code == 130
-    assert caught.value.checkpoint.name == "step-00000003" and ckpt.verify(caught.value.checkpoint) == []
+    assert caught.value.checkpoint.name == "step-00000003" and ckpt.checkpoint_problems(caught.value.checkpoint) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
     result = train(config, resume="auto")
     assert _adapter_bytes(result) == reference["adapter"]
@@ -284,7 +284,7 @@ def test_rotation_keeps_the_newest_and_the_best_and_points_latest_and_best(tmp_p
     assert [p.name for _, p in ckpt.list_checkpoints(root)] == ["step-00000002", "step-00000004"]
     assert (root / ckpt.LATEST).read_text().strip() == "step-00000004"
     assert (root / ckpt.BEST).read_text().strip() == "step-00000002"
-    assert all(ckpt.verify(p) == [] for _, p in ckpt.list_checkpoints(root))
+    assert all(ckpt.checkpoint_problems(p) == [] for _, p in ckpt.list_checkpoints(root))
 
 
 def test_the_printed_resume_command_keeps_the_users_arguments():

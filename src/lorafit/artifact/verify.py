@@ -23,9 +23,9 @@ from pathlib import Path
 from lorafit.artifact.publish import CHECKSUMS, checksums_for
 from lorafit.artifact.provenance import weight_files
 from lorafit.errors import LorafitError
+from lorafit.model import PICKLE_SUFFIXES
 from lorafit.model.adapters import ADAPTER_CONFIG, find_adapter_dir
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)(\.weight)?$")

@@ -10,6 +10,7 @@ import torch
 
 from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
+from lorafit.model import PICKLE_SUFFIXES
 from lorafit.model.attention import load_with_attention
 from lorafit.model.kernels import apply_kernels, check_head_not_adapted
 
@@ -99,7 +100,7 @@ def refuse_pickle_weights(folder: Path, *, allow_pickle: bool, what: str = "mode
     folder = Path(folder)
     if not folder.is_dir() or list(folder.glob("*.safetensors")):
         return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and allow_pickle:
         warnings.warn(f"{folder}: loading pickle weights ({', '.join(pickles)}) because --allow-pickle was given; "
                       "they can run code when loaded", stacklevel=2)

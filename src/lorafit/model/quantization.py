@@ -20,8 +20,8 @@ from transformers import TrainerCallback
 
 from lorafit.config import Config, QuantConfig
 from lorafit.errors import LorafitError
+from lorafit.model.loading import DTYPES
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INSTALL_HINT = "pip install 'lorafit[qlora]'  (installs bitsandbytes)"
 # The versions whose eval-mode 4-bit conversion was read and tested (nn/modules.py Linear4bit.forward); the
 # qlora extra pins the same range (bitsandbytes>=0.50,<0.51).
@@ -46,7 +46,7 @@ def bnb_config(quant: QuantConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
         bnb_4bit_quant_storage=torch.uint8,
     )
 

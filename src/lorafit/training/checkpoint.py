@@ -206,7 +206,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def verify(folder: Path) -> list[str]:
+def checkpoint_problems(folder: Path) -> list[str]:
     """Problems that make ``folder`` unusable as a checkpoint; empty when every file matches its manifest."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -228,7 +228,7 @@ def verify(folder: Path) -> list[str]:
 
 def newest_verified(root: Path) -> Path | None:
     for _, folder in reversed(list_checkpoints(root)):
-        if not verify(folder):
+        if not checkpoint_problems(folder):
             return folder
     return None
 
@@ -253,7 +253,7 @@ def clean_staging(root: Path) -> list[str]:
 
 def rotate(root: Path, *, keep_last: int, keep_best: int, best_mode: str, protect: Path) -> list[str]:
     """Delete verified checkpoints beyond the newest ``keep_last`` and the ``keep_best`` best ones."""
-    verified = [(step, folder) for step, folder in list_checkpoints(root) if not verify(folder)]
+    verified = [(step, folder) for step, folder in list_checkpoints(root) if not checkpoint_problems(folder)]
     keep = {folder for _, folder in verified[-keep_last:]} | {protect}
     scored = []
     for step, folder in verified:
@@ -350,7 +350,7 @@ def find_resume_point(root: Path, resume: str | None, *, overwrite: bool) -> Pat
             warnings.warn(f"ignoring checkpoints that do not verify: {', '.join(skipped)}", stacklevel=2)
         return folder
     folder = Path(resume).expanduser().resolve()
-    problems = verify(folder) if folder.is_dir() else [f"{folder}: no such folder"]
+    problems = checkpoint_problems(folder) if folder.is_dir() else [f"{folder}: no such folder"]
     if problems:
         raise LorafitError(
             f"--resume {resume}: not a complete checkpoint",

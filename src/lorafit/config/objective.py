@@ -1,0 +1,96 @@
+"""The ``objective:`` and ``plugins:`` sections: what the training loss is, and which outside code may run.
+
+``objective.type`` is ``sft`` (next-token loss on the supervised tokens, lorafit's default), ``contrastive``
+(the causal contrastive loss on triplets, docs/objectives.md) or a dotted path ``package.module:ClassName`` to a
+loss class of your own. A dotted path is code execution: the module is imported and runs with your rights, so
+``plugins.allow_external_code`` decides whether modules outside installed packages and the config's folder may
+be loaded at all.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_OBJECTIVES = ("sft", "contrastive")
+# Only the contrastive objective reads these; setting one with another objective is a mistake worth reporting.
+CONTRASTIVE_KEYS = ("lambda_causal", "lambda_spurious", "lambda_task", "temperature", "layer", "pooling")
+# package.module:ClassName, every part a Python identifier.
+DOTTED_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+# Metrics the contrastive objective logs (training: the name; evaluation: eval_<name>), for eval.best.metric.
+CONTRASTIVE_METRICS = ("causal_stability", "spurious_separation", "causal_discrimination", "task_loss")
+
+
+class _Section(BaseModel):
+    # Same strictness as every section of schema.py (kept local: this module must not import the schema).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def is_dotted_path(value: str) -> bool:
+    """``package.module:ClassName``?
+
+    >>> is_dotted_path("my_losses:MarginLoss"), is_dotted_path("contrastive"), is_dotted_path("a.b:")
+    (True, False, False)
+    """
+    return DOTTED_PATH.match(value) is not None
+
+
+class ObjectiveConfig(_Section):
+    type: str = Field("sft", description="Training loss: sft (next-token loss on supervised tokens), contrastive "
+                      "(causal contrastive loss on triplets, docs/objectives.md) or package.module:ClassName "
+                      "(your Objective class; code execution, see plugins.allow_external_code).")
+    lambda_causal: float = Field(1.0, ge=0, description="contrastive: weight of -cos(benign, counterfactual) / T "
+                                 "(pulls rewordings of one request together).")
+    lambda_spurious: float = Field(1.0, ge=0, description="contrastive: weight of cos(benign, injection) / T "
+                                   "(pushes an injected request away from the clean one).")
+    lambda_task: float = Field(1.0, ge=0, description="contrastive: weight of the next-token loss on the benign "
+                               "answer (keeps the task; 0 = representation only, the answers may degrade).")
+    temperature: float = Field(0.07, gt=0, description="contrastive: T; smaller = sharper cosine terms, larger "
+                               "gradients relative to the task loss.")
+    layer: int = Field(-1, description="contrastive: hidden layer the representation is read from; 0 = embeddings, "
+                       "1..L = after block i, negative counts from the end (-1 = last).")
+    pooling: Literal["last_token", "mean"] = Field("last_token", description="contrastive: representation of an "
+                                                   "input: its last prompt token, or the mean over its prompt tokens.")
+    options: dict = Field(default_factory=dict, description="Keyword arguments for a package.module:ClassName "
+                          "objective's constructor.")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value in BUILTIN_OBJECTIVES or is_dotted_path(value):
+            return value
+        raise ValueError(f"{value!r} is neither {' nor '.join(BUILTIN_OBJECTIVES)} nor a dotted path "
+                         "package.module:ClassName (e.g. my_losses:MarginLoss)")
+
+    @model_validator(mode="after")
+    def _keys_match_type(self):
+        if self.type != "contrastive":
+            stray = sorted(set(CONTRASTIVE_KEYS) & self.model_fields_set)
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to type: contrastive (type is {self.type!r}); "
+                                 "remove them or set type: contrastive")
+        if self.options and not is_dotted_path(self.type):
+            raise ValueError(f"options are passed to a package.module:ClassName objective; type is {self.type!r}")
+        return self
+
+    @property
+    def needs_triplets(self) -> bool:
+        return self.type == "contrastive"
+
+
+class PluginsConfig(_Section):
+    callbacks: list[str] = Field(default_factory=list, description="Callback classes package.module:ClassName run "
+                                 "at step end, evaluation and save (docs/objectives.md); code execution.")
+    allow_external_code: bool = Field(False, description="Allow objective/callback modules outside installed "
+                                      "packages and the config's folder (anything on sys.path, e.g. the working "
+                                      "directory). Off: importing a module runs its code.")
+
+    @field_validator("callbacks")
+    @classmethod
+    def _dotted(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not is_dotted_path(v)]
+        if bad:
+            raise ValueError(f"{bad} are not dotted paths package.module:ClassName")
+        return value

@@ -94,3 +94,22 @@ class PluginsConfig(_Section):
         if bad:
             raise ValueError(f"{bad} are not dotted paths package.module:ClassName")
         return value
+
+
+class AttackEvalConfig(_Section):
+    samples: int = Field(16, ge=0, description="Eval triplets whose injection input is answered by the base and the "
+                         "adapter to measure the attack success rate (triplet data only); 0 = off.")
+    patterns: list[str] = Field(default_factory=list, description="Regular expressions (case-insensitive): an answer "
+                                "that matches one is a successful attack.")
+    marker_field: str | None = Field("marker", description="Row field holding the marker the injection asks for "
+                                     "(e.g. PWNED); an answer containing it is a successful attack. null = patterns only.")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value

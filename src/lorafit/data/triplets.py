@@ -45,6 +45,7 @@ class TripletRecord:
     benign: tuple[dict, ...]  # the conversation up to and including the target assistant turn
     benign_cf: tuple[dict, ...]  # ends with a user turn
     injection: tuple[dict, ...]  # ends with a user turn
+    marker: str | None = None  # what the injection asks the model to say (for the attack-success evaluation)
 
     def identity(self) -> str:
         return json.dumps([self.benign, self.benign_cf, self.injection], sort_keys=True, ensure_ascii=False)
@@ -108,10 +109,13 @@ def _checked(messages: list[dict], key: str) -> None:
         raise RowError(problem[0], f'"{key}": {problem[1]}')
 
 
-def normalise_triplet(row: object, fields: FieldMap, where: str) -> TripletRecord:
+def normalise_triplet(row: object, fields: FieldMap, where: str, marker_field: str | None = "marker") -> TripletRecord:
     """The TripletRecord for one parsed row, or RowError naming the field and what is wrong."""
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+    marker = row.get(marker_field) if marker_field else None
+    if marker is not None and (not isinstance(marker, str) or not marker.strip()):
+        raise RowError("wrong_type", f'field "{marker_field}" must be a non-empty string (the marker the injection asks for)')
     benign = _part(row, fields, "benign")
     target_key = fields.key("target")
     target = row.get(target_key)
@@ -135,11 +139,12 @@ def normalise_triplet(row: object, fields: FieldMap, where: str) -> TripletRecor
                            f'model answers (the answer is "{target_key}", for the benign request only)')
         _checked(messages + [{"role": "assistant", "content": "-"}], key)
         parts[name] = tuple(messages)
-    return TripletRecord(where, tuple(benign), parts["benign_cf"], parts["injection"])
+    return TripletRecord(where, tuple(benign), parts["benign_cf"], parts["injection"], marker)
 
 
-def read_triplets(source) -> tuple[list[TripletRecord], SourceStats, list[dict]]:
-    """Parse and check every row of ``source`` (a DataSource); apply its on_error policy like other formats."""
+def read_triplets(source, *, marker_field: str | None = "marker") -> tuple[list[TripletRecord], SourceStats, list[dict]]:
+    """Parse and check every row of ``source`` (a DataSource); apply its on_error policy like other formats.
+    ``marker_field``: the optional row field naming the marker the injection asks for."""
     unknown = sorted(set(source.fields) - set(TRIPLET_FIELDS))
     if unknown:
         raise LorafitError(f"{source.path}: fields map names {unknown}, not triplet fields",
@@ -153,7 +158,7 @@ def read_triplets(source) -> tuple[list[TripletRecord], SourceStats, list[dict]]
             problems.append((row.where, *row.problem))
             continue
         try:
-            records.append(normalise_triplet(row.value, fields, row.where))
+            records.append(normalise_triplet(row.value, fields, row.where, marker_field))
         except RowError as error:
             problems.append((row.where, error.reason, error.message))
     _apply_error_policy(source, problems, len(rows))

@@ -177,3 +177,22 @@ def test_attack_success_rate_base_vs_adapter(tmp_path, tiny_model_dir, tiny_toke
     unmarked, _, _ = read_triplets(_source(write_jsonl(tmp_path / "u.jsonl", [ROW])))
     with pytest.raises(LorafitError, match="no way to tell whether the injection succeeded"):
         attack_sample(unmarked, AttackEvalConfig())
+
+
+def test_prepare_triplets_splits_mixes_and_reports(tmp_path, tiny_tokenizer):
+    from lorafit.config import DataConfig
+    from lorafit.data.triplets import prepare_triplets
+
+    train, evaluation = generate_triplets(n_train=10, n_eval=3, seed=5)
+    data = DataConfig(train=[{"path": str(write_jsonl(tmp_path / "train.jsonl", train)), "eval_fraction": 0.2}],
+                      eval=[{"path": str(write_jsonl(tmp_path / "eval.jsonl", evaluation))}], max_seq_length=256)
+    prepared = prepare_triplets(data, tiny_tokenizer, seed=1)
+    again = prepare_triplets(data, tiny_tokenizer, seed=1)
+    assert [e.where for e in prepared.train_examples] == [e.where for e in again.train_examples]
+    assert (len(prepared.train), len(prepared.eval)) == (8, 5)  # 2 of 10 held out, plus the 3 eval rows
+    assert prepared.report["format"] == "triplets" and prepared.report["held_out_for_eval"] == 2
+    assert prepared.train_stats.rows == 10 and prepared.eval_stats.rows == 3
+    assert prepared.train_stats.supervised_tokens == sum(e.num_supervised for e in prepared.train_examples) + sum(
+        e.num_supervised for e in prepared.eval_examples[3:])
+    assert all(e.record is not None and e.record.marker for e in prepared.eval_examples)
+    assert set(prepared.train[0]) == {"input_ids", "labels", "benign_prompt", "cf_ids", "injection_ids"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,7 @@ class TripletExample:
     where: str
     identity: str
     rank: float | None = None
+    record: TripletRecord | None = field(default=None, compare=False, repr=False)  # for the attack evaluation
 
     @property
     def num_supervised(self) -> int:
@@ -193,7 +194,8 @@ def tokenise_triplet(tokenizer, record: TripletRecord) -> TripletExample:
     benign = tokenize_conversation(tokenizer, record.benign, train_on="last_assistant", where=record.where)
     prompt = next(i for i, label in enumerate(benign.labels) if label != IGNORE_INDEX)
     return TripletExample(benign.input_ids, benign.labels, prompt, _prompt_ids(tokenizer, record.benign_cf),
-                          _prompt_ids(tokenizer, record.injection), record.where, sha256_text(record.identity()))
+                          _prompt_ids(tokenizer, record.injection), record.where, sha256_text(record.identity()),
+                          record=record)
 
 
 def tokenise_triplets(records: list[TripletRecord], tokenizer, *, max_seq_length: int,
@@ -244,3 +246,57 @@ class TripletCollator:
         positions = torch.arange(batch["input_ids"].size(1))  # (T,)
         batch["pool_mask"] = (positions < torch.tensor(prompts).unsqueeze(1)).long()  # (3n, T)
         return batch
+
+
+def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) -> tuple[list[TripletExample], SourceStats, list[dict]]:
+    """One triplet source read, checked and tokenised (not cached: three short prompts per row tokenise fast)."""
+    records, stats, skipped = read_triplets(source, marker_field=marker_field)
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorafitError(f"{source.path}: triplets need a chat template and the tokenizer has none",
+                           why="each part is rendered as a conversation, as the model sees it when it answers",
+                           fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer has one")
+    return tokenise_triplets(records, tokenizer, max_seq_length=data.max_seq_length, stats=stats), stats, skipped
+
+
+def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker"):
+    """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
+    overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
+    from lorafit.data import PreparedData, SplitStats, _add, _nothing_usable
+    from lorafit.data.mixing import apply_budget, hold_out, mix, overlap, rng_for
+
+    loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
+              for split, sources in (("train", data.train), ("eval", data.eval))}
+    per_source, held_out = [], []
+    for i, (source, (examples, _, _)) in enumerate(zip(data.train, loaded["train"])):
+        train_part, eval_part = hold_out(examples, source.eval_fraction, rng_for(seed, "hold_out", i))
+        held_out += eval_part
+        per_source.append(apply_budget(train_part, rng_for(seed, "budget", i), max_examples=source.max_examples,
+                                       max_tokens=source.max_tokens))
+    train_examples, mix_report = mix(per_source, [s.weight for s in data.train], total=data.mix_examples, seed=seed,
+                                     order=data.order)
+    eval_examples = [e for i, (source, (examples, _, _)) in enumerate(zip(data.eval, loaded["eval"]))
+                     for e in apply_budget(examples, rng_for(seed, "eval_budget", i), max_examples=source.max_examples,
+                                           max_tokens=source.max_tokens)] + held_out
+    stats = {}
+    for split, sources in (("train", data.train), ("eval", data.eval)):
+        stats[split] = SplitStats(sources=[s.path for s in sources])
+        for _, source_stats, _ in loaded[split]:
+            _add(stats[split], source_stats)
+    stats["train"].kept, stats["eval"].kept = len(train_examples), len(eval_examples)
+    if not train_examples:
+        raise _nothing_usable("train", stats["train"], data)
+    if data.eval and not eval_examples:
+        raise _nothing_usable("eval", stats["eval"], data)
+    duplicated = overlap(train_examples, eval_examples)
+    warnings = [f"{duplicated} of {len(eval_examples)} eval triplets are identical to training triplets: eval metrics "
+                "will look better than they are"] if duplicated else []
+    report = {
+        "format": "triplets",
+        "train": stats["train"].as_dict(), "eval": stats["eval"].as_dict(),
+        "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded},
+        "mix": mix_report.as_dict(), "held_out_for_eval": len(held_out), "train_eval_overlap": duplicated,
+        "packing": "none",
+    }
+    skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
+    return PreparedData(TripletDataset(train_examples), TripletDataset(eval_examples), train_examples, eval_examples,
+                        stats["train"], stats["eval"], report, skipped, warnings, [])

@@ -196,3 +196,13 @@ def test_prepare_triplets_splits_mixes_and_reports(tmp_path, tiny_tokenizer):
         e.num_supervised for e in prepared.eval_examples[3:])
     assert all(e.record is not None and e.record.marker for e in prepared.eval_examples)
     assert set(prepared.train[0]) == {"input_ids", "labels", "benign_prompt", "cf_ids", "injection_ids"}
+
+
+def test_shipped_example_triplets_match_the_generator(tmp_path):
+    from pathlib import Path
+
+    from lorafit.data.sample_triplets import write_sample_triplets
+
+    shipped = Path(__file__).resolve().parents[1] / "examples" / "contrastive" / "data"
+    for path in write_sample_triplets(tmp_path):
+        assert path.read_bytes() == (shipped / path.name).read_bytes(), f"regenerate {shipped / path.name}"

@@ -1,0 +1,82 @@
+"""What the Trainer hooks need to train with an ``Objective`` (lorafit.training.objectives): the totals of each
+optimizer step, the loss of each micro-batch, and the objective's metrics averaged for the logs.
+
+``LorafitTrainer`` (hooks.py) calls these from its overrides; they are kept here so the hooks stay one line each.
+The default SFT objective is not routed through here: Trainer's own ``compute_loss`` already is that loss
+(including its multi-process scaling), so an SFT run is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafit.training.objectives import Objective, StepTotals, SupervisedObjective
+
+
+class MetricMeans:
+    """Example-weighted running means of metric dicts (between two training logs, or over one evaluation)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def pop(self, prefix: str = "") -> dict[str, float]:
+        means = {f"{prefix}{name}": self.sums[name] / self.weights[name] for name in self.sums if self.weights[name]}
+        self.sums, self.weights = {}, {}
+        return means
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "weights": dict(self.weights)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.weights = dict(state["sums"]), dict(state["weights"])
+
+
+class ObjectiveRunner:
+    """One objective inside Trainer's loop. ``active`` is False for plain SFT (Trainer computes that loss itself)."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.active = type(objective) is not SupervisedObjective
+        self.totals: StepTotals | None = None
+        self.train_metrics, self.eval_metrics = MetricMeans(), MetricMeans()
+
+    def start_step(self, trainer, batch_samples: list[dict], num_items_in_batch) -> None:
+        """Called with every micro-batch of an optimizer step before the first one trains (get_batch_samples).
+
+        Several processes: Trainer sums the token count over all of them when average_tokens_across_devices is on
+        and multiplies each loss by the process count (DDP averages gradients); the example count follows suit."""
+        examples = sum(self.objective.examples_in(batch) for batch in batch_samples)
+        if trainer.args.average_tokens_across_devices and trainer.args.world_size > 1:
+            count = torch.tensor(examples, device=trainer.args.device)
+            examples = trainer.accelerator.gather(count).sum()
+        self.totals = StepTotals(tokens=num_items_in_batch, examples=examples)
+
+    def loss(self, trainer, model, inputs: dict) -> torch.Tensor:
+        """The micro-batch's loss: normalised by the step's totals in training, by its own counts in evaluation."""
+        training = model.training
+        loss, metrics = self.objective.compute(model, inputs, self.totals if training else None)
+        (self.train_metrics if training else self.eval_metrics).add(metrics, self.objective.examples_in(inputs))
+        if training and trainer.args.average_tokens_across_devices and trainer.args.world_size > 1:
+            loss = loss * trainer.accelerator.num_processes
+        return loss
+
+    def add_to_logs(self, logs: dict) -> None:
+        """Training logs (they carry "loss") get the metrics' means since the previous log."""
+        if "loss" in logs and not any(key.startswith("eval_") for key in logs):
+            logs.update(self.train_metrics.pop())
+
+    def add_to_eval(self, metrics: dict, prefix: str) -> None:
+        metrics.update(self.eval_metrics.pop(f"{prefix}_"))
+
+    def state_dict(self) -> dict:
+        # Metrics summed since the last log, so that a resumed run logs the same means as an uninterrupted one.
+        return self.train_metrics.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_metrics.load_state_dict(state)

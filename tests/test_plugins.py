@@ -121,3 +121,10 @@ def test_objective_config_is_strict():
     with pytest.raises(ValueError, match="not dotted paths"):
         PluginsConfig(callbacks=["monitors.Memory"])
     assert ObjectiveConfig(type="contrastive").temperature == 0.07
+
+
+def test_the_sections_remember_the_config_folder(tmp_path):
+    objective = ObjectiveConfig.model_validate({"type": "m:C"}, context={"base_dir": tmp_path})
+    plugins = PluginsConfig.model_validate({"callbacks": ["m:C"]}, context={"base_dir": tmp_path})
+    assert objective.config_dir == plugins.config_dir == str(tmp_path)
+    assert ObjectiveConfig().config_dir is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 BUILTIN_OBJECTIVES = ("sft", "contrastive")
 # Only the contrastive objective reads these; setting one with another objective is a mistake worth reporting.
@@ -28,6 +28,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+class _FromConfigFolder(_Section):
+    """Remembers the config file's folder (the loader's validation context): plugin modules are searched there."""
+
+    _config_dir: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _remember_folder(self, info: ValidationInfo):
+        base = (info.context or {}).get("base_dir")
+        self._config_dir = str(base) if base is not None else None
+        return self
+
+    @property
+    def config_dir(self) -> str | None:
+        return self._config_dir
+
+
 def is_dotted_path(value: str) -> bool:
     """``package.module:ClassName``?
 
@@ -37,7 +53,7 @@ def is_dotted_path(value: str) -> bool:
     return DOTTED_PATH.match(value) is not None
 
 
-class ObjectiveConfig(_Section):
+class ObjectiveConfig(_FromConfigFolder):
     type: str = Field("sft", description="Training loss: sft (next-token loss on supervised tokens), contrastive "
                       "(causal contrastive loss on triplets, docs/objectives.md) or package.module:ClassName "
                       "(your Objective class; code execution, see plugins.allow_external_code).")
@@ -80,7 +96,7 @@ class ObjectiveConfig(_Section):
         return self.type == "contrastive"
 
 
-class PluginsConfig(_Section):
+class PluginsConfig(_FromConfigFolder):
     callbacks: list[str] = Field(default_factory=list, description="Callback classes package.module:ClassName run "
                                  "at step end, evaluation and save (docs/objectives.md); code execution.")
     allow_external_code: bool = Field(False, description="Allow objective/callback modules outside installed "

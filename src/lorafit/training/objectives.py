@@ -164,17 +164,22 @@ class ContrastiveObjective(Objective):
 
 
 def build_objective(objective_config, *, config_dir=None, allow_external_code: bool = False) -> Objective:
-    """The Objective an ``objective:`` section names (a plugin class is imported, docs/objectives.md)."""
+    """The Objective an ``objective:`` section names (a plugin class is imported, docs/objectives.md). A plugin
+    module is searched in ``config_dir`` (default: the folder of the config file the section came from)."""
     if objective_config.type == "sft":
         return SupervisedObjective()
     if objective_config.type == "contrastive":
         return ContrastiveObjective.from_config(objective_config)
     from lorafit.training.plugins import load_plugin
 
-    cls = load_plugin(objective_config.type, base=Objective, field="objective.type", config_dir=config_dir,
-                      allow_external_code=allow_external_code)
+    cls = load_plugin(objective_config.type, base=Objective, field="objective.type",
+                      config_dir=config_dir or objective_config.config_dir, allow_external_code=allow_external_code)
     try:
-        return cls(**objective_config.options)
+        objective = cls(**objective_config.options)
     except TypeError as exc:
         raise LorafitError(f"objective.options: {objective_config.type} does not accept them ({exc})",
                            fix="pass only the keyword arguments its constructor takes") from None
+    if objective.data not in ("sft", "triplets"):
+        raise LorafitError(f"objective.type: {objective_config.type}.data is {objective.data!r}",
+                           fix='set the class attribute data to "sft" or "triplets"')
+    return objective

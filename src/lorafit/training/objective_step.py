@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lorafit.data.labels import IGNORE_INDEX
 from lorafit.training.objectives import Objective, StepTotals, SupervisedObjective
 
 
@@ -45,24 +46,32 @@ class ObjectiveRunner:
         self.active = type(objective) is not SupervisedObjective
         self.totals: StepTotals | None = None
         self.train_metrics, self.eval_metrics = MetricMeans(), MetricMeans()
+        self.names: set[str] = set(objective.metric_names)  # every metric name seen: what the history keeps
 
-    def start_step(self, trainer, batch_samples: list[dict], num_items_in_batch) -> None:
+    def start_step(self, trainer, batch_samples: list[dict]) -> None:
         """Called with every micro-batch of an optimizer step before the first one trains (get_batch_samples).
 
-        Several processes: Trainer sums the token count over all of them when average_tokens_across_devices is on
-        and multiplies each loss by the process count (DDP averages gradients); the example count follows suit."""
-        examples = sum(self.objective.examples_in(batch) for batch in batch_samples)
-        if trainer.args.average_tokens_across_devices and trainer.args.world_size > 1:
-            count = torch.tensor(examples, device=trainer.args.device)
-            examples = trainer.accelerator.gather(count).sum()
-        self.totals = StepTotals(tokens=num_items_in_batch, examples=examples)
+        The counts are taken here rather than from Trainer's ``num_items_in_batch``, which Trainer leaves out
+        for models whose forward takes no loss kwargs. With several processes they are summed over all of them
+        and each loss is multiplied by the process count, as Trainer does for tokens (DDP averages gradients)."""
+        tokens = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batch_samples if "labels" in b)
+        examples = sum(self.objective.examples_in(b) for b in batch_samples)
+        if self._across_processes(trainer):
+            counts = trainer.accelerator.gather(torch.tensor([tokens, examples], device=trainer.args.device).unsqueeze(0))
+            tokens, examples = (int(v) for v in counts.sum(0))
+        self.totals = StepTotals(tokens=tokens, examples=examples)
+
+    @staticmethod
+    def _across_processes(trainer) -> bool:
+        return trainer.args.average_tokens_across_devices and trainer.args.world_size > 1
 
     def loss(self, trainer, model, inputs: dict) -> torch.Tensor:
         """The micro-batch's loss: normalised by the step's totals in training, by its own counts in evaluation."""
         training = model.training
         loss, metrics = self.objective.compute(model, inputs, self.totals if training else None)
         (self.train_metrics if training else self.eval_metrics).add(metrics, self.objective.examples_in(inputs))
-        if training and trainer.args.average_tokens_across_devices and trainer.args.world_size > 1:
+        self.names.update(metrics)
+        if training and self._across_processes(trainer):
             loss = loss * trainer.accelerator.num_processes
         return loss
 

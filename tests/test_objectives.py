@@ -178,3 +178,26 @@ def test_supervised_objective_is_the_models_own_loss(lora_model, tiny_tokenizer,
     reference = lora_model(**batch).loss  # mean over this batch's supervised tokens
     assert metrics == {}
     assert loss.item() == pytest.approx(reference.item() / 2, abs=1e-9)  # divided by the whole step's tokens
+
+
+def test_metric_means_are_weighted_by_examples_and_survive_a_checkpoint():
+    from lorafit.training.objective_step import MetricMeans, ObjectiveRunner
+
+    means = MetricMeans()
+    means.add({"causal_stability": 1.0}, weight=3)
+    saved = means.state_dict()
+    restored = MetricMeans()
+    restored.load_state_dict(saved)
+    for m in (means, restored):
+        m.add({"causal_stability": 0.0}, weight=1)
+        assert m.pop("eval_") == {"eval_causal_stability": 0.75}
+        assert m.pop() == {}
+    runner = ObjectiveRunner(ContrastiveObjective())
+    assert runner.active and not ObjectiveRunner(SupervisedObjective()).active
+    runner.train_metrics.add({"task_loss": 2.0}, 1)
+    eval_logs = {"eval_loss": 1.0}
+    runner.add_to_logs(eval_logs)
+    assert eval_logs == {"eval_loss": 1.0}  # an evaluation log does not take the training means
+    logs = {"loss": 1.0}
+    runner.add_to_logs(logs)
+    assert logs == {"loss": 1.0, "task_loss": 2.0}

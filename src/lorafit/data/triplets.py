@@ -71,6 +71,11 @@ class TripletExample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
     @property
+    def token_sequences(self) -> tuple[list[int], ...]:
+        """Every id sequence of the triplet (what a data fingerprint must cover)."""
+        return self.input_ids, self.labels, self.cf_ids, self.injection_ids
+
+    @property
     def tokens(self) -> int:
         return len(self.input_ids) + len(self.cf_ids) + len(self.injection_ids)
 

@@ -21,10 +21,12 @@ class MetricMeans:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
 
-    def add(self, metrics: dict[str, float], weight: float) -> None:
+    def add(self, metrics: dict[str, float], weight) -> None:
+        """``weight``: a number, or a function name -> number (what each metric's batch mean is over)."""
         for name, value in metrics.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
-            self.weights[name] = self.weights.get(name, 0.0) + weight
+            w = weight(name) if callable(weight) else weight
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * w
+            self.weights[name] = self.weights.get(name, 0.0) + w
 
     def pop(self, prefix: str = "") -> dict[str, float]:
         means = {f"{prefix}{name}": self.sums[name] / self.weights[name] for name in self.sums if self.weights[name]}
@@ -69,7 +71,8 @@ class ObjectiveRunner:
         """The micro-batch's loss: normalised by the step's totals in training, by its own counts in evaluation."""
         training = model.training
         loss, metrics = self.objective.compute(model, inputs, self.totals if training else None)
-        (self.train_metrics if training else self.eval_metrics).add(metrics, self.objective.examples_in(inputs))
+        (self.train_metrics if training else self.eval_metrics).add(
+            metrics, lambda name: self.objective.metric_weight(name, inputs))
         self.names.update(metrics)
         if training and self._across_processes(trainer):
             loss = loss * trainer.accelerator.num_processes

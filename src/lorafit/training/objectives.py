@@ -52,6 +52,10 @@ class Objective:
         """How many examples a batch holds (for ``StepTotals.examples``): one per row by default."""
         return int(batch["input_ids"].size(0))
 
+    def metric_weight(self, name: str, batch: dict) -> float:
+        """What a metric's batch mean is a mean over, to average it across batches exactly: examples by default."""
+        return self.examples_in(batch)
+
 
 class SupervisedObjective(Objective):
     """Next-token loss on the supervised tokens, summed and divided by the step's supervised token count (what
@@ -115,6 +119,11 @@ class ContrastiveObjective(Objective):
 
     def examples_in(self, batch):
         return int(batch["input_ids"].size(0)) // 3
+
+    def metric_weight(self, name, batch):
+        if name == "task_loss":  # a mean over the benign answers' supervised tokens
+            return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+        return self.examples_in(batch)
 
     def __init__(self, *, lambda_causal=1.0, lambda_spurious=1.0, lambda_task=1.0, temperature=0.07, layer=-1,
                  pooling="last_token"):

@@ -58,6 +58,9 @@ class ObjectiveRunner:
         and each loss is multiplied by the process count, as Trainer does for tokens (DDP averages gradients)."""
         tokens = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batch_samples if "labels" in b)
         examples = sum(self.objective.examples_in(b) for b in batch_samples)
+        history = getattr(trainer, "history", None)
+        if history is not None and hasattr(history, "add_supervised"):
+            history.add_supervised(tokens)  # this process's tokens, for supervised tokens/s
         if self._across_processes(trainer):
             counts = trainer.accelerator.gather(torch.tensor([tokens, examples], device=trainer.args.device).unsqueeze(0))
             tokens, examples = (int(v) for v in counts.sum(0))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafit.data.collate import PadCollator
-from lorafit.data.formats import ROLES, FieldMap, RowError, _turns, check_messages
+from lorafit.data.formats import FieldMap, RowError, _from_messages, check_messages
 from lorafit.data.labels import IGNORE_INDEX, render, tokenize_conversation
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import MAX_LISTED, SourceStats
@@ -94,7 +94,7 @@ def _part(row: dict, fields: FieldMap, name: str) -> list[dict]:
         if not value.strip():
             raise RowError("empty_field", f'field "{key}" is empty')
         return [{"role": "user", "content": value}]
-    messages = _turns(row, key, fields.key("role"), fields.key("content"), lambda r: r if r in ROLES else None, ROLES)
+    messages = _from_messages(row, FieldMap({**fields.names, "messages": key}))
     if not messages:
         raise RowError("empty_field", f'field "{key}" has no messages')
     return messages
@@ -196,7 +196,7 @@ def _prompt_ids(tokenizer, messages) -> list[int]:
 
 
 def tokenise_triplet(tokenizer, record: TripletRecord) -> TripletExample:
-    benign = tokenize_conversation(tokenizer, record.benign, train_on="last_assistant", where=record.where)
+    benign = tokenize_conversation(tokenizer, record.benign, train_on="last_assistant")
     prompt = next(i for i, label in enumerate(benign.labels) if label != IGNORE_INDEX)
     return TripletExample(benign.input_ids, benign.labels, prompt, _prompt_ids(tokenizer, record.benign_cf),
                           _prompt_ids(tokenizer, record.injection), record.where, sha256_text(record.identity()),

@@ -89,14 +89,17 @@ def staging_files(run_dir: Path, pid: int) -> int:
 
 
 def history(run_dir: Path) -> list[dict]:
-    text = (run_dir / "metrics_history.jsonl").read_text(encoding="utf-8")
+    from lorafit.run_folder import RunFolder
+
+    text = (run_dir / RunFolder.HISTORY).read_text(encoding="utf-8")
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in text.splitlines() if line]
 
 
 def newest_step(run_dir: Path) -> int:
+    from lorafit.run_folder import RunFolder
     from lorafit.training.checkpoint import newest_verified
 
-    folder = newest_verified(run_dir / "checkpoints")
+    folder = newest_verified(RunFolder(run_dir).checkpoints)
     return int(folder.name[5:]) if folder else 0
 
 

@@ -154,6 +154,9 @@ BROKEN_CASES = {
     "sharegpt_role.jsonl": "sharegpt_role.jsonl:1: conversations[1].from is 'narrator'",
     "alpaca_missing.json": 'alpaca_missing.json:3 (item 1): field "output" missing',
     "content_part.jsonl": "content_part.jsonl:1: messages[0].content[0] is 'image_url'; only",
+    "part_text_key.jsonl": 'part_text_key.jsonl:1: messages[0].content[0] is a text part without a string "text" key '
+                           "(keys: type, value); set fields: {part_text: value} on this source",
+    "preference.jsonl": 'preference.jsonl:1: this is preference data (the row has "chosen" and "rejected")',
 }
 runner = CliRunner()
 
@@ -208,3 +211,26 @@ def test_data_inspect_reports_every_source_and_marks_trained_tokens(tiny_model_d
     text = runner.invoke(app, ["data", "inspect", str(config), "--set", f"model.path={tiny_model_dir}"])
     assert text.exit_code == 0 and "audit: passed" in text.output and "tokens per example: min" in text.output
     assert marked in text.output  # not a terminal: brackets, no colour codes
+
+
+def test_text_parts_with_another_text_key_are_read_through_the_field_map(tiny_tokenizer):
+    source = DataSource(path=str(BROKEN / "part_text_key.jsonl"), fields={"part_text": "value"})
+    [example] = load_source(source, tiny_tokenizer, _data(), use_cache=False).examples
+    expected = tiny_tokenizer.apply_chat_template(_chat("Ana Lopez, 34.", '{"name": "Ana Lopez"}'), tokenize=True)
+    assert example.input_ids == expected["input_ids"]
+
+
+def test_preference_rows_are_refused_even_with_on_error_skip(tmp_path, tiny_tokenizer):
+    """A preference file read as ordinary rows would train the conversation without its answers (or the rejected
+    one): the whole source is refused, pointing to preference training, whatever on_error says."""
+    rows = [{"prompt": "Is Lisbon in Spain?", "chosen": "No, in Portugal.", "rejected": "Yes."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LorafitError) as info:
+        load_source(DataSource(path=str(path), on_error="skip", max_skip_fraction=1.0), tiny_tokenizer, _data(),
+                    use_cache=False)
+    assert "preference data" in info.value.render() and "planned" in info.value.render()
+    # Mapping the preferred answer on purpose trains on it as a prompt/completion pair.
+    mapped = load_source(DataSource(path=str(path), fields={"completion": "chosen"}), tiny_tokenizer, _data(),
+                         use_cache=False)
+    assert mapped.stats.format == "prompt_completion" and mapped.stats.kept == 1

@@ -177,9 +177,10 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
 
 
 def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from lorafit.training.callbacks import MetricsHistory
     from lorafit.model.loading import load_base_model
-    from lorafit.training.recipe import build_trainer
+    from lorafit.run_folder import RunFolder
+    from lorafit.training.build import build_trainer
+    from lorafit.training.callbacks import MetricsHistory
 
     rows = [conversation("q " * (1 + (7 * i) % 13), "a " * (1 + i % 3)) for i in range(12)]
     write_jsonl(tmp_path / "t.jsonl", rows)
@@ -189,8 +190,8 @@ def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_di
                           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "max_steps": 1}})
     prepared = prepare_data(config.data, tiny_tokenizer, seed=0, batch_size=3, group_by_length=True, use_cache=False)
     model = load_base_model(config.model, str(tiny_model_dir))
-    history = MetricsHistory(tmp_path / "metrics_history.jsonl")
-    trainer = build_trainer(config, model, tiny_tokenizer, prepared.train, prepared.eval, tmp_path / "run", [history])
+    history = MetricsHistory(RunFolder(tmp_path))
+    trainer = build_trainer(config, model, tiny_tokenizer, prepared.train, prepared.eval, RunFolder(tmp_path / "run"), history)
     rows_seen = [len(batch["input_ids"][0]) for batch in trainer.get_train_dataloader()]
     expected = [len(e.input_ids) for e in prepared.train_examples]
     assert expected == sorted(expected)

@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from lorafit import load_config, train
 from lorafit.errors import LorafitError
-from lorafit.evaluate.run import GenerationSettings, generate_answers, read_examples, run_eval
+from lorafit.evaluate.examples import read_examples
+from lorafit.evaluate.run import run_eval
+from lorafit.evaluate.scoring import GenerationSettings, generate_answers
 from lorafit.evaluate.report import write_report
 from test_cli import lorafit
 
@@ -194,3 +196,75 @@ def test_best_metric_config_is_checked():
     assert load_config(base).eval.best.resolved_mode == "min"
     with pytest.raises(LorafitError, match="eval.refusal_patterns"):
         load_config({**base, "eval": {"refusal_patterns": ["(unclosed"]}})
+
+
+def _two_turns(i: int, long: bool = False) -> dict:
+    padding = " and then some more words" * 30 if long else ""
+    return {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"{i} {i}"},
+                         {"role": "user", "content": f"Again {i}{padding}"}, {"role": "assistant", "content": f"{i}"}]}
+
+
+def test_eval_loss_uses_the_adapters_train_on_and_truncation(tmp_path, tiny_model_dir):
+    """`lorafit eval` tokenises like the run it measures (training_config.yaml), so its loss is the logged one."""
+    train_rows = write_jsonl(tmp_path / "train.jsonl", [_two_turns(i) for i in range(16)])
+    eval_rows = write_jsonl(tmp_path / "eval.jsonl", [_two_turns(i, long=i % 3 == 0) for i in range(20, 26)])
+    result = train(load_config({
+        "model": {"path": str(tiny_model_dir)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": [{"path": str(train_rows)}], "eval": [{"path": str(eval_rows)}], "max_seq_length": 96,
+                 "train_on": "last_assistant", "truncation": "drop"},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 8, "learning_rate": 5e-3, "seed": 3},
+        "eval": {"every": None, "at_start": False, "generate_samples": 0, "best": {"final_adapter": "last"}},
+    }))
+    assert result.data["eval"]["dropped_too_long"] == 2  # the length policy matters for this data
+    logged = [json.loads(line)["eval_loss"] for line in (result.run_dir / "metrics_history.jsonl").read_text().splitlines()
+              if "eval_loss" in line]
+    report = run_eval(adapter=result.run_dir, model=None, data=[eval_rows], metrics=("loss",), baseline=False)
+    assert report["loss_tokenisation"] == {"max_seq_length": 96, "truncation": "drop", "train_on": "last_assistant"}
+    assert report["model_result"]["loss"] == pytest.approx(logged[-1], rel=1e-4)
+    # What eval computed before (every assistant turn, long rows cut): another number, so the match above means something.
+    other = run_eval(adapter=result.run_dir, model=None, data=[eval_rows], metrics=("loss",), baseline=False,
+                     train_on="all_assistant", truncation="truncate")
+    assert abs(other["model_result"]["loss"] - logged[-1]) > 1e-2
+
+
+def test_generation_examples_keep_source_fields_and_held_out_rows(tmp_path, tiny_tokenizer):
+    """Eval sources are read as DataSource (format, fields, task_prefix); held-out train rows are answered too."""
+    from lorafit.data import prepare_data
+    from lorafit.evaluate.run import generation_sample
+
+    train_rows = write_jsonl(tmp_path / "train.jsonl", [_two_turns(i) for i in range(12)])
+    mapped = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"Capital number {i}?", "a": f"City {i}"} for i in range(3)])
+    config = load_config({
+        "data": {"train": [{"path": str(train_rows), "eval_fraction": 0.25}],
+                 "eval": [{"path": str(mapped), "format": "prompt_completion", "fields": {"prompt": "q", "completion": "a"},
+                           "task_prefix": "qa: "}], "max_seq_length": 128},
+    })
+    prepared = prepare_data(config.data, tiny_tokenizer, seed=0, batch_size=4, group_by_length=False, use_cache=False)
+    held_out = {e.where for e in prepared.eval_examples if e.where.startswith(str(train_rows))}
+    assert len(held_out) == prepared.report["held_out_for_eval"] == 3
+    examples, settings = generation_sample(config, prepared.eval_examples)
+    assert settings.max_new_tokens == config.eval.max_new_tokens and len(examples) == 6
+    assert [(e.prompt[-1]["content"], e.reference) for e in examples[:3]] == [
+        (f"qa: Capital number {i}?", f"City {i}") for i in range(3)]
+    assert {e.where for e in examples[3:]} == held_out and all(e.source == "train.jsonl" for e in examples[3:])
+    # A bare path (what the recipe passed before) cannot read the mapped file: that was the failure after model load.
+    with pytest.raises(LorafitError, match="cannot tell the data format"):
+        read_examples([str(mapped)])
+
+
+def test_a_run_with_a_field_mapped_eval_source_and_held_out_rows_answers_both(tmp_path, tiny_model_dir):
+    """Before: generation eval re-read the eval source as a bare path and failed after the model had loaded."""
+    train_rows = write_jsonl(tmp_path / "train.jsonl", [_two_turns(i) for i in range(12)])
+    mapped = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"Say {i}", "a": f"{i} {i}"} for i in range(3)])
+    result = train(load_config({
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(train_rows), "eval_fraction": 0.25}],
+                 "eval": [{"path": str(mapped), "format": "prompt_completion", "fields": {"prompt": "q", "completion": "a"}}],
+                 "max_seq_length": 96},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4, "seed": 3},
+        "eval": {"every": None, "at_start": False, "max_new_tokens": 4},  # generate_samples: its default, 16
+    }))
+    comparison = json.loads((result.run_dir / "training_results.json").read_text())["generation"]
+    assert comparison["examples"] == 3 + 3  # the mapped file's rows and the 3 held-out training rows
+    assert [s["prompt"] for s in comparison["samples"][:3]] == ["Say 0", "Say 1", "Say 2"]

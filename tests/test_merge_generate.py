@@ -130,3 +130,23 @@ def test_generate_and_chat_commands(fp32_run, tmp_path):
 
     bad = runner.invoke(app, ["generate", "--model", str(fp32_run.run_dir / "merged")])
     assert bad.exit_code == 1 and "exactly one of --prompt" in bad.output
+
+
+def test_merge_generate_and_chat_take_a_run_folder(fp32_run, tmp_path):
+    """Before: `merge RUN`, `generate --adapter RUN` and `chat --adapter RUN` said "not an adapter folder"."""
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    runner = CliRunner()
+    run = str(fp32_run.run_dir)
+    merged = runner.invoke(app, ["merge", run, "--out", str(tmp_path / "m"), "--dtype", "fp32"])
+    assert merged.exit_code == 0, merged.output[-3000:]
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert report["adapter_dir"] == str(fp32_run.adapter_dir) and report["max_abs_logit_diff"] <= 1e-5
+    generated = runner.invoke(app, ["generate", "--adapter", run, "--prompt", "Say green"])
+    assert generated.exit_code == 0 and generated.stdout.splitlines() == ["green green"], generated.output[-3000:]
+    chat = runner.invoke(app, ["chat", "--adapter", run], input="Say blue\n")
+    assert chat.exit_code == 0 and chat.stdout.splitlines() == ["blue blue"], chat.output[-3000:]
+    # artifact.merge on a run without quantization: no "quantization gap" (it loaded the base a third time for it)
+    assert "quantization_gap" not in json.loads((fp32_run.run_dir / "merged" / "merge_report.json").read_text())

@@ -60,6 +60,75 @@ def test_json_schema_subset():
     assert M.schema_errors("b", {"enum": ["a"]}) == ["$: 'b' not in ['a']"]
 
 
+def test_json_schema_combinators_and_refs_are_enforced():
+    """anyOf, oneOf, allOf, not, $ref: a subset validator ignored them, so every answer passed such a schema."""
+    schema = {
+        "$defs": {"person": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}},
+        "anyOf": [{"$ref": "#/$defs/person"}, {"type": "array", "items": {"$ref": "#/$defs/person"}}],
+    }
+    assert M.json_schema('{"name": "Ana"}', schema) == 1.0
+    assert M.json_schema('[{"name": "Ana"}, {"name": "Rui"}]', schema) == 1.0
+    assert M.json_schema('{"nome": "Ana"}', schema) == 0.0  # neither branch: no name
+    assert M.json_schema('[{"name": 7}]', schema) == 0.0  # $ref inside items
+    assert M.json_schema("42", {"oneOf": [{"type": "integer"}, {"minimum": 10}]}) == 0.0  # both match: not one
+    assert M.json_schema("7", {"oneOf": [{"type": "integer"}, {"minimum": 10}]}) == 1.0
+    assert M.json_schema('"x"', {"allOf": [{"type": "string"}, {"minLength": 2}]}) == 0.0
+    assert M.json_schema('{"a": 1}', {"not": {"required": ["a"]}}) == 0.0
+    assert M.schema_errors({"age": "41"}, {"properties": {"age": {"type": "integer"}}}) == [
+        "$.age: expected integer, got str"]
+
+
+def test_an_invalid_schema_file_is_refused_before_any_answer(tmp_path):
+    from lorafit.errors import LorafitError
+    from lorafit.evaluate.scoring import load_json_schema
+
+    path = tmp_path / "schema.json"
+    path.write_text('{"type": "objekt"}')
+    with pytest.raises(LorafitError, match=r"schema.json: not a valid JSON schema: \$.type: 'objekt' is not valid"):
+        load_json_schema(str(path))
+    path.write_text('{"type": "object", "required": ["a"]}')
+    assert load_json_schema(str(path)) == {"type": "object", "required": ["a"]}
+
+
+# (prediction, reference) pairs for ROUGE-L parity with Google's rouge-score package.
+ASCII_PAIRS = [
+    ("The cat sat on mat", "the cat is on the mat"), ("a b c", "a b c"), ("x y", "a b"), ("b a", "a b"),
+    ("police killed the gunman", "the gunman killed police"), ("Hello, world!", "hello world"),
+    ('{"name": "Ana", "age": 41}', '{"name": "Ana Lopez", "age": 41}'), ("It's 3:45pm now.", "it is 3 45 pm now"),
+    ("one two three four five", "five four three two one"), ("New York-based firm", "a firm based in new york"),
+    ("I can't help with that.", "I cannot help with that"), ("2 + 2 = 4", "2+2=4"),
+    ("the the the", "the"), ("A B A B A", "B A B"), ("long answer " * 10, "long answer"),
+]
+UNICODE_PAIRS = [
+    ("Café au lait à Paris", "un café à Paris"), ("Straße und Übermut", "die straße"), ("naïve résumé", "resume naive"),
+    ("東京 は 日本 の 首都", "日本 の 首都 は 東京"), ("Привет мир", "привет, мир!"), ("ελληνικά κείμενα", "κείμενα"),
+]
+
+
+class _LorafitWords:
+    """lorafit's word split (lower-cased \\w+, Unicode letters kept) as a rouge-score tokenizer."""
+
+    def tokenize(self, text):
+        return M.words(text)
+
+
+def test_rouge_l_equals_the_rouge_score_package():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    # ASCII text: rouge-score's own tokenizer splits on the same boundaries, so the scores are equal as they are.
+    default = RougeScorer(["rougeL"])
+    for prediction, reference in ASCII_PAIRS:
+        assert M.rouge_l(prediction, reference) == pytest.approx(
+            default.score(reference, prediction)["rougeL"].fmeasure, abs=1e-12), (prediction, reference)
+    # Non-ASCII text: rouge-score's default tokenizer drops every non-[a-z0-9] letter ("café" -> "caf", Cyrillic
+    # -> nothing); lorafit keeps Unicode words. With lorafit's word split, the LCS and F1 are the package's.
+    words = RougeScorer(["rougeL"], tokenizer=_LorafitWords())
+    for prediction, reference in UNICODE_PAIRS:
+        assert M.rouge_l(prediction, reference) == pytest.approx(
+            words.score(reference, prediction)["rougeL"].fmeasure, abs=1e-12), (prediction, reference)
+    assert M.rouge_l("Привет мир", "привет, мир!") == 1.0 and default.score("привет, мир!", "Привет мир")["rougeL"].fmeasure == 0.0
+
+
 def test_field_presence_and_accuracy_by_hand():
     assert M.field_accuracy(REF, REF) == 1.0 and M.field_presence(REF, REF) == 1.0
     # right keys, values: name right, age as a string (wrong type), city wrong, job right -> 2/4
@@ -111,7 +180,7 @@ def test_perplexity_and_aggregate():
 
 
 def test_improvement_needs_more_than_min_delta():
-    from lorafit.training.selection import improved
+    from lorafit.training.guards import improved
 
     assert improved(0.94, 1.0, "min", 0.05)  # 0.94 < 1.0 - 0.05
     assert not improved(0.96, 1.0, "min", 0.05)

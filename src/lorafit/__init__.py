@@ -9,7 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_config", "train", "fine_tune", "Config", "LorafitError", "TrainResult"]
+__all__ = ["__version__", "load_config", "train", "fine_tune", "Config", "LorafitError", "TrainResult", "LorafitCallback",
+           "Progress"]
 
 
 def __getattr__(name: str):
@@ -22,6 +23,14 @@ def __getattr__(name: str):
         from lorafit.training import recipe
 
         return getattr(recipe, name)
+    if name == "LorafitCallback":
+        from lorafit.training.callbacks import LorafitCallback
+
+        return LorafitCallback
+    if name == "Progress":
+        from lorafit.training.progress import Progress
+
+        return Progress
     if name == "fine_tune":
         from lorafit.training.api import fine_tune
 

@@ -1,40 +1,174 @@
-"""The run folder: claiming it, and writing files into it so a crash never leaves a half-written one."""
+"""The run folder: every file name in it, claiming it, and the only code that writes run files into it.
+
+Bottom layer: imports only ``lorafit.errors``. Every write is crash-safe: a temporary file beside the target,
+fsynced, renamed over it (``write_atomic``), so a crash never leaves a half-written file; files get the normal
+permissions (``0o666 & ~umask``), not tempfile's private 0600.
+
+Only the main process writes (``RunFolder.main_process``): under a multi-process launcher every process runs the
+same recipe, and the others must not race it on the same files. Checkpoints are written by Trainer hooks that
+check ``args.should_save`` (main process only) and use ``write_durable``/``write_atomic`` from here.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from lorafit.errors import LorafitError
 
-# Written last by a finished run: its presence means every other output is complete.
-DONE_MARKER = "training_summary.json"
+
+class RunFolder:
+    """``<train.output_dir>``: the names of everything a run writes there, and the writer of its files."""
+
+    HISTORY = "metrics_history.jsonl"
+    DATA_REPORT = "data_report.json"
+    SKIPPED_ROWS = "skipped_rows.jsonl"
+    RESULTS = "training_results.json"
+    REPORT = "report.html"
+    SUMMARY = "training_summary.json"  # written last by a finished run: its presence means every output is complete
+    RESULT = "result.json"
+    CHECKPOINTS = "checkpoints"
+    TENSORBOARD = "tensorboard"
+    MERGED = "merged"
+    ARTIFACT = "final_artifact"
+    # What a tracker writes into the run folder when it runs offline (training/tracking.py).
+    TRACKERS = ("mlruns", "wandb")
+
+    def __init__(self, path: Path, *, main_process: bool | None = None):
+        self.path = Path(path)
+        # A launcher (torchrun, accelerate) sets RANK before the process starts; the recipe sets the flag again
+        # from the Trainer's own state once it exists (``trainer.is_world_process_zero()``).
+        self.main_process = os.environ.get("RANK", "0") == "0" if main_process is None else main_process
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def history(self) -> Path:
+        return self.path / self.HISTORY
+
+    def artifact_dir(self, name: str, version: str) -> Path:
+        return self.path / f"{name}-v{version}" / self.ARTIFACT
+
+    def is_finished(self) -> bool:
+        return (self.path / self.SUMMARY).exists()
+
+    # -- writing (main process only)
+    def write_json(self, name: str, value) -> Path:
+        return self.write_text(name, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        if self.main_process:
+            write_atomic(path, text)
+        return path
+
+    def write_lines(self, name: str, records: list[dict]) -> Path:
+        """A JSON-lines file holding exactly ``records`` (replaces what was there)."""
+        return self.write_text(name, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append_line(self, name: str, record: dict) -> None:
+        """One JSON line at the end of ``name``. Appends are not atomic; the history a checkpoint carries is
+        what a resume restores (``write_lines``), so a torn last line never outlives the next resume."""
+        if self.main_process:
+            with (self.path / name).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def remove(self, name: str) -> None:
+        if self.main_process:
+            (self.path / name).unlink(missing_ok=True)
+
+    # -- claiming
+    @classmethod
+    def claim(cls, output_dir: str, *, overwrite: bool, notes: list[str] | None = None) -> "RunFolder":
+        """Resolve and create the run folder. Refuses to silently replace a finished run, or to write into a
+        folder of other files; ``notes`` receives a warning when the folder lies outside the working directory."""
+        given = Path(output_dir).expanduser()
+        if given.is_symlink():
+            raise LorafitError(
+                f"{output_dir}: the output folder is a symbolic link",
+                why="outputs must stay inside the folder you named, not wherever a link points",
+                fix="use a real folder",
+            )
+        path = given.resolve()
+        if path.exists() and not path.is_dir():
+            raise LorafitError(f"{path}: exists and is not a folder", fix="choose another train.output_dir")
+        run = cls(path)
+        if run.is_finished() and not overwrite:
+            raise LorafitError(
+                f"{path}: holds a finished run already",
+                why="a new run would replace its adapter and metrics",
+                fix="pass --overwrite, or choose another folder with --set train.output_dir=runs/NAME",
+            )
+        foreign = run.foreign_entries()
+        if foreign and not overwrite:
+            raise LorafitError(
+                f"{path}: is not empty and holds no lorafit run ({', '.join(foreign[:5])}"
+                + (", ..." if len(foreign) > 5 else "") + ")",
+                why="a run writes checkpoints, reports and artifacts here, beside files it does not know",
+                fix="choose an empty or new folder (--set train.output_dir=runs/NAME), or pass --overwrite to "
+                "write into it anyway (its files are left alone)",
+            )
+        escaped = _outside_working_dir(Path(output_dir), path)
+        if escaped and notes is not None:
+            notes.append(f"train.output_dir {output_dir!r} resolves to {path}, outside the working directory")
+        if run.main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                run.remove(cls.SUMMARY)  # from here on, the folder no longer claims to be complete
+        return run
+
+    def foreign_entries(self) -> list[str]:
+        """Entries of a non-empty folder that holds nothing lorafit writes; empty for a run folder or a new one."""
+        if not self.path.is_dir():
+            return []
+        entries = sorted(p.name for p in self.path.iterdir())
+        known = {self.HISTORY, self.DATA_REPORT, self.SKIPPED_ROWS, self.RESULTS, self.REPORT, self.SUMMARY,
+                 self.RESULT, self.CHECKPOINTS, self.TENSORBOARD, self.MERGED, *self.TRACKERS}
+        if any(name in known or _ARTIFACT_FOLDER.match(name) for name in entries):
+            return []
+        return entries
 
 
-def claim_run_dir(output_dir: str, *, overwrite: bool) -> Path:
-    """Resolve and create the run folder; refuse to silently replace a finished run."""
-    path = Path(output_dir).expanduser()
-    if path.is_symlink():
-        raise LorafitError(
-            f"{output_dir}: the output folder is a symbolic link",
-            why="outputs must stay inside the folder you named, not wherever a link points",
-            fix="use a real folder",
-        )
-    path = path.resolve()
-    if path.exists() and not path.is_dir():
-        raise LorafitError(f"{path}: exists and is not a folder", fix="choose another train.output_dir")
-    if (path / DONE_MARKER).exists() and not overwrite:
-        raise LorafitError(
-            f"{path}: holds a finished run already",
-            why="a new run would replace its adapter and metrics",
-            fix="pass --overwrite, or choose another folder with --set train.output_dir=runs/NAME",
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        (path / DONE_MARKER).unlink(missing_ok=True)  # from here on, the folder no longer claims to be complete
-    return path
+# <artifact.name>-v<artifact.version>: a published (or half-published) artifact's version folder.
+_ARTIFACT_FOLDER = re.compile(r"^.+-v\d[^/]*$")
+
+
+def _outside_working_dir(given: Path, resolved: Path) -> bool:
+    """A relative output_dir that climbs out of the working directory (``runs/../../elsewhere``); an absolute path
+    is where the user said, so it is not flagged."""
+    return not given.is_absolute() and not resolved.is_relative_to(Path.cwd().resolve())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: Path) -> None:
+    """Give a file (0o666) or folder (0o777) made by tempfile the permissions a plain ``open``/``mkdir`` would
+    have given it: tempfile makes them private (0600/0700), which hides a published artifact from its group."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def public_tree(folder: Path) -> None:
+    """``public_mode`` for a folder and everything below it (safetensors, like tempfile, writes files 0600)."""
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            public_mode(path)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -75,6 +209,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -84,4 +219,5 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def write_json(path: Path, value) -> None:
+    """For files outside a run folder's own (inside an artifact being staged); run files go through RunFolder."""
     write_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")

@@ -67,8 +67,10 @@ def tokenizer_identity(tokenizer, model_dir: Path) -> dict:
     }
 
 
-def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters: dict, base_check, started: float) -> dict:
-    """Everything needed to know what an adapter is and to train it again: written as metadata.json."""
+def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters: dict, base_check, started: float,
+                     *, health: dict | None = None) -> dict:
+    """Everything needed to know what an adapter is and to train it again: written as metadata.json.
+    ``health``: whether the run learned or diverged (training/outcome.py assess_health)."""
     import json
     import time
 
@@ -105,4 +107,5 @@ def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters:
         "data": sources,
         "parameters": parameters,
         "base_weight_check": base_check.as_dict(),
+        "training_health": health,
     }

@@ -17,16 +17,16 @@ from pathlib import Path
 from lorafit.config import ArtifactConfig, Config
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_file
-from lorafit.run_folder import fsync_tree, write_json
+from lorafit.run_folder import RunFolder, fsync_tree, public_tree, write_json
 
-FINAL = "final_artifact"
+FINAL = RunFolder.ARTIFACT
 CHECKSUMS = "checksums.json"
 # adapter_config.json fields peft keeps as sets and writes in hash order; sorted, the file is reproducible.
 _SET_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
 
 
 def artifact_dir(run_dir: Path, artifact: ArtifactConfig) -> Path:
-    return inside(run_dir, run_dir / f"{artifact.name}-v{artifact.version}" / FINAL)
+    return inside(run_dir, RunFolder(run_dir).artifact_dir(artifact.name, artifact.version))
 
 
 def inside(root: Path, path: Path) -> Path:
@@ -147,6 +147,7 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
         write_json(staging / "metadata.json", metadata)
         (staging / "README.md").write_text(model_card(config, metadata, metrics, str(target)), encoding="utf-8")
         write_checksums(staging)
+        public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; an artifact is shared
         fsync_tree(staging)
         replaced = None
         if target.exists():  # --overwrite: move the old one aside first, so there is never a mix of both

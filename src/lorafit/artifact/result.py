@@ -9,8 +9,9 @@ from pathlib import Path
 
 from lorafit.config import Config
 from lorafit.errors import LorafitError
+from lorafit.run_folder import RunFolder
 
-RESULT_FILE = "result.json"
+RESULT_FILE = RunFolder.RESULT
 
 
 def new_job_id() -> str:
@@ -38,11 +39,16 @@ def _validated_params(config: Config, finetuned_model_id: str | None) -> dict:
 
 
 def completed_result(job_id: str, config: Config, result) -> dict:
+    """``status: completed``; or ``failed`` with error type ``TrainingDiverged`` when the run finished every step
+    but did not learn (``result.health``): a program that deploys on "completed" must not deploy that adapter.
+    The outputs are listed either way, so the diverged run can be examined."""
     adapter = Path(result.adapter_dir)
+    health = getattr(result, "health", None) or {"status": "ok"}
+    diverged = health["status"] != "ok"
     return {
         "id": job_id,
         "object": "fine_tuning.job",
-        "status": "completed",
+        "status": "failed" if diverged else "completed",
         "finished_at": int(time.time()),
         "params": {"validated_params": _validated_params(config, str(adapter))},
         "metrics": result.metrics,
@@ -53,10 +59,16 @@ def completed_result(job_id: str, config: Config, result) -> dict:
             "adapter_config": str(adapter / "adapter_config.json"),
             "metadata": str(adapter / "metadata.json"),
             "checksums": str(adapter / "checksums.json"),
-            "metrics_history": str(Path(result.run_dir) / "metrics_history.jsonl"),
+            "metrics_history": str(Path(result.run_dir) / RunFolder.HISTORY),
         },
-        "error": None,
+        "health": health,
+        "error": _diverged_error(health) if diverged else None,
     }
+
+
+def _diverged_error(health: dict) -> dict:
+    return {"type": "TrainingDiverged", "message": "training diverged: " + "; ".join(health.get("reasons", [])),
+            "user_error": True, "traceback": None}
 
 
 def failed_result(job_id: str, config: Config | None, run_dir: Path | None, error: BaseException) -> dict:

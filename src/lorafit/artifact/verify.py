@@ -1,10 +1,14 @@
 """`lorafit verify`: is this folder exactly the adapter that was trained, and does it fit its base?
 
 Checks, each reported by name so a user knows what to fix:
-- checksums: every file listed is present with the same sha256; no file is missing or extra;
+- checksums: every file listed is present with the same sha256; no file is missing or extra (an adapter with no
+  checksums.json gets the other checks and the distinct outcome "unproven": nothing proves its files are the ones
+  written);
 - safetensors: the header parses, offsets tile the data exactly, dtypes and sizes agree; values are finite;
-- adapter: tensor names and shapes agree with adapter_config.json (rank, targeted modules);
-- with ``--base``: the base's weight files are the ones trained on (sha256) and each adapted module's shape fits;
+- adapter: tensor names and shapes agree with adapter_config.json (rank, targeted modules in any form peft
+  writes: short names, full module paths, or one regular expression);
+- with ``--base``: the base's weight files are the ones trained on (sha256) and each adapted module's shape fits
+  (``[out, in]``, or ``[in, out]`` for GPT-2-style Conv1D layers, ``fan_in_fan_out``);
 - no pickle files (refused unless ``--allow-pickle``).
 """
 
@@ -18,6 +22,8 @@ from pathlib import Path
 
 from lorafit.artifact.publish import CHECKSUMS, checksums_for
 from lorafit.artifact.provenance import weight_files
+from lorafit.errors import LorafitError
+from lorafit.model.adapters import ADAPTER_CONFIG, find_adapter_dir
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -31,13 +37,19 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checked: dict = field(default_factory=dict)
+    unproven: list[str] = field(default_factory=list)  # why the files cannot be proven to be the ones written
+
+    @property
+    def status(self) -> str:
+        """"failed" (a problem found), "unproven" (no problem, but no checksums to prove integrity) or "ok"."""
+        return "failed" if self.problems else "unproven" if self.unproven else "ok"
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return self.status == "ok"
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, **asdict(self)}
+        return {"ok": self.ok, "status": self.status, **asdict(self)}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, list[str]]:
@@ -88,7 +100,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, list[str]]:
 def _check_checksums(folder: Path, report: VerifyReport) -> None:
     listing = folder / CHECKSUMS
     if not listing.is_file():
-        report.problems.append(f"{CHECKSUMS}: missing — cannot prove any file is the one written")
+        report.unproven.append(f"no {CHECKSUMS}: nothing proves these files are the ones written (a PEFT adapter "
+                               "saved by other tools has none; lorafit's artifacts always do)")
         return
     try:
         expected = json.loads(listing.read_text(encoding="utf-8"))["files"]
@@ -147,7 +160,6 @@ def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: Ve
         return {}
     rank, rank_pattern = config.get("r"), config.get("rank_pattern") or {}
     targets = config.get("target_modules")
-    target_list = targets if isinstance(targets, list) else None
     for name, shape in shapes.items():
         match = _ADAPTER_KEY.match(name)
         if not match:
@@ -155,9 +167,8 @@ def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: Ve
                 report.problems.append(f"adapter tensor {name}: not a LoRA or modules_to_save tensor")
             continue
         module, kind = match["module"], match["kind"]
-        leaf = module.rsplit(".", 1)[-1]
-        if target_list is not None and leaf not in target_list:
-            report.problems.append(f"adapter tensor {name}: module {leaf!r} is not in target_modules {target_list}")
+        if not is_targeted(module, targets):
+            report.problems.append(f"adapter tensor {name}: module {module!r} is not in target_modules {targets!r}")
         r = next((v for k, v in rank_pattern.items() if re.search(k, module)), rank)
         if kind == "lora_A" and (len(shape) != 2 or shape[0] != r):
             report.problems.append(f"adapter tensor {name}: shape {shape}, expected [r={r}, in_features]")
@@ -166,7 +177,21 @@ def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: Ve
     return config
 
 
-def _check_base(folder: Path, base: Path, shapes: dict[str, list[int]], report: VerifyReport) -> None:
+def is_targeted(module: str, targets) -> bool:
+    """Whether peft would have adapted ``module`` (its full path) for adapter_config.json's target_modules.
+
+    peft writes them as short names (``q_proj``), as full module paths (``model.layers.0.self_attn.q_proj``: it
+    does for "all-linear" when fewer than 20 modules match), or as one regular expression matched against the
+    whole path (a string). A list entry matches the path itself or its last dotted parts.
+    """
+    if targets is None or targets == "all-linear":
+        return True  # nothing to check against without the base model's layer types
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _check_base(folder: Path, base: Path, shapes: dict[str, list[int]], config: dict, report: VerifyReport) -> None:
     if not (base / "config.json").is_file():
         report.problems.append(f"--base {base}: not a model folder (no config.json)")
         return
@@ -188,18 +213,30 @@ def _check_base(folder: Path, base: Path, shapes: dict[str, list[int]], report: 
         match = _ADAPTER_KEY.match(name)
         if match and match["kind"] in ("lora_A", "lora_B"):
             lora.setdefault(match["module"], {})[match["kind"]] = shape
+    # GPT-2-style Conv1D layers store their weight as [in, out]; peft records it as fan_in_fan_out.
+    transposed = bool(config.get("fan_in_fan_out"))
     for module, parts in sorted(lora.items()):
         weight = base_shapes.get(f"{module}.weight")
         if weight is None:
             report.problems.append(f"--base {base}: has no weight for adapted module {module}")
-        elif "lora_A" in parts and "lora_B" in parts and [parts["lora_B"][0], parts["lora_A"][1]] != weight:
-            report.problems.append(f"--base {base}: {module}.weight is {weight}, the adapter expects "
-                                   f"[{parts['lora_B'][0]}, {parts['lora_A'][1]}]")
+        elif "lora_A" in parts and "lora_B" in parts:
+            out_features, in_features = parts["lora_B"][0], parts["lora_A"][1]
+            expected = [in_features, out_features] if transposed else [out_features, in_features]
+            if weight != expected:
+                layout = "[in, out] (fan_in_fan_out)" if transposed else "[out, in]"
+                report.problems.append(f"--base {base}: {module}.weight is {weight}, the adapter expects {expected} "
+                                       f"as {layout}")
     report.checked["base_modules"] = len(lora)
 
 
 def verify_artifact(folder: Path, base: Path | None = None, *, allow_pickle: bool = False) -> VerifyReport:
+    """Check an artifact or adapter folder (a run folder stands for its newest final artifact)."""
     folder = Path(folder)
+    if folder.is_dir() and not (folder / ADAPTER_CONFIG).is_file():
+        try:
+            folder = find_adapter_dir(folder)
+        except LorafitError:
+            pass  # not a run folder either: the checks below name what is missing
     report = VerifyReport(artifact=str(folder))
     if not folder.is_dir():
         report.problems.append(f"{folder}: not a folder")
@@ -207,7 +244,7 @@ def verify_artifact(folder: Path, base: Path | None = None, *, allow_pickle: boo
     _check_checksums(folder, report)
     shapes = _check_tensors(folder, report, allow_pickle)
     if shapes:
-        _check_adapter_config(folder, shapes, report)
+        config = _check_adapter_config(folder, shapes, report)
         if base is not None:
-            _check_base(folder, Path(base), shapes, report)
+            _check_base(folder, Path(base), shapes, config, report)
     return report

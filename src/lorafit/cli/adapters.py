@@ -13,14 +13,20 @@ from lorafit.errors import LorafitError
 from lorafit.cli.app import AllowPickle, _fail, _quiet_libraries, app
 
 
+# `lorafit verify` exit codes: 0 verified, 1 a problem found, 3 no problem found but integrity not provable
+# (no checksums.json). 2 is left to typer's usage errors.
+VERIFY_EXIT = {"ok": 0, "failed": 1, "unproven": 3}
+
+
 @app.command()
 def verify(
-    artifact_dir: Path = typer.Argument(..., help="A final_artifact folder."),
+    artifact_dir: Path = typer.Argument(..., help="A final_artifact folder, a run folder (its newest final artifact) or a PEFT adapter folder."),
     base: Optional[Path] = typer.Option(None, "--base", help="Also check the adapter against this base model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     allow_pickle: bool = AllowPickle,
 ) -> None:
-    """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base. Exit 0 or 1."""
+    """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base.
+    Exit 0 verified, 1 a problem found, 3 no problem found but no checksums.json to prove the files."""
     import json
 
     from lorafit.artifact.verify import verify_artifact
@@ -31,28 +37,36 @@ def verify(
     else:
         for warning in report.warnings:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-        if report.ok:
-            checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
-            typer.secho(f"OK {artifact_dir} ({checked})", fg=typer.colors.GREEN)
+        checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.checked.items())
+        if report.status == "ok":
+            typer.secho(f"OK {report.artifact} ({checked})", fg=typer.colors.GREEN)
+        elif report.status == "unproven":
+            typer.secho(f"PASSED, INTEGRITY NOT PROVEN {report.artifact}", fg=typer.colors.YELLOW)
+            typer.echo(f"  passed: {checked} (safetensors headers, finite values, names and shapes vs "
+                       "adapter_config.json" + (", shapes vs the base" if base is not None else "") + ")")
+            for reason in report.unproven:
+                typer.echo(f"  not proven: {reason}")
         else:
-            typer.secho(f"FAILED {artifact_dir}: {len(report.problems)} problem(s)", fg=typer.colors.RED, err=True)
+            typer.secho(f"FAILED {report.artifact}: {len(report.problems)} problem(s)", fg=typer.colors.RED, err=True)
             for problem in report.problems:
                 typer.echo(f"  {problem}", err=True)
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(VERIFY_EXIT[report.status])
 
 
 
 @app.command("eval")
 def eval_command(
     data: List[Path] = typer.Option(..., "--data", help="Held-out data file (repeatable; each file is a source)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder, or a finished run folder."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base without the adapter, with deltas."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per forward pass."),
-    max_seq_length: int = typer.Option(1024, "--max-seq-length", min=1, help="Longer examples are truncated for the loss."),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, help="Loss tokenisation: longest example (default: the adapter's data.max_seq_length, else 1024)."),
+    truncation: Optional[str] = typer.Option(None, "--truncation", help="Loss tokenisation: drop or truncate longer examples (default: the adapter's data.truncation, else truncate)."),
+    train_on: Optional[str] = typer.Option(None, "--train-on", help="Loss tokenisation: all_assistant, last_assistant or all (default: the adapter's data.train_on)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
     """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data."""
@@ -62,8 +76,11 @@ def eval_command(
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
     try:
+        _check_choice("--truncation", truncation, ("drop", "truncate"))
+        _check_choice("--train-on", train_on, ("all_assistant", "last_assistant", "all"))
         result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length)
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
+                          train_on=train_on, truncation=truncation)
     except LorafitError as error:
         _fail(error)
         return
@@ -75,6 +92,11 @@ def eval_command(
     from lorafit.evaluate.run import format_eval
 
     typer.echo(format_eval(result))
+
+
+def _check_choice(option: str, value: Optional[str], choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise LorafitError(f"{option} {value}: unknown", fix=f"use one of {', '.join(choices)}")
 
 
 @app.command("report")
@@ -93,7 +115,7 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder (train
 
 @app.command()
 def merge(
-    artifact_dir: Path = typer.Argument(..., help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    artifact_dir: Path = typer.Argument(..., help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
     out: Path = typer.Option(..., "--out", help="Folder to create for the merged model (must not exist, or be empty)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Precision of the merged weights on disk: bf16, fp16 or fp32."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
@@ -122,7 +144,7 @@ def _generator(adapter: Optional[Path], model: Optional[Path], base: Optional[Pa
     return load_generator(adapter=adapter, model=model, base=base, dtype=check_dtype(dtype))
 
 
-AdapterOption = typer.Option(None, "--adapter", help="Adapter folder, run on its base.")
+AdapterOption = typer.Option(None, "--adapter", help="A run folder, an artifact folder or a PEFT adapter folder, run on its base.")
 ModelOption = typer.Option(None, "--model", help="Standalone model folder (e.g. from `lorafit merge`).")
 BaseOption = typer.Option(None, "--base", help="With --adapter: base model folder (default: from adapter_config.json).")
 DtypeOption = typer.Option("fp32", "--dtype", help="Precision to run in: fp32, bf16 or fp16.")

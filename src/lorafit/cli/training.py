@@ -10,33 +10,9 @@ import typer
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
+from lorafit.run_folder import RunFolder
 
 from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _quiet_libraries, app
-
-
-class ConsoleEcho:
-    """Progress for people: one line per log step, one per evaluation."""
-
-    def info(self, message: str) -> None:
-        typer.echo(message)
-
-    def progress(self, step: int, max_steps: int, values: dict) -> None:
-        parts = [f"step {step:>5}/{max_steps}"]
-        if "loss" in values:
-            parts.append(f"loss {values['loss']:.4f}")
-        if "learning_rate" in values:
-            parts.append(f"lr {values['learning_rate']:.2e}")
-        if "grad_norm" in values:
-            parts.append(f"grad {values['grad_norm']:.3f}")
-        if "tokens_per_second" in values:
-            parts.append(f"{values['tokens_per_second']:,.0f} tok/s")
-        if "eval_loss" in values:
-            parts.append(f"eval_loss {values['eval_loss']:.4f} (ppl {values['eval_perplexity']:.2f})")
-        generated = {k.removeprefix("eval_"): v for k, v in values.items()
-                     if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")}
-        parts += [f"{name} {value:.3f}" for name, value in generated.items()]
-        typer.echo("  ".join(parts), file=sys.stdout)
-
 
 
 @app.command()
@@ -55,8 +31,19 @@ def train(
     verify_only: bool = typer.Option(False, "--verify-only", help="Only verify --artifact-dir (same as `lorafit verify`)."),
     artifact_dir: Optional[Path] = typer.Option(None, "--artifact-dir", help="With --verify-only: the artifact to check."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-read and re-tokenise the data instead of using the cache."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run",
+        help="Check everything up to the first optimizer step (config, data, model, one forward and backward on the "
+        "largest batch, its memory), then stop without training or writing an artifact.",
+    ),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps", min=1, help="Stop after N optimizer steps: --set train.max_steps=N (replacing train.epochs)."
+    ),
 ) -> None:
-    """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model."""
+    """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model.
+
+    Exit codes: 0 trained (or --dry-run passed), 1 an error, 3 training diverged (the artifact is written but
+    flagged), 130/143 stopped by SIGINT/SIGTERM (resumable)."""
     if verify_only:
         if artifact_dir is None:
             _fail(LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact"))
@@ -65,14 +52,19 @@ def train(
         verify(artifact_dir, None, False, allow_pickle)
         return
     _quiet_libraries()
+    from lorafit.training.outcome import DIVERGED_EXIT_CODE
+    from lorafit.training.progress import Progress
     from lorafit.training.recipe import RunStopped
     from lorafit.training.recipe import train as run_training
 
+    if max_steps is not None:
+        overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
     try:
         cfg = _load(config, overrides)
-        typer.echo(f"lorafit {__version__}: training {cfg.model.path} -> {cfg.train.output_dir}")
-        result = run_training(cfg, overwrite=overwrite, echo=ConsoleEcho(), allow_pickle=allow_pickle,
-                              data_cache=not no_cache, resume=resume, force_resume=force_resume)
+        verb = "checking (dry run)" if dry_run else "training"
+        typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}")
+        result = run_training(cfg, overwrite=overwrite, progress=Progress(), allow_pickle=allow_pickle,
+                              data_cache=not no_cache, resume=resume, force_resume=force_resume, dry_run=dry_run)
     except RunStopped as stopped:
         typer.secho(f"stopped: {stopped.render()}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume with: {resume_command()}", err=True)
@@ -84,7 +76,12 @@ def train(
         typer.secho("\ninterrupted at once (no checkpoint for the current step)", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume from the last checkpoint with: {resume_command()}", err=True)
         raise typer.Exit(130)
+    if dry_run:
+        _print_dry_run(result)
+        return
     _print_summary(result)
+    if result.health.get("status", "ok") != "ok":
+        raise typer.Exit(DIVERGED_EXIT_CODE)
 
 
 
@@ -107,14 +104,36 @@ def resume_command(argv: Optional[List[str]] = None) -> str:
     return shlex.join(["lorafit", *kept, "--resume", "auto"])
 
 
+def _print_dry_run(result) -> None:
+    d = result.dry_run
+    typer.secho("\ndry run passed: no optimizer step taken, no checkpoint or artifact written", fg=typer.colors.GREEN, bold=True)
+    typer.echo("  checked        config, data (audit in data_report.json), model and adapter load")
+    typer.echo(f"  largest batch  {d['batch_rows']} rows x {d['longest_row']} tokens: forward + backward in "
+               f"{d['forward_backward_seconds']:.2f} s on {d['device']}, loss {d['loss']:.4f}")
+    gpu = f", GPU {d['gpu_allocated_peak_mb']:,.0f} MB allocated" if d.get("gpu_allocated_peak_mb") else ""
+    typer.echo(f"  peak memory    {d['peak_rss_mb']:,.0f} MB RSS{gpu}")
+    typer.echo("  train with     the same command without --dry-run")
+
+
 def _print_summary(result) -> None:
     m = result.metrics
-    typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
+    if result.health.get("status", "ok") != "ok":
+        typer.secho("\ntraining diverged: the adapter did not learn", fg=typer.colors.RED, bold=True)
+        for reason in result.health["reasons"]:
+            typer.echo(f"  why            {reason}")
+        typer.echo("  fix            lower train.learning_rate (10x), set train.max_grad_norm, or add warmup")
+    else:
+        typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"  artifact       {result.adapter_dir}")
     if "eval_loss_first" in m:
         typer.echo(
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
             f"({100 * m['eval_loss_reduction']:.1f}% lower, best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"
+        )
+    elif "eval_loss_final" in m:
+        typer.echo(
+            f"  eval loss      {m['eval_loss_final']:.4f} final, best {m['eval_loss_best']:.4f} at step "
+            f"{m['eval_best_step']} (no evaluation before training: eval.at_start is false)"
         )
     generation = result.generation
     for name in ("field_presence", "field_accuracy", "json_valid", "rouge_l"):
@@ -132,7 +151,7 @@ def _print_summary(result) -> None:
     if m.get("peak_rss_mb"):
         gpu = f", GPU {m['gpu_allocated_peak_mb']:,.0f} MB allocated" if m.get("gpu_allocated_peak_mb") else ""
         typer.echo(f"  peak memory    {m['peak_rss_mb']:,.0f} MB RSS{gpu}")
-    typer.echo(f"  metrics        {result.run_dir / 'metrics_history.jsonl'}")
+    typer.echo(f"  metrics        {result.run_dir / RunFolder.HISTORY}")
     typer.echo(f"  verify         lorafit verify {result.adapter_dir}")
     if result.report:
         typer.secho(f"  report         {result.report}", bold=True)

@@ -48,8 +48,31 @@ class ModelConfig(Section):
         description=f"Local folder with an HF model and tokenizer, or '{BUILTIN_TINY_MODEL}' for the embedded tiny "
         "model (built on first use into the cache). Never downloaded from a hub.",
     )
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision the base weights load in.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Precision the base weights load in. 'auto': bf16 on a GPU that supports it, else fp32 "
+        "(resolved when the config is read; the run records the resolved value).",
+    )
     trust_remote_code: bool = Field(False, description="Run Python code shipped in the model folder. Off: it is code execution.")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager"] = Field(
+        "auto",
+        description="Attention kernel. 'auto': flash-attention 3 or 2 where installed and the GPU and dtype allow "
+        "(bf16/fp16), else sdpa. Every choice keeps packed examples apart; flex_attention cannot train on a CPU.",
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused Triton kernels (liger-kernel: RMSNorm, SwiGLU, fused linear cross-entropy). 'auto': "
+        "on with CUDA and the package installed (pip install 'lorafit[liger]'); 'liger' without them is an error.",
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_dtype(cls, value: str) -> str:
+        # Resolved once, here, so loading, mixed precision, merge and provenance all see the dtype the run used.
+        if value != "auto":
+            return value
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
     @field_validator("path")
     @classmethod
@@ -94,7 +117,7 @@ class QuantConfig(Section):
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
 FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
-               "system", "history", "prompt", "completion", "response", "text")
+               "system", "history", "prompt", "completion", "response", "text", "tools", "part_text")
 
 
 class DataSource(Section):
@@ -138,6 +161,9 @@ class DataConfig(Section):
     )
     chat_template: str | None = Field(None, description="Inline Jinja chat template; replaces the tokenizer's.")
     chat_template_file: str | None = Field(None, description="A Jinja chat template file (relative to the config file).")
+    system_turn: Literal["keep", "merge_into_first_user", "drop"] = Field(
+        "keep", description="A system message, for templates without a system role: keep it, put it before the first user message, or drop it."
+    )
     order: Literal["shuffle", "curriculum"] = Field("shuffle", description="Training order: shuffled, or curriculum (ascending).")
     curriculum_field: str | None = Field(None, description="Numeric row field curriculum sorts by; null = token length (shortest first).")
     mix_examples: int | None = Field(None, gt=0, description="Size of a weighted mix; default the sum of the sources' sizes.")

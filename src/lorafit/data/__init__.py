@@ -75,7 +75,7 @@ def use_configured_template(tokenizer, data: DataConfig) -> None:
 
 def tokenisation_options(data: DataConfig) -> dict:
     return {"max_seq_length": data.max_seq_length, "truncation": data.truncation, "train_on": data.train_on,
-            "curriculum_field": data.curriculum_field}
+            "curriculum_field": data.curriculum_field, "system_turn": data.system_turn}
 
 
 def load_source(source: DataSource, tokenizer, data: DataConfig, *, use_cache: bool) -> SourceData:
@@ -99,7 +99,9 @@ def load_source(source: DataSource, tokenizer, data: DataConfig, *, use_cache: b
             "folder whose tokenizer defines one",
         )
     examples = tokenise_records(records, tokenizer, max_seq_length=data.max_seq_length, truncation=data.truncation,
-                                train_on=data.train_on, stats=stats)
+                                train_on=data.train_on, stats=stats, system_turn=data.system_turn,
+                                on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
+                                skipped_rows=skipped_rows)
     loaded = SourceData(examples, stats, skipped_rows)
     if key is not None:
         cache.store(key, loaded)
@@ -125,7 +127,7 @@ class PreparedData:
 def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, group_by_length: bool,
                  use_cache: bool = True, enforce_audit: bool = True) -> PreparedData:
     """Every source read, checked, tokenised (or taken from the cache), split, mixed and audited."""
-    from lorafit.data.audit import audit_problems
+    from lorafit.data.audit import audit_problems, audit_warnings
     from lorafit.data.mixing import apply_budget, hold_out, mix, overlap, rng_for
     from lorafit.data.packing import PackedBins, padding_fraction
 
@@ -170,6 +172,7 @@ def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, gro
                            fix="fix the causes above; data.audit: false turns these into warnings")
     if problems:
         warnings += [f"audit: {p}" for p in problems]
+    warnings += audit_warnings([l.stats for l in train_loaded + eval_loaded])
 
     lengths = [len(e.input_ids) for e in train_examples]
     train_set: torch.utils.data.Dataset = TokenizedDataset(train_examples)

@@ -2,7 +2,11 @@
 
   * a source with zero supervised tokens (every label masked: the run would train nothing on it);
   * an assistant turn whose end-of-turn token is not supervised (the model never learns to stop);
-  * more than half of a source's examples over max_seq_length (dropped or truncated: the length is wrong).
+  * more than half of a source's examples over max_seq_length (dropped or truncated: the length is wrong);
+  * assistant turns whose generation prompt tokenises differently from the tokens training puts before the answer
+    (a token straddles the end of the generation prompt: the model would be asked to continue a prompt it never saw).
+
+Warnings only: a generation prompt that differs from the conversation in whitespace alone (indented template files).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: i
             problems.append(f"{s.path}: {s.unterminated_turns} assistant turn(s) have no supervised end-of-turn token: "
                             "the model would never learn to stop (the chat template puts no special token after the "
                             "answer; fix: use a template that ends turns with the tokenizer's EOS or an end-of-turn token)")
+        if s.prompt_mismatch_turns:
+            problems.append(f"{s.path}: {s.prompt_mismatch_turns} assistant turn(s) start with a token that straddles the "
+                            "end of the generation prompt: at inference the prompt tokenises differently from training "
+                            "(fix: end the template's generation prompt where a token boundary is, e.g. after a newline "
+                            "or special token rather than a space)")
         over = s.truncated + s.dropped_too_long
         read = s.rows - sum(s.skipped.values())
         if read and over / read > 0.5:
@@ -28,3 +37,11 @@ def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: i
                             f"data.max_seq_length={max_seq_length} and were {what} "
                             f"(fix: raise data.max_seq_length; `lorafit data inspect` shows the length histogram)")
     return problems
+
+
+def audit_warnings(stats: list[SourceStats]) -> list[str]:
+    return [f"{s.path}: {s.prompt_whitespace_turns} assistant turn(s) have a generation prompt that differs from the "
+            "conversation in whitespace only (usually a template file with indentation and a newline after a `{{ ... }}` "
+            "line); labels are right, but at inference the prompt ends differently from training (fix: write the "
+            "template with `{{- ... }}`/`{%- ... %}` or without the newlines)"
+            for s in stats if s.prompt_whitespace_turns]

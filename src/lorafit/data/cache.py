@@ -1,8 +1,9 @@
 """On-disk cache of tokenised sources, never stale.
 
 The key is a sha256 over everything the tokenised result depends on: the data file's bytes, the source's
-config, the data options that shape tokenisation (max_seq_length, truncation, train_on, curriculum_field), the
-tokenizer (its full serialisation and special tokens), the chat template text and a cache format version. Any
+config, the data options that shape tokenisation (max_seq_length, truncation, train_on, curriculum_field,
+system_turn), the tokenizer (its full serialisation and special tokens), the chat template text and a cache
+format version. Any
 change gives a new key, so an entry is never reused for other inputs. Entries are written to a temporary folder and
 renamed, so a killed run never leaves a half entry; token ids go in safetensors, the rest in JSON (no pickle).
 """
@@ -20,7 +21,7 @@ import torch
 from lorafit.data.sources import Example, SourceData, SourceStats
 from lorafit.hashing import sha256_file, sha256_json
 
-CACHE_VERSION = "1"  # bump when reading, normalising or labelling changes what a source tokenises to
+CACHE_VERSION = "2"  # bump when reading, normalising or labelling changes what a source tokenises to
 
 
 def tokenizer_digest(tokenizer) -> str:

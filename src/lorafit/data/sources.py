@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.config import DataSource
-from lorafit.data.formats import FieldMap, Record, RowError, describe_expected, detect_format, normalise
+from lorafit.data.formats import (FieldMap, Record, RowError, describe_expected, detect_format, normalise,
+                                  preference_keys)
 from lorafit.data.labels import IGNORE_INDEX, TokenizedExample, tokenize_conversation, tokenize_text
+from lorafit.data.templates import apply_system_turn
 from lorafit.data.readers import read_rows
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
@@ -51,6 +53,8 @@ class SourceStats:
     tokens: int = 0
     supervised_tokens: int = 0
     unterminated_turns: int = 0
+    prompt_mismatch_turns: int = 0
+    prompt_whitespace_turns: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -68,6 +72,7 @@ def read_records(source: DataSource, *, rank_field: str | None = None) -> tuple[
     path = Path(source.path)
     rows = read_rows(path)
     fields = FieldMap(source.fields)
+    _refuse_preference_data(path, rows, fields)
     fmt = source.format
     if fmt == "auto":
         first = next((r for r in rows if r.problem is None and isinstance(r.value, dict)), None)
@@ -93,28 +98,53 @@ def read_records(source: DataSource, *, rank_field: str | None = None) -> tuple[
             records.append(normalise(row.value, fmt, fields, row.where, task_prefix=source.task_prefix, rank_field=rank_field))
         except RowError as error:
             problems.append((row.where, error.reason, error.message))
-    skipped_rows = [{"where": w, "reason": r, "message": m} for w, r, m in problems]
-    if problems and source.on_error == "fail":
-        listed = [f"{w}: {m}" for w, _, m in problems[:MAX_LISTED]]
-        more = len(problems) - len(listed)
-        raise LorafitError(
-            f"{path}: {len(problems)} invalid row{'s' if len(problems) > 1 else ''} ({fmt} format)",
-            details=listed + ([f"... and {more} more"] if more else []),
-            why=_FORMAT_HELP.get(fmt, ""),
-            fix="fix or remove those rows, or set on_error: skip (with max_skip_fraction) on this source; see docs/data.md",
-        )
-    stats.skipped = dict(Counter(r for _, r, _ in problems))
-    if problems and len(problems) / len(rows) > source.max_skip_fraction:
-        raise LorafitError(
-            f"{path}: {len(problems)} of {len(rows)} rows are invalid ({_fraction(len(problems), len(rows))}), "
-            f"more than max_skip_fraction={source.max_skip_fraction}",
-            details=[f"{w}: {m}" for w, _, m in problems[:MAX_LISTED]],
-            why="skipping is for a few bad rows; this many usually means a wrong format or field map",
-            fix="fix the file, check `format:`/`fields:`, or raise max_skip_fraction for this source",
-        )
+    skipped_rows: list[dict] = []
+    apply_on_error(problems, stats, skipped_rows, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
+                   what=f"invalid row{'s' if len(problems) > 1 else ''} ({fmt} format)", why=_FORMAT_HELP.get(fmt, ""))
     if not records:
         raise LorafitError(f"{path}: no usable rows", why="every row was invalid")
     return records, stats, skipped_rows
+
+
+def apply_on_error(problems: list[tuple[str, str, str]], stats: SourceStats, skipped_rows: list[dict], *,
+                   on_error: str, max_skip_fraction: float, what: str, why: str) -> None:
+    """The source's on_error policy for row ``problems`` (where, reason, message): raise listing them, or count
+    them into ``stats.skipped`` and ``skipped_rows`` (within max_skip_fraction of all the source's rows)."""
+    if not problems:
+        return
+    if on_error == "fail":
+        listed = [f"{w}: {m}" for w, _, m in problems[:MAX_LISTED]]
+        more = len(problems) - len(listed)
+        raise LorafitError(
+            f"{stats.path}: {len(problems)} {what}", details=listed + ([f"... and {more} more"] if more else []), why=why,
+            fix="fix or remove those rows, or set on_error: skip (with max_skip_fraction) on this source; see docs/data.md",
+        )
+    skipped_rows += [{"where": w, "reason": r, "message": m} for w, r, m in problems]
+    stats.skipped = dict(Counter(stats.skipped) + Counter(r for _, r, _ in problems))
+    skipped = sum(stats.skipped.values())
+    if skipped / stats.rows > max_skip_fraction:
+        raise LorafitError(
+            f"{stats.path}: {skipped} of {stats.rows} rows are invalid ({_fraction(skipped, stats.rows)}), "
+            f"more than max_skip_fraction={max_skip_fraction}",
+            details=[f"{w}: {m}" for w, _, m in problems[:MAX_LISTED]],
+            why="skipping is for a few bad rows; this many usually means a wrong format, field map or chat template",
+            fix="fix the file, check `format:`/`fields:`/the chat template, or raise max_skip_fraction for this source",
+        )
+
+
+def _refuse_preference_data(path: Path, rows, fields: FieldMap) -> None:
+    """Preference pairs trained as ordinary rows would teach the rejected answers too (or be skipped unseen)."""
+    found = next((row for row in rows if row.problem is None and preference_keys(row.value, fields)), None)
+    if found is not None:
+        raise LorafitError(
+            f"{found.where}: this is preference data (the row has \"chosen\" and \"rejected\"), and lorafit trains "
+            "supervised fine-tuning only",
+            why="supervised training learns every answer it is given: it cannot use a chosen/rejected pair, and reading "
+            "the row as an ordinary conversation would train the rejected answer or drop the pair unseen",
+            fix="preference training (DPO) is planned but not in lorafit yet: use a supervised source for this run, or "
+            "train on the preferred answers by mapping them explicitly (e.g. fields: {completion: chosen} on a "
+            "prompt/chosen/rejected file)",
+        )
 
 
 def _fraction(part: int, whole: int) -> str:
@@ -133,15 +163,24 @@ _FORMAT_HELP = {
 
 
 def tokenise_records(records: list[Record], tokenizer, *, max_seq_length: int, truncation: str, train_on: str,
-                     stats: SourceStats) -> list[Example]:
-    """Tokenise with labels and apply the length policy, counting into ``stats``."""
+                     stats: SourceStats, system_turn: str = "keep", on_error: str = "fail",
+                     max_skip_fraction: float = 0.0, skipped_rows: list[dict] | None = None) -> list[Example]:
+    """Tokenise with labels and apply the length policy, counting into ``stats``.
+
+    A row the chat template cannot render (it raises, drops tool calls, or renders history differently) is a row
+    problem under the source's ``on_error`` policy, like a malformed row; skipped ones go to ``skipped_rows``.
+    """
     examples: list[Example] = []
+    problems: list[tuple[str, str, str]] = []
     for record in records:
-        if record.text is not None:
-            tokenised: TokenizedExample = tokenize_text(tokenizer, record.text)
-        else:
-            tokenised = tokenize_conversation(tokenizer, record.messages, train_on=train_on, where=record.where)
+        try:
+            tokenised = _tokenise(record, tokenizer, train_on=train_on, system_turn=system_turn)
+        except RowError as error:
+            problems.append((record.where, error.reason, error.message))
+            continue
         stats.unterminated_turns += tokenised.unterminated_turns
+        stats.prompt_mismatch_turns += tokenised.prompt_mismatch_turns
+        stats.prompt_whitespace_turns += tokenised.prompt_whitespace_turns
         input_ids, labels, truncated = tokenised.input_ids, tokenised.labels, False
         if len(input_ids) > max_seq_length:
             if truncation == "drop":
@@ -158,5 +197,19 @@ def tokenise_records(records: list[Record], tokenizer, *, max_seq_length: int, t
         examples.append(example)
         stats.tokens += len(input_ids)
         stats.supervised_tokens += example.num_supervised
+    apply_on_error(problems, stats, skipped_rows if skipped_rows is not None else [], on_error=on_error,
+                   max_skip_fraction=max_skip_fraction,
+                   what=f"row{'s' if len(problems) > 1 else ''} the chat template cannot render",
+                   why="each conversation is rendered with the chat template (data.chat_template, data.chat_template_file "
+                   "or the tokenizer's own), and labels come from that rendering")
     stats.kept = len(examples)
+    if records and not examples and problems:
+        raise LorafitError(f"{stats.path}: no usable rows", why="the chat template failed on every row")
     return examples
+
+
+def _tokenise(record: Record, tokenizer, *, train_on: str, system_turn: str) -> TokenizedExample:
+    if record.text is not None:
+        return tokenize_text(tokenizer, record.text)
+    messages = apply_system_turn(record.messages, system_turn)
+    return tokenize_conversation(tokenizer, messages, train_on=train_on, tools=record.tools)

@@ -1,2 +1,4 @@
-"""The evaluation stage: metric functions, loss and generation on eval data, base vs adapter, report.html.
+"""The evaluation stage: metric definitions (metrics), eval examples (examples), loss on eval data (loss), the one
+generation function (generate), one model's results (scoring), `lorafit eval` and training-time evaluation (run),
+report.html (report).
 May use: errors, hashing, run_folder, config, data, model."""

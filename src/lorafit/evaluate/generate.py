@@ -1,7 +1,9 @@
-"""Generation from an adapter (on its base) or a standalone model: chat-templated, stops at end-of-turn.
+"""Generation, the one implementation: `lorafit generate`, `lorafit chat`, `lorafit eval`, the generation metrics
+logged during training and the base-vs-adapter comparison all answer through ``generate_replies``.
 
-transformers' ``generate`` does the decoding; this module picks the stop tokens, renders prompts with the
-model's chat template, and turns the KV cache back on (training switches it off in the model config).
+transformers' ``generate`` does the decoding; this module renders prompts with the model's chat template, picks
+every end-of-turn id to stop at, batches prompts with left padding and turns the KV cache back on (training
+switches it off in the model config). Greedy unless a temperature is given.
 """
 
 from __future__ import annotations
@@ -13,56 +15,52 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
+from lorafit.data.formats import RowError
+from lorafit.data.templates import render
 from lorafit.errors import LorafitError
-from lorafit.model.loading import DTYPES, load_base_model, resolve_model_path
+from lorafit.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_model_path
+
+# Chat templates end a turn with a token of their own that is often not the tokenizer's EOS (ChatML's <|im_end|>
+# with EOS <|endoftext|>, Llama 3's <|eot_id|> with EOS <|end_of_text|>). Generation must stop at it too, or the
+# model writes the next turn itself. Counted only when the template uses it and the vocabulary has it.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eot|>", "<|end_of_turn|>")
 
 
-@dataclass
-class Generator:
-    model: object
-    tokenizer: object
-    stop_ids: list[int]
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    token_ids: list[int]  # what was generated, the end-of-turn id included when it stopped there
+    stopped_at_end_of_turn: bool
 
-    def reply(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-              seed: int = 0) -> dict:
-        """The assistant's next turn for ``messages``: text, token ids, and whether it ended at end-of-turn."""
-        prompt = render_prompt(self.tokenizer, messages)
-        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        device = next(self.model.parameters()).device
-        torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        with torch.no_grad():
-            output = self.model.generate(
-                **{k: v.to(device) for k, v in inputs.items()},
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
-                use_cache=True,
-                **sampling,
-            )
-        new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
-        stopped = bool(new_ids) and new_ids[-1] in self.stop_ids
-        text_ids = new_ids[:-1] if stopped else new_ids
-        return {"text": self.tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": new_ids,
-                "stopped_at_end_of_turn": stopped}
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stopped_at_end_of_turn": self.stopped_at_end_of_turn}
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
+def render_prompt(tokenizer, messages) -> str:
     if not tokenizer.chat_template:
         raise LorafitError(
             "the tokenizer has no chat template",
             why="lorafit generates chat turns exactly as they were formatted in training",
             fix="use a model folder (or adapter folder) whose tokenizer_config.json has a chat_template",
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return render(tokenizer, messages, add_generation_prompt=True)
+    except RowError as error:
+        raise LorafitError(error.message, fix="give the conversation in a form the template accepts (data.system_turn "
+                           "merges or drops a system turn for templates without a system role)") from None
 
 
-def stop_token_ids(tokenizer, generation_config) -> list[int]:
-    """End-of-turn ids: the tokenizer's EOS and every eos_token_id of the generation config, in that order."""
-    ids: list[int] = []
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every end-of-turn id: the tokenizer's EOS, each eos_token_id of the generation config, then the chat
+    template's end-of-turn token (``END_OF_TURN_TOKENS``), in that order, without repeats."""
     configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    for value in (tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])):
-        if value is not None and value not in ids:
+    candidates = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocabulary = tokenizer.get_vocab()
+    candidates += [vocabulary[t] for t in END_OF_TURN_TOKENS if t in template and t in vocabulary]
+    ids: list[int] = []
+    for value in candidates:
+        if value is not None and int(value) not in ids:
             ids.append(int(value))
     if not ids:
         raise LorafitError("the model defines no end-of-turn token (no eos_token in the tokenizer or generation config)",
@@ -70,36 +68,96 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
     return ids
 
 
+def _generation_config(model):
+    """The generation config of a plain model or of a PeftModel's base (peft forwards the attribute)."""
+    return getattr(model, "generation_config", None)
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned so that generation starts at the same column in every row."""
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, longest - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def _reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Reply:
+    """Cut at the first end-of-turn id (rows that finished early are padded after it)."""
+    end = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
+    kept = new_ids if end is None else new_ids[: end + 1]
+    text_ids = kept if end is None else kept[:-1]
+    return Reply(tokenizer.decode(text_ids, skip_special_tokens=True).strip(), kept, end is not None)
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations, *, max_new_tokens: int, batch_size: int = 16,
+                     temperature: float = 0.0, seed: int = 0, stop_ids: list[int] | None = None) -> list[Reply]:
+    """The assistant's next turn for each conversation: chat-templated, batched with left padding, stopped at
+    every end-of-turn id; greedy unless ``temperature`` > 0. Batched greedy answers equal one-at-a-time ones."""
+    stop_ids = stop_ids or stop_token_ids(tokenizer, _generation_config(model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    prompts = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    replies: list[Reply | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start: start + batch_size]
+            input_ids, attention_mask = _left_padded([prompts[i] for i in rows], pad_id)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, **sampling,
+            )  # (B, T + new)
+            for r, i in enumerate(rows):
+                replies[i] = _reply(tokenizer, output[r, input_ids.shape[1]:].tolist(), stop_ids)
+    finally:
+        model.train(was_training)
+    return replies
+
+
+@dataclass
+class Generator:
+    """A loaded model (adapter on its base, or a standalone model) and its tokenizer, for generate and chat."""
+
+    model: object
+    tokenizer: object
+    stop_ids: list[int]
+
+    def reply(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+              seed: int = 0) -> dict:
+        """The assistant's next turn for ``messages``: text, token ids, and whether it ended at end-of-turn."""
+        (reply,) = generate_replies(self.model, self.tokenizer, [messages], max_new_tokens=max_new_tokens,
+                                    batch_size=1, temperature=temperature, seed=seed, stop_ids=self.stop_ids)
+        return reply.as_dict()
+
+
 def load_generator(*, adapter: str | Path | None = None, model: str | Path | None = None, base: str | Path | None = None,
                    dtype: str = "fp32") -> Generator:
-    """An adapter on its full-precision base, or a standalone (e.g. merged) model folder."""
-    from transformers import AutoTokenizer
-
+    """An adapter (run, artifact or adapter folder) on its full-precision base, or a standalone (e.g. merged) model."""
     if (adapter is None) == (model is None):
         raise LorafitError("give exactly one of --adapter DIR or --model DIR")
     if adapter is not None:
-        from peft import PeftModel
+        from lorafit.model.adapters import load_adapter_model, resolve_adapter
 
-        from lorafit.model.adapters import read_adapter_config, resolve_base
-
-        adapter = Path(adapter).expanduser().resolve()
-        read_adapter_config(adapter)
-        base_path = resolve_base(adapter, base)
-        net = load_base_model(ModelConfig(path=base_path, dtype=dtype), base_path)
-        net = PeftModel.from_pretrained(net, adapter, is_trainable=False)
-        tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
-        generation_config = net.base_model.model.generation_config
+        resolved = resolve_adapter(adapter, base)
+        net = load_adapter_model(resolved, dtype=dtype)
+        tokenizer = resolved.load_tokenizer()
     else:
         folder = resolve_model_path(ModelConfig(path=str(Path(model).expanduser().resolve())))
         net = load_base_model(ModelConfig(path=folder, dtype=dtype), folder)
-        tokenizer_dir = Path(folder)
-        generation_config = net.generation_config
+        tokenizer = load_tokenizer(ModelConfig(path=folder), folder)
     net.config.use_cache = True  # load_base_model turns it off for training; generation wants the cache
     if torch.cuda.is_available():
         net = net.to("cuda")
     net.eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return Generator(net, tokenizer, stop_token_ids(tokenizer, generation_config))
+    return Generator(net, tokenizer, stop_token_ids(tokenizer, _generation_config(net)))
 
 
 def read_prompts(path: Path) -> list[list[dict]]:

@@ -100,56 +100,42 @@ def json_valid(prediction: str) -> float:
     return float(parse_json(prediction, default=_INVALID) is not _INVALID)
 
 
-def schema_errors(value, schema: dict, path: str = "$") -> list[str]:
-    """Where ``value`` breaks ``schema``: the JSON-Schema subset type, enum, const, required, properties,
-    additionalProperties (false), items, minItems/maxItems, minimum/maximum, minLength/maxLength, pattern.
+def _validator(schema: dict):
+    """A validator for the schema's own draft ($schema; 2020-12 when absent). ``$ref`` resolves inside the schema
+    only: the referencing library retrieves nothing over the network unless given a retriever."""
+    from jsonschema.validators import validator_for
 
-    A few lines instead of the jsonschema package: answers are small, and these keywords cover extraction tasks.
-    """
-    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-    errors: list[str] = []
-    expected = schema.get("type")
-    if expected is not None:
-        names = expected if isinstance(expected, list) else [expected]
+    return validator_for(schema)(schema)
 
-        def is_type(name: str) -> bool:
-            if name == "integer":
-                return isinstance(value, int) and not isinstance(value, bool)
-            if name == "number":
-                return isinstance(value, (int, float)) and not isinstance(value, bool)
-            return isinstance(value, types.get(name, object))
 
-        if not any(is_type(n) for n in names):
-            return [f"{path}: expected {' or '.join(names)}, got {type(value).__name__}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} not in {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: expected {schema['const']!r}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing {key!r}")
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                errors += schema_errors(item, properties[key], f"{path}.{key}")
-            elif schema.get("additionalProperties") is False:
-                errors.append(f"{path}: unexpected key {key!r}")
-    if isinstance(value, list):
-        if "items" in schema:
-            for i, item in enumerate(value):
-                errors += schema_errors(item, schema["items"], f"{path}[{i}]")
-        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", math.inf):
-            errors.append(f"{path}: {len(value)} items")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf):
-            errors.append(f"{path}: {value} out of range")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
-            errors.append(f"{path}: length {len(value)}")
-        if "pattern" in schema and re.search(schema["pattern"], value) is None:
-            errors.append(f"{path}: does not match {schema['pattern']!r}")
-    return errors
+def schema_problem(schema: dict) -> str | None:
+    """Why ``schema`` is not a valid JSON Schema for its draft, or None."""
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        type(_validator(schema)).check_schema(schema)
+    except SchemaError as error:
+        return f"{error.json_path}: {error.message}"
+    return None
+
+
+def _describe(error) -> str:
+    """One line per failure, the answer's place first (``$.age``, ``$[1]``)."""
+    keyword, value = error.validator, error.instance
+    if keyword == "type":
+        names = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"{error.json_path}: expected {' or '.join(names)}, got {type(value).__name__}"
+    if keyword == "enum":
+        return f"{error.json_path}: {value!r} not in {error.validator_value}"
+    if keyword in ("minItems", "maxItems"):
+        return f"{error.json_path}: {len(value)} items"
+    return f"{error.json_path}: {error.message}"
+
+
+def schema_errors(value, schema: dict) -> list[str]:
+    """Where ``value`` breaks ``schema``, by the jsonschema library: every keyword of the schema's draft
+    (anyOf, oneOf, allOf, not, $ref, if/then/else, ...), in the order the library reports them."""
+    return [_describe(error) for error in _validator(schema).iter_errors(value)]
 
 
 def json_schema(prediction: str, schema: dict | None) -> float | None:

@@ -13,11 +13,9 @@ import json
 from pathlib import Path
 
 from lorafit.errors import LorafitError
-from lorafit.run_folder import write_atomic
+from lorafit.run_folder import RunFolder, write_atomic
 
-REPORT_FILE = "report.html"
-RESULTS_FILE = "training_results.json"
-HISTORY_FILE = "metrics_history.jsonl"
+REPORT_FILE, RESULTS_FILE, HISTORY_FILE = RunFolder.REPORT, RunFolder.RESULTS, RunFolder.HISTORY
 
 _COLORS = {"train": "#4C72B0", "eval": "#DD8452", "best": "#55A868", "base": "#8C8C8C", "adapter": "#4C72B0"}
 

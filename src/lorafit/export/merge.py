@@ -24,9 +24,9 @@ import torch
 from lorafit.artifact.publish import write_checksums
 from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
-from lorafit.model.adapters import read_adapter_config, resolve_base, training_quant
+from lorafit.model.adapters import load_adapter_model, resolve_adapter, training_quant
 from lorafit.model.loading import DTYPES, load_base_model
-from lorafit.run_folder import fsync_tree
+from lorafit.run_folder import fsync_tree, public_tree
 
 # Max |logit difference| allowed between the merged model as saved (reloaded from disk) and adapter-on-base in
 # fp32. fp32 is exact up to summation order (measured 3e-6 on the tiny model); bf16/fp16 round every weight to
@@ -58,29 +58,27 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
                   quant: QuantConfig | None = None, replace: bool = False, echo=None) -> dict:
     """Merge ``adapter_dir`` into its base and write a standalone model into ``out_dir``; returns the report.
 
-    ``quant``: the quantization the adapter trained with (default: read from training_config.yaml), for the
-    quantization-gap figures. ``replace``: swap out an existing ``out_dir`` (the run folder's own merged/).
+    ``adapter_dir``: a run folder, an artifact folder or any PEFT causal-LM adapter folder. ``quant``: the
+    quantization the adapter trained with (default: read from training_config.yaml), for the quantization-gap
+    figures; none are computed when it trained without quantization. ``replace``: swap out an existing
+    ``out_dir`` (the run folder's own merged/).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     say = echo or (lambda message: None)
-    adapter_dir = Path(adapter_dir).expanduser().resolve()
-    read_adapter_config(adapter_dir)
     if dtype not in TOLERANCE:
         raise LorafitError(f"--dtype {dtype}: not a merge precision", fix=f"use one of {', '.join(TOLERANCE)}")
-    base_path = resolve_base(adapter_dir, base)
+    adapter = resolve_adapter(adapter_dir, base)
+    adapter_dir, base_path = adapter.adapter_dir, adapter.base_path
     out_dir = Path(out_dir).expanduser().resolve()
     if not replace:
         claim_output(out_dir)
     quant = quant if quant is not None else training_quant(adapter_dir)
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    tokenizer = adapter.load_tokenizer()
     probes = probe_batch(tokenizer)
 
     say(f"loading {base_path} in fp32 and applying {adapter_dir}")
-    model = load_base_model(ModelConfig(path=base_path, dtype="fp32"), base_path)
-    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    model = load_adapter_model(adapter, dtype="fp32")
     reference = probe_logits(model, probes)
     merged = model.merge_and_unload(safe_merge=True)
     del model
@@ -110,7 +108,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
             "mean_abs_logit_diff": float(diff.mean()),
             "tolerance": TOLERANCE[dtype],
         }
-        if quant is not None:
+        if quant is not None and quant.bits:  # without quantized training there is no gap, and no third load
             report["quantization_gap"] = quantization_gap(base_path, adapter_dir, quant, probes, reference)
         if report["max_abs_logit_diff"] > TOLERANCE[dtype]:
             raise LorafitError(
@@ -121,6 +119,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
             )
         (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         write_checksums(staging)
+        public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; a model is shared
         fsync_tree(staging)
         if replace and out_dir.exists():
             shutil.rmtree(out_dir)

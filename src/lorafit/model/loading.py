@@ -10,6 +10,8 @@ import torch
 
 from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
+from lorafit.model.attention import load_with_attention
+from lorafit.model.kernels import apply_kernels, check_head_not_adapted
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,9 +31,28 @@ def resolve_model_path(model: ModelConfig) -> str:
                 fix="point model.path at the folder save_pretrained() wrote",
             )
         return str(path)
+    if path.is_file():
+        raise _not_a_model_folder(path)
     if path.is_absolute() or model.path.startswith("."):
         raise LorafitError(f"{model.path}: model folder not found", fix="check model.path (relative paths start at the config file's folder)")
     return model.path  # a hub-style name: only the local Hugging Face cache is consulted (local_files_only)
+
+
+def _not_a_model_folder(path: Path) -> LorafitError:
+    """model.path names a file: a GGUF (llama.cpp) file gets its own answer, it is the common case."""
+    if path.suffix.lower() == ".gguf":
+        return LorafitError(
+            f"{path}: a GGUF file; GGUF bases are not supported for training",
+            why="lorafit trains on a Hugging Face model folder (config.json + *.safetensors); GGUF holds llama.cpp's "
+            "quantized inference weights, which LoRA training cannot update through",
+            fix="set model.path to the Hugging Face folder the GGUF was made from (or convert it back to one), "
+            "and use quant.bits for a quantized base",
+        )
+    return LorafitError(
+        f"{path}: a file, not a model folder",
+        why="model.path names the folder save_pretrained() wrote (config.json, *.safetensors, tokenizer files)",
+        fix="point model.path at that folder",
+    )
 
 
 def _local_only(fn, name: str, **kwargs):
@@ -83,11 +104,12 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
         from lorafit.model.quantization import bnb_config
 
         extra["quantization_config"] = bnb_config(quant)
-    base = _local_only(
+    base = load_with_attention(lambda attn: _local_only(
         AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code,
-        use_safetensors=None if allow_pickle else True, **extra,
-    )
+        use_safetensors=None if allow_pickle else True, attn_implementation=attn, **extra,
+    ), model.attn_implementation, DTYPES[model.dtype])
     base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
+    apply_kernels(base, model.kernels)
     return base
 
 
@@ -117,6 +139,7 @@ def attach_lora(model, lora: LoraConfig):
     from peft import get_peft_model
 
     _check_targets(model, lora)
+    check_head_not_adapted(model, lora.target_modules, lora.modules_to_save)
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -20,7 +20,7 @@ def fine_tune(config, overrides: list[str] | None = None, *, overwrite: bool = F
         validated = config if isinstance(config, Config) else load_config(config, overrides or [])
         if isinstance(config, Config) and overrides:
             validated = load_config(config.to_dict(), overrides)
-        return train(validated, overwrite=overwrite).result
+        return train(validated, overwrite=overwrite, progress=False).result
     except (LorafitError, OSError, RuntimeError, ValueError) as error:
         run_dir = Path(validated.train.output_dir).resolve() if validated is not None else None
         written = run_dir / RESULT_FILE if run_dir else None

@@ -1,23 +1,28 @@
-"""Trainer callbacks: the metrics history file, throughput, and one readable progress line per log."""
+"""The callbacks of a run, in one place and one explicit order (``ordered_callbacks``), the metrics history they
+start with, and ``LorafitCallback``: the small public interface for code that watches a run.
+
+Order matters because callbacks share the log dict and the control flags: ``MetricsHistory`` comes first and adds
+derived values (tokens/s, perplexity, memory) to the log, so every later one, trackers and the progress display
+included, sees them; the guards come before the save schedule's checkpoint so a bad step is never saved; user
+callbacks come last and see the run as lorafit's own callbacks left it.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from lorafit.evaluate.metrics import GENERATION_METRICS as _GENERATION
+from lorafit.run_folder import RunFolder
+from lorafit.training.checkpoint import checkpoint_name
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
 _KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch"}
-
-
 
 
 def peak_memory() -> dict[str, float]:
@@ -30,6 +35,107 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+class LorafitCallback:
+    """Watch a run: subclass it, override what you need, pass instances as ``train(config, callbacks=[...])``.
+
+    Plain values only, independent of transformers' Trainer: ``step`` is the optimizer step just finished,
+    ``logs`` the values logged at it (the keys of metrics_history.jsonl: loss, learning_rate, grad_norm,
+    tokens_per_second, ...; empty on steps that log nothing), ``metrics`` an evaluation's values (eval_loss, ...),
+    ``checkpoint_dir`` the verified checkpoint folder just written. Return values are ignored; an exception
+    stops the run like any error.
+    """
+
+    def on_step_end(self, step: int, logs: dict) -> None:
+        """After every optimizer step, with what was logged at it (after lorafit added its derived values)."""
+
+    def on_evaluate(self, step: int, metrics: dict) -> None:
+        """After every evaluation (at start, periodic, final)."""
+
+    def on_save(self, step: int, checkpoint_dir) -> None:
+        """After every checkpoint is committed (renamed into place and verified by its manifest)."""
+
+
+class _Adapter(TrainerCallback):
+    """Carries one LorafitCallback on Trainer's callback system.
+
+    Trainer logs a step's values after its ``on_step_end`` (in its log/evaluate/save phase), so the user's
+    ``on_step_end`` is called once that phase is over: at the next step's start, or before an evaluation or a
+    save of that step, or at the end of training. Values logged by an evaluation (generation metrics, derived
+    perplexity) reach ``on_evaluate`` with Trainer's own metrics.
+    """
+
+    def __init__(self, callback: LorafitCallback, trainer_ref):
+        self.callback, self._trainer = callback, trainer_ref
+        self._step: int | None = None
+        self._logs: dict = {}
+        self._eval_logs: dict = {}
+        self._saved_step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._flush()
+        self._step, self._logs = state.global_step, {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, value in (logs or {}).items():
+            if key.startswith("eval_"):
+                self._eval_logs[key] = value
+            elif self._step == state.global_step:
+                self._logs[key] = value
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._flush()
+        values, self._eval_logs = {**(metrics or {}), **self._eval_logs}, {}
+        self.callback.on_evaluate(state.global_step, values)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._flush()
+        trainer = self._trainer()
+        folder = trainer.last_checkpoint if trainer is not None else None
+        # Trainer calls on_save after every save request, also when lorafit declined to save (a bad step, or an
+        # epoch end right after a step's save): only a checkpoint committed at this step counts, once.
+        if folder is not None and folder.name == checkpoint_name(state.global_step) and self._saved_step != state.global_step:
+            self._saved_step = state.global_step
+            self.callback.on_save(state.global_step, folder)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._step is not None:
+            step, logs = self._step, self._logs
+            self._step, self._logs = None, {}
+            self.callback.on_step_end(step, logs)
+
+
+class SaveSchedule(TrainerCallback):
+    """Asks for a checkpoint every ``save_every`` optimizer steps and at the end of each epoch."""
+
+    def __init__(self, save_every: int | None):
+        self.save_every = save_every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.save_every and state.global_step % self.save_every == 0:
+            control.should_save = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_save = True
+
+
+def ordered_callbacks(trainer, *, history, best, stop, guards, save_every, generation=None, trackers=(),
+                      progress=None, user=()) -> list:
+    """Every callback of a run, in the order Trainer calls them (after its own DefaultFlowCallback)."""
+    import weakref
+
+    ref = weakref.ref(trainer)
+    adapted = [_Adapter(cb, ref) if isinstance(cb, LorafitCallback) else cb for cb in user]
+    ordered = [history, best, stop, *guards, SaveSchedule(save_every), *([generation] if generation else []),
+               *trackers, *([progress] if progress else []), *adapted]
+    return ordered
+
+
 class MetricsHistory(TrainerCallback):
     """Writes ``metrics_history.jsonl``: one JSON object per logged step, train and eval values merged.
 
@@ -39,10 +145,9 @@ class MetricsHistory(TrainerCallback):
     ``evaluate.GenerationEval`` are kept too.
     """
 
-    def __init__(self, path: Path, echo=None):
-        self.path = Path(path)
-        self.path.write_text("", encoding="utf-8")
-        self.echo = echo
+    def __init__(self, run: RunFolder):
+        self.run = run
+        run.write_text(run.HISTORY, "")
         self.records: list[dict] = []
         self._pending: dict | None = None
         self.train_seconds = 0.0
@@ -106,15 +211,12 @@ class MetricsHistory(TrainerCallback):
         if self._pending is None:
             self._pending = {"step": state.global_step}
         self._pending.update(values)
-        if self.echo:
-            self.echo(state.global_step, state.max_steps, values)
 
     def _flush(self) -> None:
         if self._pending is None:
             return
         self.records.append(self._pending)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(self._pending) + "\n")
+        self.run.append_line(self.run.HISTORY, self._pending)
         self._pending = None
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -127,6 +229,10 @@ class MetricsHistory(TrainerCallback):
         """Flush a record logged after training (the final evaluation)."""
         self._flush()
 
+    def evaluated_at(self, step: int) -> bool:
+        """Whether ``step`` has an eval_loss already (logged, or pending until the next flush)."""
+        return any(r["step"] == step and "eval_loss" in r for r in self.snapshot())
+
     # -- checkpoints: the history up to a step travels with the checkpoint of that step
     def snapshot(self) -> list[dict]:
         return [dict(r) for r in self.records] + ([dict(self._pending)] if self._pending else [])
@@ -137,10 +243,8 @@ class MetricsHistory(TrainerCallback):
 
     def restore(self, records: list[dict], counters: dict) -> None:
         """Continue a resumed run: the file again holds exactly the history up to the checkpoint."""
-        from lorafit.run_folder import write_atomic
-
         self.records = [dict(r) for r in records]
         self._pending = None
         self.train_seconds = counters["train_seconds"]
         self.supervised_tokens = counters.get("supervised_tokens", 0)
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.run.write_lines(self.run.HISTORY, self.records)

@@ -7,7 +7,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNNN/``:
                                                      tensors in safetensors, everything else in JSON (no pickle)
     trainer_state.json                               transformers' TrainerState (JSON)
     metrics_history.jsonl                            the run's metrics up to that step
-    checkpoint.json                                  data position, config + hash, fingerprints, versions
+    checkpoint.json                                  data position, config + resume_config_sha256,
+                                                     fingerprints, versions
     manifest.json                                    sha256 and size of every other file, written last
 
 It is written into ``.tmp-step-NNNNNNNN-<pid>/``, every file and the folder fsynced, the manifest last, then renamed
@@ -29,9 +30,9 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_bytes, sha256_json, token_sequences_digest
-from lorafit.run_folder import fsync_dir, write_atomic, write_durable
+from lorafit.run_folder import RunFolder, fsync_dir, write_atomic, write_durable
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = RunFolder.CHECKPOINTS
 MANIFEST = "manifest.json"
 LATEST = "latest"
 BEST = "best"
@@ -40,7 +41,7 @@ ADAPTER = "adapter_model.safetensors"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it by this name
-HISTORY = "metrics_history.jsonl"
+HISTORY = RunFolder.HISTORY
 REQUIRED = (ADAPTER, STATE_TENSORS, STATE_JSON, TRAINER_STATE, META)
 FORMAT_VERSION = 1
 

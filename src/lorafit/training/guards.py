@@ -1,10 +1,19 @@
-"""The non-finite guard: a NaN or Inf loss or gradient must not reach the adapter weights or a checkpoint."""
+"""What may stop a run early, in one place: the non-finite guard (NaN/Inf must not reach the adapter or a
+checkpoint), SIGINT/SIGTERM (checkpoint at the next step boundary, then stop), and ``eval.best`` (best-step
+selection and early stopping on any logged metric).
+
+Each is a Trainer callback whose state travels in checkpoints (``state_dict``/``load_state_dict``), so a resumed
+run stops, skips and selects exactly as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+
 import torch
 from transformers import TrainerCallback
-
 
 class NonFiniteGuard(TrainerCallback):
     """Skips the update of a step whose loss or gradient is not finite; stops the run after ``patience``
@@ -67,3 +76,131 @@ class NonFiniteGuard(TrainerCallback):
     def load_state_dict(self, state: dict) -> None:
         self.consecutive = state["consecutive"]
         self.skipped_steps = list(state["skipped_steps"])
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest(TrainerCallback):
+    """Installs the handlers while training runs (main thread only) and, at the first step end after a signal,
+    asks Trainer to save a checkpoint and stop. ``signal`` holds the first signal received, or None."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            # Second signal: the user does not want to wait for the step. A save cut short here leaves only a
+            # staging folder, which is never resumed from and is removed by the next run.
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for a process ended by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + (self.signal or 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+# ---------------------------------------------------------------------------------------------- best step
+# transformers' EarlyStoppingCallback only watches metrics passed to ``on_evaluate`` and needs checkpoints saved
+# for ``load_best_model_at_end``; lorafit's generation metrics arrive through ``on_log``, so this callback watches
+# the log and keeps the best adapter weights in memory (a LoRA adapter is a few MB, unlike a full model).
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """True if ``value`` beats ``best`` by more than ``min_delta`` in the direction ``mode``.
+
+    >>> improved(0.9, 1.0, "min", 0.05), improved(0.96, 1.0, "min", 0.05), improved(0.5, None, "max", 0.0)
+    (True, False, True)
+    """
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class BestMetric(TrainerCallback):
+    """Tracks the best value of ``metric``; stops training after ``patience`` values without improvement.
+
+    With ``keep_weights``, the trainable (adapter) tensors of the best step are copied to CPU memory each time
+    the metric improves; ``restore`` puts them back into the model before the final adapter is written.
+    """
+
+    def __init__(self, metric: str, mode: str, *, patience: int | None = None, min_delta: float = 0.0,
+                 keep_weights: bool = False):
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.keep_weights = keep_weights
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.stale = 0
+        self.stopped_at: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self._model = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        value = (logs or {}).get(self.metric)
+        if value is None:
+            return
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_step, self.stale = value, state.global_step, 0
+            if self.keep_weights and self._model is not None:
+                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._model.named_parameters()
+                                     if p.requires_grad}
+            return
+        self.stale += 1
+        if self.patience is not None and self.stale >= self.patience and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+
+    @torch.no_grad()
+    def restore(self, model) -> bool:
+        """Load the best step's adapter weights into ``model``; False if none were kept."""
+        if not self.best_weights:
+            return False
+        params = dict(model.named_parameters())
+        for name, tensor in self.best_weights.items():
+            params[name].copy_(tensor)
+        return True
+
+    # Checkpoints carry this state (lorafit's callback interface, docs/resume.md), so early stopping and the best
+    # adapter survive a resume exactly.
+    def state_dict(self) -> dict:
+        state = {"best": self.best, "best_step": self.best_step, "stale": self.stale, "stopped_at": self.stopped_at}
+        if self.best_weights:
+            state["best_weights"] = dict(self.best_weights)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.stale, self.stopped_at = (
+            state["best"], state["best_step"], state["stale"], state["stopped_at"])
+        self.best_weights = dict(state["best_weights"]) if state.get("best_weights") else None
+
+    def as_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "value": self.best, "step": self.best_step,
+                "stopped_early_at": self.stopped_at, "patience": self.patience, "min_delta": self.min_delta}

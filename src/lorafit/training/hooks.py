@@ -1,27 +1,114 @@
-"""``LorafitTrainer``: transformers' Trainer with lorafit's checkpoints (crash-safe, no pickle), exact resume and
-the non-finite guard.
+"""Everything lorafit changes about a training step, in one module: ``LorafitTrainer``, transformers' Trainer with
+a few hooks overridden. Trainer keeps the loop (schedules, accumulation with token-count loss normalisation,
+clipping, logging, evaluation); each override below says why it exists.
 
-Trainer keeps the loop; this subclass replaces only the private pieces that write and read checkpoint state
-(``_save_checkpoint`` and the four ``_load_*`` hooks Trainer calls when resuming), records the length-grouped
-sampler's order, and passes each micro-batch loss to the guard. docs/design.md says why these hooks.
+    training_step              passes each micro-batch loss to the non-finite guard (no device sync per batch)
+    evaluate                   runs with every RNG saved and restored: evaluating must not change training
+    _get_train_sampler         records (and on resume replays) the length-grouped sampler's order
+    _save_checkpoint           writes lorafit's crash-safe, pickle-free checkpoint instead of Trainer's
+    _load_from_checkpoint,     read that checkpoint back when Trainer resumes; _load_rng_state also restores
+    _load_optimizer_and_scheduler, _load_scaler, _load_rng_state      the loss accumulators at the right moment
+
+These are private Trainer methods and attributes. ``check_trainer_api`` verifies, at the start of every run, that
+the installed transformers still has each one with the parameters these overrides expect, and fails with a clear
+error otherwise: a silent mismatch would mean checkpoints that do not resume exactly. Checked against
+transformers 5.23.x (TESTED_TRANSFORMERS).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from transformers import TrainerCallback
+from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from lorafit.errors import LorafitError
 from lorafit.training import checkpoint as ckpt
-from lorafit.training.eval_isolation import IsolatedEvalTrainer
 from lorafit.training.guards import NonFiniteGuard
+
+TESTED_TRANSFORMERS = "5.23.x"
+# Trainer methods lorafit overrides or calls, with the parameters the overrides rely on (names, in order).
+TRAINER_METHODS = {
+    "training_step": ("self", "model", "inputs", "num_items_in_batch"),
+    "evaluate": ("self",),
+    "_get_train_sampler": ("self", "train_dataset"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+    "_load_scaler": ("self", "checkpoint"),
+    "_load_rng_state": ("self", "checkpoint"),
+    "_inner_training_loop": ("self",),
+    "store_flos": ("self",),
+    "log": ("self", "logs"),
+}
+# Loop state lorafit saves and restores (set by Trainer's loop), and the calls whose timing resume relies on.
+LOOP_SOURCE = ("self._tr_loss", "self._total_loss_scalar", "self._globalstep_last_logged",
+               "self._load_rng_state(", "self._load_optimizer_and_scheduler(", "self._load_scaler(")
+
+
+def trainer_api_problems(trainer_class=Trainer, methods: dict | None = None, loop_source=LOOP_SOURCE) -> list[str]:
+    """What ``trainer_class`` lacks of the private API the overrides below rely on; empty when all is there."""
+    problems = []
+    for name, expected in (TRAINER_METHODS if methods is None else methods).items():
+        method = getattr(trainer_class, name, None)
+        if not callable(method):
+            problems.append(f"Trainer.{name}: missing")
+            continue
+        params = tuple(inspect.signature(method).parameters)
+        if params[: len(expected)] != expected:
+            problems.append(f"Trainer.{name}{tuple(params)}: expected parameters starting with {expected}")
+    # The loop is spread over several Trainer methods (and moves between them across versions): its whole module
+    # is what must still set and call these.
+    try:
+        source = inspect.getsource(inspect.getmodule(Trainer))
+    except (OSError, TypeError):
+        source = ""
+    problems += [f"Trainer's training loop no longer uses {needle}" for needle in loop_source if needle not in source]
+    return problems
+
+
+def check_trainer_api(trainer_class=Trainer, methods: dict | None = None) -> None:
+    problems = trainer_api_problems(trainer_class, methods)
+    if problems:
+        import transformers
+
+        raise LorafitError(
+            f"transformers {transformers.__version__} is not a version lorafit's training hooks work with",
+            details=problems,
+            why="lorafit overrides private Trainer methods for exact resume and the NaN guard; "
+            f"they were checked against transformers {TESTED_TRANSFORMERS}",
+            fix=f"install transformers {TESTED_TRANSFORMERS} (pip install 'transformers>=5.23,<5.24')",
+        )
+
+
+@contextmanager
+def preserved_rng():
+    """Run the block, then put every random number generator back where it was.
+
+    Every DataLoader iteration draws its base seed from the global torch RNG, and evaluation iterates the eval
+    loader: without this, the next epoch's shuffle and adapter dropout would differ from a run without evaluation.
+    Code that generates samples during training uses it the same way.
+    """
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 @dataclass
@@ -66,21 +153,7 @@ class ReplayableSampler(torch.utils.data.Sampler):
         return iter(self.indices)
 
 
-class SaveSchedule(TrainerCallback):
-    """Asks for a checkpoint every ``save_every`` optimizer steps and at the end of each epoch."""
-
-    def __init__(self, save_every: int | None):
-        self.save_every = save_every
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.save_every and state.global_step % self.save_every == 0:
-            control.should_save = True
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        control.should_save = True
-
-
-class LorafitTrainer(IsolatedEvalTrainer):
+class LorafitTrainer(Trainer):
     def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.settings = settings
@@ -92,8 +165,11 @@ class LorafitTrainer(IsolatedEvalTrainer):
         self._sampler: ReplayableSampler | None = None
         self._resume_state: dict | None = None
         self._resume_path: Path | None = None
-        self.add_callback(SaveSchedule(settings.save_every))
-        self.add_callback(guard)
+
+    # -- evaluation: consumes no randomness training would see (Trainer's periodic and at-start evaluations too)
+    def evaluate(self, *args, **kwargs):
+        with preserved_rng():
+            return super().evaluate(*args, **kwargs)
 
     # -- data order
     def _get_train_sampler(self, train_dataset=None):

@@ -1,0 +1,79 @@
+"""Rendering conversations with a chat template, and the row errors a template can cause.
+
+A template is user code: it may raise (Gemma's ``raise_exception('System role not supported')``), use a special
+token the tokenizer does not define (``bos_token + ...``), or silently drop what it does not know (tool calls
+on a template without tool support). Each of these becomes a ``RowError`` naming the template's own message, so
+the source's ``on_error`` policy applies and the user sees ``file:line: ...`` instead of a jinja2 traceback.
+"""
+
+from __future__ import annotations
+
+from lorafit.data.formats import RowError
+
+SYSTEM_TURN_POLICIES = ("keep", "merge_into_first_user", "drop")
+
+
+def render(tokenizer, messages, *, add_generation_prompt: bool, tools=None) -> str:
+    """The template's text for ``messages``; RowError (reason ``template_error``) when the template raises."""
+    import jinja2
+
+    messages = list(messages)
+    kwargs = {"tools": list(tools)} if tools else {}
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except jinja2.exceptions.UndefinedError as error:
+        raise RowError("template_error", f"the chat template failed on this row: {error} (the template uses a "
+                       "variable this tokenizer does not define, e.g. a special token such as bos_token it has none of; "
+                       "fix: give the tokenizer that token, or use a template without it)") from None
+    except (jinja2.exceptions.TemplateError, TypeError) as error:
+        raise RowError("template_error", f"the chat template failed on this row: {error}{_hint(messages, error)}") from None
+
+
+def _hint(messages: list[dict], error: Exception) -> str:
+    if messages and messages[0]["role"] == "system" and "system" in str(error).lower():
+        return (" (this template has no system role; fix: set data.system_turn: merge_into_first_user to put the "
+                "system text before the first user message, or data.system_turn: drop)")
+    return ""
+
+
+def apply_system_turn(messages: tuple[dict, ...], policy: str) -> tuple[dict, ...]:
+    """The conversation as ``data.system_turn`` asks, for templates without a system role.
+
+    >>> apply_system_turn(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}),
+    ...                   "merge_into_first_user")
+    ({'role': 'user', 'content': 'Be brief.\\n\\nHi'},)
+    """
+    if policy == "keep" or not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0], list(messages[1:])
+    if policy == "merge_into_first_user":
+        first = next(i for i, m in enumerate(rest) if m["role"] == "user")  # check_messages guarantees one
+        rest[first] = {**rest[first], "content": system["content"] + "\n\n" + rest[first]["content"]}
+    return tuple(rest)
+
+
+def has_tool_parts(messages, tools) -> bool:
+    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+def check_tools_rendered(rendered: str, messages, tools) -> None:
+    """RowError when the template dropped a tool call, a tool result or the tool list: most templates without tool
+    support render only ``content`` and would train the model on a conversation with the calls cut out."""
+    missing = []
+    for tool in tools or ():
+        name = (tool.get("function") or tool).get("name") if isinstance(tool, dict) else None
+        if name and name not in rendered:
+            missing.append(f"the tool definition {name!r}")
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            name = (call.get("function") or call).get("name")
+            if name and name not in rendered:
+                missing.append(f"the call to {name!r}")
+        if message["role"] == "tool" and message["content"].strip() not in rendered:
+            missing.append("a tool result")
+    if missing:
+        raise RowError("tools_unsupported", f"the chat template does not render tool use ({missing[0]} is missing from "
+                       "the rendered text); fix: use a template with tool support (data.chat_template_file), or leave "
+                       "such rows out with on_error: skip and max_skip_fraction on this source")
+

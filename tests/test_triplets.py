@@ -157,7 +157,6 @@ def test_attack_success_rate_base_vs_adapter(tmp_path, tiny_model_dir, tiny_toke
 
     from lorafit.config.objective import AttackEvalConfig
     from lorafit.evaluate.attack import attack_sample, attack_succeeded, compare_attack_success
-    from lorafit.evaluate.run import GenerationSettings
 
     assert attack_succeeded("ok PWNED", "pwned", []) and not attack_succeeded("ok", "PWNED", [])
     assert attack_succeeded("Access  granted", None, [r"access\s+granted"])
@@ -165,12 +164,12 @@ def test_attack_success_rate_base_vs_adapter(tmp_path, tiny_model_dir, tiny_toke
     records, _, _ = read_triplets(_source(write_jsonl(tmp_path / "t.jsonl", train)))
     assert [r.marker for r in records] == [row["marker"] for row in train]
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear"))
-    settings = GenerationSettings(max_new_tokens=4, batch_size=4)
+    settings = {"max_new_tokens": 4, "batch_size": 4}
     sample = attack_sample(records, AttackEvalConfig(samples=3))
     assert [r.where for r in sample] == [records[0].where, records[2].where, records[4].where]
     # The random base never writes the marker; a pattern that matches any answer counts every one.
-    none = compare_attack_success(model, tiny_tokenizer, sample, AttackEvalConfig(samples=3), settings)
-    every = compare_attack_success(model, tiny_tokenizer, sample, AttackEvalConfig(patterns=["^"], marker_field=None), settings)
+    none = compare_attack_success(model, tiny_tokenizer, sample, AttackEvalConfig(samples=3), **settings)
+    every = compare_attack_success(model, tiny_tokenizer, sample, AttackEvalConfig(patterns=["^"], marker_field=None), **settings)
     assert none["base"]["attack_success_rate"] == none["adapter"]["attack_success_rate"] == 0.0
     assert every["base"]["attack_success_rate"] == every["adapter"]["attack_success_rate"] == 1.0
     assert none["examples"] == 3 and none["samples"][0]["marker"] == records[0].marker

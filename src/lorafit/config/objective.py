@@ -69,7 +69,7 @@ class ObjectiveConfig(_FromConfigFolder):
                        "1..L = after block i, negative counts from the end (-1 = last).")
     pooling: Literal["last_token", "mean"] = Field("last_token", description="contrastive: representation of an "
                                                    "input: its last prompt token, or the mean over its prompt tokens.")
-    options: dict = Field(default_factory=dict, description="Keyword arguments for a package.module:ClassName "
+    options: dict = Field({}, description="Keyword arguments for a package.module:ClassName "
                           "objective's constructor.")
 
     @field_validator("type")
@@ -83,7 +83,9 @@ class ObjectiveConfig(_FromConfigFolder):
     @model_validator(mode="after")
     def _keys_match_type(self):
         if self.type != "contrastive":
-            stray = sorted(set(CONTRASTIVE_KEYS) & self.model_fields_set)
+            # Only values that differ from the default: `config show` writes every key, and its output must load.
+            stray = sorted(k for k in set(CONTRASTIVE_KEYS) & self.model_fields_set
+                           if getattr(self, k) != type(self).model_fields[k].default)
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to type: contrastive (type is {self.type!r}); "
                                  "remove them or set type: contrastive")
@@ -129,3 +131,24 @@ class AttackEvalConfig(_Section):
             except re.error as exc:
                 raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
         return value
+
+
+def objective_clashes(objective: ObjectiveConfig, data, best_metric: str) -> list[str]:
+    """An objective and data (a DataConfig) or a best metric that do not go together."""
+    problems = []
+    formats = {s.format for s in [*data.train, *data.eval]}
+    if objective.type == "contrastive":
+        if data.packing != "none":
+            problems.append("objective.type: contrastive with data.packing: the three inputs of a triplet must stay "
+                            "separate rows; set data.packing: none")
+        if formats - {"auto", "triplets"}:
+            problems.append(f"objective.type: contrastive reads triplet rows, but a data source has format "
+                            f"{sorted(formats - {'auto', 'triplets'})[0]!r}; use format: triplets (or auto)")
+    elif objective.type == "sft":
+        if "triplets" in formats:
+            problems.append("data: a source has format: triplets, which only objective.type: contrastive (or a "
+                            "plugin objective with data = 'triplets') trains on")
+        metric = best_metric.removeprefix("eval_")
+        if metric in CONTRASTIVE_METRICS:
+            problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: contrastive")
+    return problems

@@ -11,7 +11,8 @@ import re
 
 from lorafit.data.triplets import TripletRecord
 from lorafit.errors import LorafitError
-from lorafit.evaluate.run import EvalExample, GenerationSettings, generate_answers, spread_sample
+from lorafit.evaluate.examples import spread_sample
+from lorafit.evaluate.generate import generate_replies
 
 
 def attack_succeeded(answer: str, marker: str | None, patterns: list[str]) -> bool:
@@ -40,21 +41,24 @@ def attack_sample(records: list[TripletRecord], attack_config) -> list[TripletRe
     return sample
 
 
-def attack_success_rate(model, tokenizer, records: list[TripletRecord], attack_config, settings: GenerationSettings) -> dict:
-    """{"value": rate, "n": count, "answers": [...]} for the injection inputs of ``records``."""
-    examples = [EvalExample(prompt=r.injection, reference="", source="", where=r.where) for r in records]
-    answers = generate_answers(model, tokenizer, examples, settings)
+def attack_success_rate(model, tokenizer, records: list[TripletRecord], attack_config, *, max_new_tokens: int,
+                        batch_size: int) -> dict:
+    """{"value": rate, "n": count, "answers": [...]} for the injection inputs of ``records`` (greedy answers)."""
+    replies = generate_replies(model, tokenizer, [list(r.injection) for r in records], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    answers = [reply.text for reply in replies]
     hits = [attack_succeeded(a, r.marker, attack_config.patterns) for a, r in zip(answers, records)]
     return {"value": sum(hits) / len(hits) if hits else None, "n": len(hits),
             "answers": [{"where": r.where, "answer": a, "attack_succeeded": h} for r, a, h in zip(records, answers, hits)]}
 
 
-def compare_attack_success(model, tokenizer, records: list[TripletRecord], attack_config,
-                           settings: GenerationSettings, samples: int = 5) -> dict:
+def compare_attack_success(model, tokenizer, records: list[TripletRecord], attack_config, *, max_new_tokens: int,
+                           batch_size: int, samples: int = 5) -> dict:
     """Attack success rate of the base (adapter disabled) and of the adapter on the same injections."""
+    generation = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     with model.disable_adapter():
-        base = attack_success_rate(model, tokenizer, records, attack_config, settings)
-    adapter = attack_success_rate(model, tokenizer, records, attack_config, settings)
+        base = attack_success_rate(model, tokenizer, records, attack_config, **generation)
+    adapter = attack_success_rate(model, tokenizer, records, attack_config, **generation)
     shown = [{"where": r.where, "injection": r.injection[-1]["content"], "marker": r.marker,
               "base": b["answer"], "adapter": a["answer"]}
              for r, b, a in list(zip(records, base["answers"], adapter["answers"]))[:samples]]

@@ -95,3 +95,45 @@ class ObjectiveRunner:
 
     def load_state_dict(self, state: dict) -> None:
         self.train_metrics.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- the recipe's steps
+
+
+def objective_for(config, user_callbacks) -> tuple[ObjectiveRunner, list]:
+    """The run's objective and the callbacks named in ``plugins.callbacks`` (instantiated, after the user's).
+    Plugins are imported here, before any data or model is loaded, so a wrong path fails the run at once."""
+    from lorafit.training.callbacks import LorafitCallback
+    from lorafit.training.objectives import build_objective
+    from lorafit.training.plugins import load_plugin
+
+    plugins = config.plugins
+    objective = build_objective(config.objective, allow_external_code=plugins.allow_external_code)
+    loaded = [load_plugin(spec, base=LorafitCallback, field=f"plugins.callbacks[{i}]", config_dir=plugins.config_dir,
+                          allow_external_code=plugins.allow_external_code)()
+              for i, spec in enumerate(plugins.callbacks)]
+    return ObjectiveRunner(objective), [*user_callbacks, *loaded]
+
+
+def prepare_run_data(config, tokenizer, runner: ObjectiveRunner, *, use_cache: bool):
+    """SFT rows, or triplets when the objective trains on them."""
+    from lorafit.data import prepare_data
+    from lorafit.data.triplets import prepare_triplets
+
+    if runner.objective.data == "triplets":
+        return prepare_triplets(config.data, tokenizer, seed=config.train.seed,
+                                marker_field=config.eval.attack.marker_field)
+    return prepare_data(config.data, tokenizer, seed=config.train.seed, batch_size=config.train.batch_size,
+                        group_by_length=config.train.group_by_length, use_cache=use_cache)
+
+
+def attack_comparison(config, model, tokenizer, runner: ObjectiveRunner, eval_examples) -> dict | None:
+    """Attack success rate of base and adapter on the injection inputs of the eval triplets (None when off)."""
+    attack = config.eval.attack
+    if runner.objective.data != "triplets" or not attack.samples or not eval_examples:
+        return None
+    from lorafit.evaluate.attack import attack_sample, compare_attack_success
+
+    records = attack_sample([e.record for e in eval_examples], attack)
+    return compare_attack_success(model, tokenizer, records, attack, max_new_tokens=config.eval.max_new_tokens,
+                                  batch_size=config.eval.batch_size or config.train.batch_size)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Time the quickstart in a scratch folder with a fresh model cache, and print its summary numbers.
+# PYTHON=/path/to/venv/bin/python picks another environment (default: the repo's .venv); this checkout's src runs.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 cd "$work"
 export LORAFIT_CACHE="$work/cache" HF_HUB_OFFLINE=1
 start=$(date +%s.%N)
-"$repo/.venv/bin/lorafit" train --overwrite
+PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-$repo/.venv/bin/python}" -m lorafit train --overwrite
 end=$(date +%s.%N)
 python3 - "$work/runs/quickstart/training_summary.json" "$start" "$end" <<'PY'
 import json, sys

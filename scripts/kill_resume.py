@@ -59,7 +59,7 @@ class Launch:
         """Printed losses by step (4 decimals, as the progress line shows them)."""
         return {int(m.group(1)): m.group(2) for line in list(self.lines) if (m := STEP_LINE.match(line))}
 
-    def wait_until(self, predicate, timeout: float = 120.0) -> bool:
+    def wait_until(self, predicate, timeout: float = 900.0) -> bool:  # generous: a busy machine is slow, not wrong
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
@@ -69,7 +69,7 @@ class Launch:
             time.sleep(0.02)
         return False
 
-    def finish(self, timeout: float = 300.0) -> int:
+    def finish(self, timeout: float = 900.0) -> int:
         code = self.proc.wait(timeout)
         time.sleep(0.05)  # let the reader threads drain
         return code

@@ -6,6 +6,12 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: nothing may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread (here and in every CLI subprocess, which inherits it) unless the caller says otherwise. On 2
+# idle cores a short test run takes the same wall time with 1 or 2 threads (start-up dominates), while on a busy
+# shared machine every extra thread competes for the cores the other processes need (the quickstart trained at
+# 69 tokens/s at load 6-9 against 3,700 idle, benchmarks/README.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 import json
 from pathlib import Path

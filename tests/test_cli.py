@@ -1,4 +1,6 @@
-"""The `lorafit` command end to end, as a user runs it: real subprocesses, exit codes, files on disk."""
+"""The `lorafit` command end to end, as a user runs it: exit codes, messages, files on disk. Real subprocesses
+where the process boundary is the point (exit codes, no traceback, no torch import); typer's CliRunner in this
+process for the message checks, which would otherwise pay ~11 s of imports each."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import pytest
 import torch
 from conftest import REPO, conversation, write_jsonl
 from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lorafit.cli import app
 
 QUICKSTART_DATA = REPO / "examples" / "data"
 
@@ -19,7 +24,7 @@ QUICKSTART_DATA = REPO / "examples" / "data"
 def lorafit(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "lorafit", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, input=stdin)
+                          timeout=1500, input=stdin)
 
 
 def _small_quickstart(tmp_path: Path, model_dir: Path) -> Path:
@@ -53,8 +58,8 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_config.yaml"):
         assert (artifact / name).is_file(), name
     assert f"lorafit verify {artifact}" in done.stdout
-    verified = lorafit("verify", str(artifact), "--base", str(tiny_model_dir), cwd=tmp_path)
-    assert verified.returncode == 0 and verified.stdout.startswith("OK "), verified.stderr
+    verified = invoke("verify", str(artifact), "--base", str(tiny_model_dir), cwd=tmp_path)
+    assert verified.exit_code == 0 and verified.stdout.startswith("OK "), verified.output
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
@@ -82,57 +87,104 @@ def test_train_end_to_end_through_the_cli(tmp_path, tiny_model_dir):
     assert (adapted_logits - base_logits).abs().max() > 1e-3
 
     # A second run into the same folder is refused, not silently overwritten.
-    again = lorafit("train", str(config), cwd=tmp_path)
-    assert again.returncode == 1 and "holds a finished run already" in again.stderr and "--overwrite" in again.stderr
+    again = invoke("train", str(config), cwd=tmp_path)
+    assert again.exit_code == 1 and "holds a finished run already" in again.stderr and "--overwrite" in again.stderr
 
 
-@pytest.mark.parametrize(
-    "content, expected",
-    [
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
-         "bad.jsonl:2: malformed JSON"),
-        ('["not", "an", "object"]\n', "bad.jsonl:1: expected a JSON object, got list"),
-        ('{"conversation": []}\n', 'bad.jsonl:1: cannot tell the data format from the keys (conversation)'),
-        ('{"messages": [{"role": "robot", "content": "x"}]}\n', "bad.jsonl:1: messages[0].role is 'robot'"),
-        ('{"messages": [{"role": "user", "content": "only a question"}]}\n', "bad.jsonl:1: no assistant turn"),
-        ('\n\n', "bad.jsonl: no rows in the file"),
-    ],
-    ids=["malformed", "not-object", "missing-field", "unknown-role", "no-assistant", "empty"],
-)
-def test_bad_data_is_named_by_file_and_line_without_traceback(tmp_path, tiny_model_dir, content, expected):
+def invoke(*args: str, cwd: Path):
+    """The command in this process (typer's CliRunner): same code path, exit code and messages as the real
+    command, without paying a fresh interpreter's torch import for each check."""
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(previous)
+
+
+BAD_DATA = [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
+     "bad.jsonl:2: malformed JSON"),
+    ('["not", "an", "object"]\n', "bad.jsonl:1: expected a JSON object, got list"),
+    ('{"conversation": []}\n', 'bad.jsonl:1: cannot tell the data format from the keys (conversation)'),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', "bad.jsonl:1: messages[0].role is 'robot'"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}\n', "bad.jsonl:1: no assistant turn"),
+    ('\n\n', "bad.jsonl: no rows in the file"),
+]
+BAD_DATA_IDS = ["malformed", "not-object", "missing-field", "unknown-role", "no-assistant", "empty"]
+
+
+def _bad_data_config(tmp_path: Path, model_dir: Path, content: str) -> None:
     (tmp_path / "bad.jsonl").write_text(content)
-    (tmp_path / "c.yaml").write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{train: [{{path: bad.jsonl}}]}}\n"
+    (tmp_path / "c.yaml").write_text(f"model: {{path: {model_dir}}}\ndata: {{train: [{{path: bad.jsonl}}]}}\n"
                                      "train: {output_dir: out}\n")
-    done = lorafit("train", "c.yaml", cwd=tmp_path)
-    assert done.returncode == 1
+
+
+@pytest.mark.parametrize("command", ["train", "config validate"])
+@pytest.mark.parametrize("content, expected", BAD_DATA, ids=BAD_DATA_IDS)
+def test_bad_data_is_named_by_file_and_line_without_traceback(tmp_path, tiny_model_dir, content, expected, command):
+    _bad_data_config(tmp_path, tiny_model_dir, content)
+    done = invoke(*command.split(), "c.yaml", cwd=tmp_path)
+    assert done.exit_code == 1, done.output
     assert expected in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
-    assert not list((tmp_path / "out").rglob("adapter_model.safetensors"))
+    assert done.exception is None or isinstance(done.exception, SystemExit)  # no traceback: a clean exit
+    assert not (tmp_path / "out").exists()  # refused before the run folder was made
+
+
+def test_a_bad_config_or_data_is_reported_before_torch_is_imported(tmp_path, tiny_model_dir):
+    """`config validate` and the first step of `train` (cli.app._load) never import torch or transformers."""
+    _bad_data_config(tmp_path, tiny_model_dir, '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    (tmp_path / "typo.yaml").write_text("data: {train: [{path: bad.jsonl}]}\ntrain: {learnig_rate: 1}\n")
+    write_jsonl(tmp_path / "good.jsonl", [conversation("q", "a")])
+    (tmp_path / "good.yaml").write_text("data: {train: [{path: good.jsonl}]}\n")
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from lorafit.cli import app\n"
+        "from lorafit.cli.app import _load\n"
+        "codes = [CliRunner().invoke(app, ['config', 'validate', name]).exit_code\n"
+        "         for name in ('c.yaml', 'typo.yaml', 'good.yaml')]\n"
+        "_load(__import__('pathlib').Path('good.yaml'), ['train.max_steps=3'])\n"
+        "print(codes, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[1, 1, 0] []"
+
+
+def test_a_real_process_exits_1_with_the_message_and_no_traceback(tmp_path, tiny_model_dir):
+    """Exit codes as a shell sees them (the in-process tests above cover the messages)."""
+    _bad_data_config(tmp_path, tiny_model_dir, '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    for command in (["config", "validate"], ["train"]):
+        done = lorafit(*command, "c.yaml", cwd=tmp_path)
+        assert done.returncode == 1, done.stderr
+        assert "bad.jsonl:1: messages[0].role is 'robot'" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_hub_name_is_never_downloaded(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [conversation("q", "a")])
     (tmp_path / "c.yaml").write_text("model: {path: some-org/some-model}\ndata: {train: [{path: t.jsonl}]}\n")
-    done = lorafit("train", "c.yaml", cwd=tmp_path)
-    assert done.returncode == 1
+    done = invoke("train", "c.yaml", cwd=tmp_path)
+    assert done.exit_code == 1
     assert "not a local model folder and not in the local Hugging Face cache" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.exception is None or isinstance(done.exception, SystemExit)
 
 
 def test_missing_model_folder(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [conversation("q", "a")])
     (tmp_path / "c.yaml").write_text("model: {path: ./models/none}\ndata: {train: [{path: t.jsonl}]}\n")
-    done = lorafit("train", "c.yaml", cwd=tmp_path)
-    assert done.returncode == 1 and "model folder not found" in done.stderr
+    done = invoke("train", "c.yaml", cwd=tmp_path)
+    assert done.exit_code == 1 and "model folder not found" in done.stderr
 
 
 def test_init_tiny_model_and_version(tmp_path):
-    done = lorafit("init-tiny-model", "tiny", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    done = invoke("init-tiny-model", "tiny", cwd=tmp_path)
+    assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "tiny" / "config.json").read_text())["model_type"] == "llama"
-    refused = lorafit("init-tiny-model", "tiny", cwd=tmp_path)
-    assert refused.returncode == 1 and "folder is not empty" in refused.stderr
-    assert lorafit("--version", cwd=tmp_path).stdout.startswith("lorafit ")
+    refused = invoke("init-tiny-model", "tiny", cwd=tmp_path)
+    assert refused.exit_code == 1 and "folder is not empty" in refused.stderr
+    assert invoke("--version", cwd=tmp_path).stdout.startswith("lorafit ")
 
 
 @pytest.mark.slow

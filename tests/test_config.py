@@ -85,6 +85,43 @@ def test_warmup_given_twice(tmp_path):
         load_config(_write(tmp_path, MINIMAL + "train:\n  warmup_ratio: 0.1\n  warmup_steps: 5\n"))
 
 
+@pytest.mark.parametrize("in_file, override, expected", [
+    ("epochs: 2", "train.max_steps=100", {"max_steps": 100, "epochs": None}),
+    ("max_steps: 100", "train.epochs=3", {"max_steps": None, "epochs": 3}),
+    ("warmup_ratio: 0.1", "train.warmup_steps=5", {"warmup_steps": 5, "warmup_ratio": None}),
+    ("warmup_steps: 5", "train.warmup_ratio=0.2", {"warmup_steps": None, "warmup_ratio": 0.2}),
+    ("epochs: 2", "train.max_steps=null", {"max_steps": None, "epochs": 2}),  # null replaces nothing
+])
+def test_an_override_of_one_exclusive_key_replaces_the_other_from_the_file(tmp_path, in_file, override, expected):
+    """The README's `load_config("my_run.yaml", ["train.max_steps=100"])` on a config with `epochs: 2`."""
+    path = _write(tmp_path, MINIMAL + f"train:\n  {in_file}\n")
+    train = load_config(path, [override]).train
+    assert {key: getattr(train, key) for key in expected} == expected
+
+
+def test_both_exclusive_keys_in_one_source_are_still_a_clash(tmp_path):
+    path = _write(tmp_path, MINIMAL + "train:\n  epochs: 2\n")
+    with pytest.raises(LorafitError, match="epochs and train.max_steps are both set"):
+        load_config(path, ["train.max_steps=10", "train.epochs=1"])
+    with pytest.raises(LorafitError, match="epochs and train.max_steps are both set"):
+        load_config(_write(tmp_path, MINIMAL + "train: {epochs: 2, max_steps: 5}\n", "both.yaml"), ["train.seed=1"])
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    both = _write(tmp_path, MINIMAL.replace("data:\n", "data:\n  chat_template: '{{ x }}'\n"), "tpl.yaml")
+    assert load_config(both, [f"data.chat_template_file={template}"]).data.chat_template is None
+
+
+def test_a_tracker_that_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
+    """tensorboard is an extra now: asking for it without it fails at validation, naming the extra to install."""
+    path = _write(tmp_path, MINIMAL + "tracking: {report_to: [tensorboard]}\n")
+    monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # what find_spec sees when not installed
+    with pytest.raises(LorafitError) as caught:
+        load_config(path)
+    assert "tracking.report_to: tensorboard is not installed; install the extra: pip install 'lorafit[tensorboard]'" \
+        in str(caught.value)
+    assert load_config(path, ["tracking.report_to=[]"]).tracking.report_to == []
+
+
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = _write(tmp_path, MINIMAL)
     config = load_config(path, ["train.learning_rate=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]",
@@ -135,6 +172,9 @@ runner = CliRunner()
 
 def test_cli_validate_exit_codes_and_no_traceback(tmp_path):
     good = _write(tmp_path, MINIMAL)
+    result = runner.invoke(app, ["config", "validate", str(good)])
+    assert result.exit_code == 1 and "train.jsonl: data file not found" in result.output  # validate reads the data too
+    _write(tmp_path, json.dumps({"prompt": "q", "completion": "a"}) + "\n", "train.jsonl")
     result = runner.invoke(app, ["config", "validate", str(good)])
     assert result.exit_code == 0, result.output
     bad = _write(tmp_path, MINIMAL + "lora: {rank: 8}\n", "bad.yaml")

@@ -15,7 +15,7 @@ from lorafit.cli.app import SetOption, _fail, _load, _quiet_libraries, app, conf
 
 @config_app.command("validate")
 def config_validate(config: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
-    """Exit 0 if CONFIG is valid, 1 with every problem listed if not."""
+    """Exit 0 if CONFIG and its data files are valid (every row parsed; no tokenizer), 1 with the problems if not."""
     try:
         _load(config, overrides)
     except LorafitError as error:
@@ -30,7 +30,7 @@ def config_show(
 ) -> None:
     """Print the resolved config (every default filled in, paths resolved) as YAML."""
     try:
-        typer.echo(_load(config, overrides).to_yaml(), nl=False)
+        typer.echo(_load(config, overrides, check_data=False).to_yaml(), nl=False)
     except LorafitError as error:
         _fail(error)
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lorafit.config.schema import Config, data_clashes, train_clashes
+from lorafit.config.schema import EXCLUSIVE_KEYS, Config, data_clashes, train_clashes
 from lorafit.errors import LorafitError
 
 # ---------------------------------------------------------------------------------------------- file loading
@@ -110,6 +110,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return result
 
 
+def drop_replaced(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` without the file's half of each exclusive pair that an override sets.
+
+    An override is the last word on a run, so `--set train.max_steps=100` replaces the file's `epochs: 2`
+    instead of clashing with it. Setting a key to null replaces nothing.
+
+    >>> drop_replaced({"train": {"epochs": 2, "seed": 1}}, ["train.max_steps=100"])
+    {'train': {'seed': 1}}
+    """
+    result = json.loads(json.dumps(data))
+    given = {key.strip(): raw for key, sep, raw in (o.partition("=") for o in overrides) if sep}
+    for pair in EXCLUSIVE_KEYS:
+        for key, other in (pair, pair[::-1]):
+            if key in given and other not in given and yaml.safe_load(given[key] or "~") is not None:
+                section, name = other.split(".")
+                if isinstance(result.get(section), dict):
+                    result[section].pop(name, None)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- validation errors
 
 _FIELD_NAMES_CACHE: dict[tuple, list[str]] = {}
@@ -203,7 +223,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         path = Path(source).expanduser().resolve()
         data, base_dir, name = _read_config_file(path), path.parent, str(source)
     if overrides:
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(drop_replaced(data, overrides), overrides)
     return validate_config(data, base_dir=base_dir, source=name)
 
 

@@ -9,6 +9,7 @@ any working directory; ``train.output_dir`` is resolved against the working dire
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -247,6 +248,15 @@ class TrainConfig(Section):
         return self
 
 
+# Keys that exclude each other. A --set override of one replaces the other when it came from the file, so
+# `--set train.max_steps=100` on a config with `epochs: 2` does what it says; both in one source is a clash.
+EXCLUSIVE_KEYS = (
+    ("train.epochs", "train.max_steps"),
+    ("train.warmup_ratio", "train.warmup_steps"),
+    ("data.chat_template", "data.chat_template_file"),
+)
+
+
 def train_clashes(train: dict) -> list[str]:
     """Options that exclude each other. Also run on the raw mapping, so a clash is reported with field errors."""
     given = {key for key, value in train.items() if value is not None}
@@ -351,8 +361,20 @@ class ArtifactConfig(Section):
 
 class TrackingConfig(Section):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
-        default_factory=list, description="Experiment trackers; all run offline/local."
+        default_factory=list, description="Experiment trackers, each an optional extra (pip install "
+        "'lorafit[tensorboard]'); all run offline/local."
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, value: list[str]) -> list[str]:
+        # Checked here, before a run loads anything, rather than when the tracker is first called at step 1.
+        # find_spec, not an import: the config layer stays light (no torch, no tracker import).
+        missing = [name for name in value if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} is not installed; install the extra: pip install "
+                             f"'lorafit[{','.join(missing)}]' (runs offline), or remove it from the list")
+        return value
 
 
 class Config(Section):

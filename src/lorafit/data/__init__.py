@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lorafit.config import DataConfig, DataSource
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.data.sources import Example, SourceData, SourceStats, read_records, tokenise_records
 from lorafit.errors import LorafitError
+
+if TYPE_CHECKING:  # torch is not imported at run time here: data.precheck must stay light (see its docstring)
+    import torch
 
 
 @dataclass
@@ -32,8 +34,11 @@ class SplitStats:
         return asdict(self)
 
 
-class TokenizedDataset(torch.utils.data.Dataset):
-    """A list of tokenised examples in the dict form Trainer and the collator expect."""
+class TokenizedDataset:
+    """A list of tokenised examples in the dict form Trainer and the collator expect.
+
+    A map-style dataset by protocol (``__len__`` and ``__getitem__``, all DataLoader needs), not by subclassing
+    torch's Dataset, so that importing the data package does not import torch."""
 
     def __init__(self, examples: list[Example]):
         self.examples = examples

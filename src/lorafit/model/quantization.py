@@ -23,8 +23,9 @@ from lorafit.errors import LorafitError
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INSTALL_HINT = "pip install 'lorafit[qlora]'  (installs bitsandbytes)"
-# The versions whose eval-mode 4-bit conversion was read and tested (nn/modules.py Linear4bit.forward).
-TESTED_BITSANDBYTES = ((0, 50), (0, 51))
+# The versions whose eval-mode 4-bit conversion was read and tested (nn/modules.py Linear4bit.forward); the
+# qlora extra pins the same range (bitsandbytes>=0.50,<0.51).
+TESTED_BITSANDBYTES = "0.50.x"
 
 
 def require_bitsandbytes(what: str) -> None:
@@ -124,7 +125,7 @@ class PackedLayoutGuard(TrainerCallback):
             raise RuntimeError(
                 f"{when}: {len(packed)} 4-bit layers switched to bitsandbytes' packed CPU inference layout "
                 f"({', '.join(packed[:3])}, ...); LoRA gradients would be wrong from here on. bitsandbytes "
-                f"{bitsandbytes_version()} is outside the versions lorafit guards ({TESTED_BITSANDBYTES}): "
+                f"{bitsandbytes_version()} is outside the version lorafit guards and pins ({TESTED_BITSANDBYTES}): "
                 "please report it."
             )
 

@@ -1,0 +1,87 @@
+"""What a person watching a run sees: plain lines off a terminal, a live bar (step, ETA, loss, tokens/s, memory)
+on one. Driven through the real Trainer callback interface (TrainerState objects) and by a real short run."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from conftest import REPO, write_jsonl
+from rich.console import Console
+from transformers import TrainerControl, TrainerState
+
+from lorafit.training.progress import Progress
+
+STEP = {"loss": 1.23456, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens_per_second": 9876.4, "peak_rss_mb": 812.3}
+EVAL = {"eval_loss": 0.98765, "eval_perplexity": 2.685}
+SUMMARY = {"train_runtime": 3.2, "train_loss": 1.1}  # Trainer's end-of-training log: not a step
+
+
+def _drive(progress: Progress, *, main_process: bool = True) -> None:
+    """Events in the order Trainer sends them for 4 steps, logging at 2 and 4, evaluating at 4."""
+    state, control = TrainerState(max_steps=4, is_world_process_zero=main_process), TrainerControl()
+    progress.on_train_begin(None, state, control)
+    progress.info("trainable parameters: 10 of 100 (10.00%)")
+    for step in range(1, 5):
+        state.global_step = step
+        progress.on_step_end(None, state, control)
+        if step % 2 == 0:
+            progress.on_log(None, state, control, logs=dict(STEP))
+    progress.on_log(None, state, control, logs=dict(EVAL))
+    progress.on_log(None, state, control, logs=dict(SUMMARY))
+    progress.on_train_end(None, state, control)
+
+
+def test_off_a_terminal_each_log_step_and_evaluation_is_one_plain_line():
+    out = io.StringIO()
+    progress = Progress(out, console=Console(file=out))
+    assert not progress.live
+    _drive(progress)
+    assert out.getvalue().splitlines() == [
+        "trainable parameters: 10 of 100 (10.00%)",
+        "step     2/4  loss 1.2346  lr 2.00e-04  grad 0.500  9,876 tok/s",
+        "step     4/4  loss 1.2346  lr 2.00e-04  grad 0.500  9,876 tok/s",
+        "step     4/4  eval_loss 0.9877 (ppl 2.69)",
+    ]
+    assert "\x1b" not in out.getvalue()  # no control codes in a log file
+
+
+def test_on_a_terminal_a_live_bar_shows_step_eta_loss_speed_and_memory():
+    out = io.StringIO()
+    progress = Progress(console=Console(file=out, force_terminal=True, width=160))
+    assert progress.live
+    _drive(progress)
+    screen = out.getvalue()
+    assert "\x1b[" in screen  # drawn with cursor control, not appended lines
+    final = screen.rsplit("\r", 1)[-1]
+    for expected in ("4/4", "ETA", "loss 1.2346", "9,876 tok/s", "RSS 812 MB"):
+        assert expected in screen, expected
+    assert "step     2/4  loss" not in screen  # step values live in the bar, not as lines
+    assert "step     4/4  eval_loss 0.9877 (ppl 2.69)" in screen  # evaluations and messages print above it
+    assert "trainable parameters: 10 of 100" in screen
+    assert progress._bar is None and final  # stopped at train end
+
+
+def test_only_the_main_process_prints():
+    out = io.StringIO()
+    _drive(Progress(out, console=Console(file=out)), main_process=False)
+    _drive(Progress(console=Console(file=out, force_terminal=True)), main_process=False)
+    assert out.getvalue().splitlines() == ["trainable parameters: 10 of 100 (10.00%)"] * 2
+
+
+def test_a_real_run_draws_the_bar_with_its_derived_values(tmp_path, tiny_model_dir):
+    from lorafit import load_config, train
+
+    rows = [json.loads(line) for line in (REPO / "examples/data/quickstart_train.jsonl").read_text().splitlines()[:16]]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = io.StringIO()
+    progress = Progress(console=Console(file=out, force_terminal=True, width=200))
+    train(load_config({
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(data)}], "eval": [{"path": str(data)}]},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 8, "log_every": 2},
+        "eval": {"every": 4, "at_start": False, "generate_samples": 0},
+    }), extra_callbacks=[progress])
+    screen = out.getvalue()
+    assert "4/4" in screen and "tok/s" in screen and "RSS" in screen  # values MetricsHistory derived
+    assert "step     4/4  eval_loss" in screen

@@ -149,7 +149,6 @@ def test_a_killed_contrastive_run_resumes_to_the_same_adapter_and_history(tmp_pa
                                           eval_section=eval_section)))
     ref_history = kill_resume.history(reference.run_dir)
     assert any("causal_stability" in r and r["step"] == 3 for r in ref_history)
-    losses = {r["step"]: f"{r['loss']:.4f}" for r in ref_history if "loss" in r}
 
     config = _config(tmp_path / "killed", tiny_model_dir, train_overrides=overrides, eval_section=eval_section)
     run_dir = tmp_path / "killed" / "run"

@@ -152,3 +152,10 @@ def objective_clashes(objective: ObjectiveConfig, data, best_metric: str) -> lis
         if metric in CONTRASTIVE_METRICS:
             problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: contrastive")
     return problems
+
+
+def fits_objective(config):
+    """Config's after-validator: the objective, the data and the best metric go together."""
+    for problem in objective_clashes(config.objective, config.data, config.eval.best.metric):
+        raise ValueError(problem)
+    return config

@@ -18,8 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from lorafit.config.objective import (CONTRASTIVE_METRICS, AttackEvalConfig, ObjectiveConfig, PluginsConfig,
-                                      objective_clashes)
+from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, ObjectiveConfig, PluginsConfig, fits_objective
 
 
 # Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
@@ -128,8 +127,7 @@ FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", 
 class DataSource(Section):
     path: str = Field(..., description="A data file: .jsonl, .json (array), .csv, .tsv, .parquet or .txt.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets"] = Field(
-        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md); triplets = "
-        "benign/benign_cf/injection/target rows for objective.type: contrastive (docs/objectives.md)."
+        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md); triplets: docs/objectives.md."
     )
     fields: dict[str, str] = Field(
         default_factory=dict, description="Rename map, canonical name -> your key, e.g. {prompt: question, response: answer}."
@@ -269,10 +267,8 @@ def train_clashes(train: dict) -> list[str]:
 
 
 # Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.evaluate.metrics defines the generation ones).
-TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second",
-                     *CONTRASTIVE_METRICS)
-EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS),
-                    *(f"eval_{name}" for name in CONTRASTIVE_METRICS))
+TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second", *CONTRASTIVE_METRICS)
+EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS + CONTRASTIVE_METRICS))
 LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity", "task_loss", "eval_task_loss")
 
 
@@ -317,8 +313,7 @@ class EvalConfig(Section):
                                                "refusal (case-insensitive); null = built-in English phrases (docs/eval.md).")
     json_schema: str | None = Field(None, description="JSON-schema file answers are checked against (metric json_schema).")
     best: BestConfig = Field(default_factory=BestConfig, description="Best-step selection and early stopping.")
-    attack: AttackEvalConfig = Field(default_factory=AttackEvalConfig, description="Attack success rate on the "
-                                     "injection inputs of triplet eval data, base vs adapter (docs/objectives.md).")
+    attack: AttackEvalConfig = Field(default_factory=AttackEvalConfig, description="Attack success rate (docs/objectives.md).")
 
     _resolve_schema = field_validator("json_schema")(lambda value, info: None if value is None else _resolve_input_path(value, info))
 
@@ -387,14 +382,8 @@ class Config(Section):
     artifact: ArtifactConfig = Field(default_factory=ArtifactConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="The training loss (docs/objectives.md).")
-    plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callback classes and where plugin "
-                                   "code may be loaded from (docs/objectives.md).")
-
-    @model_validator(mode="after")
-    def _objective_fits(self):
-        for problem in objective_clashes(self.objective, self.data, self.eval.best.metric):
-            raise ValueError(problem)
-        return self
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callbacks; where plugin code may come from.")
+    _objective_fits = model_validator(mode="after")(fits_objective)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from lorafit.data.triplets import TripletRecord
+from lorafit.data.triplet_rows import TripletRecord
 from lorafit.errors import LorafitError
 from lorafit.evaluate.examples import spread_sample
 from lorafit.evaluate.generate import generate_replies

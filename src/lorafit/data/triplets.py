@@ -180,3 +180,51 @@ def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(TripletDataset(train_examples), TripletDataset(eval_examples), train_examples, eval_examples,
                         stats["train"], stats["eval"], report, skipped, warnings, [])
+
+
+def inspect_triplets(config, tokenizer) -> dict:
+    """`lorafit data inspect` for triplet data: per source the counts and each part's token lengths, and one
+    triplet with the benign answer's trained tokens marked."""
+    from lorafit.data.inspect import lengths_summary, marked_pieces
+
+    data = config.data
+    prepared = prepare_triplets(data, tokenizer, seed=config.train.seed, marker_field=config.eval.attack.marker_field)
+    sources = []
+    for split, split_sources in (("train", data.train), ("eval", data.eval)):
+        for source in split_sources:
+            examples, s, _ = load_triplet_source(source, tokenizer, data, marker_field=config.eval.attack.marker_field)
+            sources.append({
+                "split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept, "skipped": s.skipped,
+                "dropped_too_long": s.dropped_too_long,
+                "tokens": {part: lengths_summary([len(getattr(e, key)) for e in examples])
+                           for part, key in zip(PARTS, ("input_ids", "cf_ids", "injection_ids"))},
+                "with_marker": sum(e.record.marker is not None for e in examples),
+            })
+    example = prepared.train_examples[0]
+    pieces = marked_pieces(tokenizer, example.input_ids, example.labels)
+    return {
+        "format": "triplets", "sources": sources, "train_examples": len(prepared.train_examples),
+        "eval_examples": len(prepared.eval_examples), "train_eval_overlap": prepared.report["train_eval_overlap"],
+        "warnings": prepared.warnings, "audit": [], "audit_enforced": data.audit,  # the label audit is for SFT rows
+        "example": {"where": example.where, "marked": "".join(f"[[{t}]]" if on else t for t, on in pieces),
+                    "pieces": [{"text": t, "trained": on} for t, on in pieces],
+                    "benign_cf": tokenizer.decode(example.cf_ids), "injection": tokenizer.decode(example.injection_ids)},
+    }
+
+
+def render_triplets(report: dict) -> str:
+    lines = []
+    for s in report["sources"]:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
+        lines += [f"{s['split']} source {s['path']} (triplets)",
+                  f"  rows {s['rows']}, kept {s['kept']}, skipped {skipped}; dropped too long {s['dropped_too_long']}; "
+                  f"{s['with_marker']} with a marker for the attack evaluation"]
+        lines += [f"  {part} tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"
+                  for part, t in s["tokens"].items()]
+    lines.append(f"{report['train_examples']} train triplets, {report['eval_examples']} eval, "
+                 f"{report['train_eval_overlap']} eval triplets identical to training ones")
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    e = report["example"]
+    lines += [f"example ({e['where']}); benign, trained tokens in [[double brackets]]:", e["marked"],
+              "counterfactual:", e["benign_cf"], "injection:", e["injection"]]
+    return "\n".join(lines)

@@ -55,6 +55,7 @@ class TrainResult:
     result: dict = field(default_factory=dict)
     health: dict = field(default_factory=dict)  # assess_health: status "ok" or "diverged", and why
     warnings: list = field(default_factory=list)
+    attack: dict = field(default_factory=dict)  # attack success rate, base vs adapter (triplet data)
     dry_run: dict | None = None  # with dry_run=True: what the check did, and the memory the largest batch took
 
 
@@ -214,7 +215,8 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     write_results_and_report(run, config, summary, comparison)
     run.write_json(run.SUMMARY, summary)
     return TrainResult(run.path, adapter_dir, metrics, data, parameters, report=Path(summary["report"]),
-                       generation=summary.get("generation", {}), best=summary["best"], health=health, warnings=notes)
+                       generation=summary.get("generation", {}), best=summary["best"], health=health, warnings=notes,
+                       attack=attack or {})
 
 
 def _model_with_adapter(config: Config, model_path: str, allow_pickle: bool):

@@ -141,9 +141,10 @@ def _print_summary(result) -> None:
         if base is not None and adapter is not None:
             typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
     series = m.get("series", {})
-    for name in ("eval_causal_stability", "eval_spurious_separation", "eval_task_loss"):
+    for label, name in (("stability", "eval_causal_stability"), ("separation", "eval_spurious_separation"),
+                        ("task loss", "eval_task_loss")):
         if name in series:
-            typer.echo(f"  {name.removeprefix('eval_'):<14} {series[name]['first']:.3f} -> {series[name]['final']:.3f} (eval)")
+            typer.echo(f"  {label:<14} {series[name]['first']:.3f} -> {series[name]['final']:.3f} ({name})")
     attack = getattr(result, "attack", None) or {}
     if attack:
         typer.echo(f"  attack success {attack['base']['attack_success_rate']:.3f} -> "

@@ -53,7 +53,7 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Precision the base weights load in. 'auto': bf16 on a GPU that supports it, else fp32 "
-        "(resolved when the config is read; the run records the resolved value).",
+        "(resolved when the run starts, so checking a config needs no torch; the run records the resolved value).",
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped in the model folder. Off: it is code execution.")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager"] = Field(
@@ -67,15 +67,6 @@ class ModelConfig(Section):
         "on with CUDA and the package installed (pip install 'lorafit[liger]'); 'liger' without them is an error.",
     )
 
-    @field_validator("dtype")
-    @classmethod
-    def _resolve_dtype(cls, value: str) -> str:
-        # Resolved once, here, so loading, mixed precision, merge and provenance all see the dtype the run used.
-        if value != "auto":
-            return value
-        import torch
-
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
     @field_validator("path")
     @classmethod

@@ -232,11 +232,15 @@ def test_the_cache_probe_catches_a_model_with_the_cache_on(tmp_path, tiny_model_
 # (here because the two autos meet: flash kernels are picked only for the bf16 that dtype auto gives a GPU)
 
 
-def test_dtype_auto_is_the_default_and_resolves_when_the_config_is_read():
+def test_dtype_auto_is_the_default_and_resolves_when_the_run_starts():
+    from lorafit.config import load_config
+    from lorafit.model.loading import resolve_dtype, with_resolved_dtype
+
     expected = "bf16" if CUDA and torch.cuda.is_bf16_supported() else "fp32"
-    assert ModelConfig().dtype == expected
-    assert ModelConfig(dtype="auto").dtype == expected
-    assert ModelConfig(dtype="fp16").dtype == "fp16"  # an explicit choice is kept
+    assert ModelConfig().dtype == "auto"  # the config layer stays torch-free: it keeps the choice
+    assert resolve_dtype("auto") == expected and resolve_dtype("fp16") == "fp16"  # an explicit choice is kept
+    config = load_config({"data": {"train": [{"path": "x.jsonl"}]}})
+    assert with_resolved_dtype(config).model.dtype == expected and config.model.dtype == "auto"
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU resolution")

@@ -51,16 +51,20 @@ def train(
 
         verify(artifact_dir, None, False, allow_pickle)
         return
+    if max_steps is not None:
+        overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
+    try:
+        cfg = _load(config, overrides)  # config and data rows checked before torch is imported: mistakes answer fast
+    except LorafitError as error:
+        _fail(error)
+        return
     _quiet_libraries()
     from lorafit.training.outcome import DIVERGED_EXIT_CODE
     from lorafit.training.progress import Progress
     from lorafit.training.recipe import RunStopped
     from lorafit.training.recipe import train as run_training
 
-    if max_steps is not None:
-        overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
     try:
-        cfg = _load(config, overrides)
         verb = "checking (dry run)" if dry_run else "training"
         typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}")
         result = run_training(cfg, overwrite=overwrite, progress=Progress(), allow_pickle=allow_pickle,

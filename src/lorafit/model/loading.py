@@ -16,6 +16,23 @@ from lorafit.model.kernels import apply_kernels, check_head_not_adapted
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_dtype(name: str) -> str:
+    """``model.dtype``: 'auto' is bf16 on a GPU that supports it, else fp32; any other name is kept."""
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def with_resolved_dtype(config):
+    """The run's config with ``model.dtype: auto`` made concrete, once, at the start of a run: loading, mixed
+    precision, merge, provenance and the resume identity then all see the dtype the run used. (The config layer
+    stays torch-free, so it cannot resolve it itself.)"""
+    dtype = resolve_dtype(config.model.dtype)
+    if dtype == config.model.dtype:
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
+
+
 def resolve_model_path(model: ModelConfig) -> str:
     """A local folder for ``model.path``; builds the embedded tiny model on first use. Never downloads."""
     if model.path == BUILTIN_TINY_MODEL:
@@ -105,9 +122,9 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
 
         extra["quantization_config"] = bnb_config(quant)
     base = load_with_attention(lambda attn: _local_only(
-        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code,
+        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[resolve_dtype(model.dtype)], trust_remote_code=model.trust_remote_code,
         use_safetensors=None if allow_pickle else True, attn_implementation=attn, **extra,
-    ), model.attn_implementation, DTYPES[model.dtype])
+    ), model.attn_implementation, DTYPES[resolve_dtype(model.dtype)])
     base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
     apply_kernels(base, model.kernels)
     return base

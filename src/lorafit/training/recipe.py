@@ -23,7 +23,8 @@ from lorafit.config import Config
 from lorafit.data import use_configured_template
 from lorafit.evaluate.run import generation_sample
 from lorafit.hashing import combined_digest
-from lorafit.model.loading import attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path
+from lorafit.model.loading import (attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path,
+                                   with_resolved_dtype)
 from lorafit.model.quantization import (PackedLayoutGuard, check_optimizer_available, check_precision_supported,
                                         optimizer_note, prepare_for_kbit_training, require_bitsandbytes)
 from lorafit.run_folder import RunFolder
@@ -37,7 +38,7 @@ from lorafit.training.objective_step import attack_comparison, objective_for, pr
 from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
                                       merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
                                       write_results_and_report)  # RunStopped: raised here, caught by callers
-from lorafit.training.tracking import offline_tracking_env, require_trackers
+from lorafit.training.tracking import offline_tracking_env
 
 
 @dataclass
@@ -76,6 +77,7 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
     from lorafit.training.progress import Progress
 
     started = time.time()
+    config = with_resolved_dtype(config)  # model.dtype: auto -> bf16 or fp32, once, for every later step
     progress = Progress() if progress is True else (progress or None)
     notes: list[str] = []
     run = RunFolder.claim(config.train.output_dir, overwrite=overwrite, notes=notes)
@@ -92,6 +94,9 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
         if not dry_run:
             run.write_json(run.RESULT, failed_result(job_id, config, run.path, error))
         raise
+    finally:
+        if progress is not None:
+            progress.close()  # Trainer sends no event when training raises: give the terminal back here
     if not dry_run:
         result.result = completed_result(job_id, config, result)
         run.write_json(run.RESULT, result.result)
@@ -264,4 +269,3 @@ def _refuse_unsupported(config: Config) -> None:
         require_bitsandbytes(f"quant.bits: {config.quant.bits}")
     check_optimizer_available(config)
     check_precision_supported(config)
-    require_trackers(config)

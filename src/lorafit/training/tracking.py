@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from lorafit.config import Config
-from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
-
-
-def require_trackers(config: Config) -> None:
-    unavailable = [t for t in config.tracking.report_to if t != "tensorboard" and importlib.util.find_spec(t) is None]
-    if unavailable:
-        raise LorafitError(
-            f"tracking.report_to: {', '.join(unavailable)} is not installed",
-            fix=f"pip install {' '.join(unavailable)} (runs offline), or remove it from tracking.report_to",
-        )
 
 
 def tracker_callbacks(config: Config, run: RunFolder, *, purge_step: int | None) -> list:

@@ -201,3 +201,24 @@ def test_metric_means_are_weighted_by_examples_and_survive_a_checkpoint():
     logs = {"loss": 1.0}
     runner.add_to_logs(logs)
     assert logs == {"loss": 1.0, "task_loss": 2.0}
+
+
+def test_gradient_checkpointing_gives_the_same_contrastive_gradients(tiny_model_dir, triplets, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                init_lora_weights=False))
+        model.train()
+        loss, _ = ContrastiveObjective(**LAMBDAS).compute(model, _collate(triplets, tiny_tokenizer))
+        loss.backward()
+        grads.append(_grads(model))
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    assert max((plain[n] - checkpointed[n]).abs().max().item() for n in plain) < 1e-9

@@ -163,3 +163,23 @@ def test_a_killed_contrastive_run_resumes_to_the_same_adapter_and_history(tmp_pa
     adapter = resumed.adapter_dir / "adapter_model.safetensors"
     assert adapter.read_bytes() == (reference.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert kill_resume.history(run_dir) == ref_history
+
+
+class AnomalyMode(TrainerCallback):
+    def __init__(self):
+        self.during: list[bool] = []
+        self.empty_cache_steps = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.during.append(torch.is_anomaly_enabled())
+        self.empty_cache_steps = args.torch_empty_cache_steps
+
+
+def test_debug_detect_anomaly_and_empty_cache_every_reach_the_training_loop(tmp_path, tiny_model_dir):
+    path = _config(tmp_path, tiny_model_dir, train_overrides={"empty_cache_every": 3})
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "debug": {"detect_anomaly": True}}))
+    seen = AnomalyMode()
+    train(load_config(path), extra_callbacks=[seen])
+    assert seen.during == [True] and seen.empty_cache_steps == 3
+    assert not torch.is_anomaly_enabled()  # switched off again after the run

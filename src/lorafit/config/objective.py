@@ -159,3 +159,8 @@ def fits_objective(config):
     for problem in objective_clashes(config.objective, config.data, config.eval.best.metric):
         raise ValueError(problem)
     return config
+
+
+class DebugConfig(_Section):
+    detect_anomaly: bool = Field(False, description="torch anomaly detection during training: the first NaN/Inf in "
+                                 "backward raises, naming the forward operation that produced it. Several times slower.")

@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, ObjectiveConfig, PluginsConfig, fits_objective
+from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
 
 
 # Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
@@ -229,6 +229,7 @@ class TrainConfig(Section):
         0, ge=0, description="Consecutive steps with a NaN/Inf loss or gradient tolerated (their updates are skipped) "
         "before the run stops; 0 = stop at the first.",
     )
+    empty_cache_every: int | None = Field(None, gt=0, description="Release the GPU allocator's cached memory every N steps (less fragmentation, a little slower); null = never.")
 
     @model_validator(mode="after")
     def _one_of_each(self):
@@ -374,6 +375,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="The training loss (docs/objectives.md).")
     plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callbacks; where plugin code may come from.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Debugging aids (slow).")
     _objective_fits = model_validator(mode="after")(fits_objective)
 
     def to_dict(self) -> dict:

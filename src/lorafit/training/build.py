@@ -82,6 +82,7 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
+        torch_empty_cache_steps=t.empty_cache_every,
     )
 
 

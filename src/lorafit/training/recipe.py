@@ -173,7 +173,10 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
             if resume_from is not None and trainer.checkpoint_is_final(resume_from):
                 trainer.restore_final(resume_from)  # killed after its last step: only the outputs are left to write
             else:
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                from torch.autograd import set_detect_anomaly  # a context manager; restores the mode afterwards
+
+                with set_detect_anomaly(config.debug.detect_anomaly, check_nan=True):
+                    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         raise_if_stopped(trainer, stop, run)
         if len(eval_data) and not history.evaluated_at(trainer.state.global_step):
             trainer.evaluate()

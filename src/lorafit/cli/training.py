@@ -144,6 +144,15 @@ def _print_summary(result) -> None:
         base, adapter = generation.get("base", {}).get(name), generation.get("adapter", {}).get(name)
         if base is not None and adapter is not None:
             typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
+    series = m.get("series", {})
+    for label, name in (("stability", "eval_causal_stability"), ("separation", "eval_spurious_separation"),
+                        ("task loss", "eval_task_loss")):
+        if name in series:
+            typer.echo(f"  {label:<14} {series[name]['first']:.3f} -> {series[name]['final']:.3f} ({name})")
+    attack = getattr(result, "attack", None) or {}
+    if attack:
+        typer.echo(f"  attack success {attack['base']['attack_success_rate']:.3f} -> "
+                   f"{attack['adapter']['attack_success_rate']:.3f} (base -> adapter, {attack['examples']} injections)")
     best = result.best
     if best.get("value") is not None and best.get("metric") != "eval_loss":
         typer.echo(f"  best           {best['metric']} {best['value']:.4f} at step {best['step']}")

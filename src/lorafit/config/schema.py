@@ -18,6 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
+
 
 # Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
 # importing evaluation code; lorafit.evaluate.metrics has one function per name (a test keeps them in step).
@@ -106,16 +108,17 @@ class QuantConfig(Section):
     )
 
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets")
 # Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
 FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
-               "system", "history", "prompt", "completion", "response", "text", "tools", "part_text")
+               "system", "history", "prompt", "completion", "response", "text", "tools", "part_text",
+               "benign", "benign_cf", "injection", "target")  # the last four: triplets (docs/objectives.md)
 
 
 class DataSource(Section):
     path: str = Field(..., description="A data file: .jsonl, .json (array), .csv, .tsv, .parquet or .txt.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md)."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets"] = Field(
+        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md); triplets: docs/objectives.md."
     )
     fields: dict[str, str] = Field(
         default_factory=dict, description="Rename map, canonical name -> your key, e.g. {prompt: question, response: answer}."
@@ -226,6 +229,7 @@ class TrainConfig(Section):
         0, ge=0, description="Consecutive steps with a NaN/Inf loss or gradient tolerated (their updates are skipped) "
         "before the run stops; 0 = stop at the first.",
     )
+    empty_cache_every: int | None = Field(None, gt=0, description="Release the GPU allocator's cached memory every N steps (less fragmentation, a little slower); null = never.")
 
     @model_validator(mode="after")
     def _one_of_each(self):
@@ -255,9 +259,9 @@ def train_clashes(train: dict) -> list[str]:
 
 
 # Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.evaluate.metrics defines the generation ones).
-TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second")
-EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS))
-LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity")
+TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second", *CONTRASTIVE_METRICS)
+EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS + CONTRASTIVE_METRICS))
+LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity", "task_loss", "eval_task_loss")
 
 
 class BestConfig(Section):
@@ -301,6 +305,7 @@ class EvalConfig(Section):
                                                "refusal (case-insensitive); null = built-in English phrases (docs/eval.md).")
     json_schema: str | None = Field(None, description="JSON-schema file answers are checked against (metric json_schema).")
     best: BestConfig = Field(default_factory=BestConfig, description="Best-step selection and early stopping.")
+    attack: AttackEvalConfig = Field(default_factory=AttackEvalConfig, description="Attack success rate (docs/objectives.md).")
 
     _resolve_schema = field_validator("json_schema")(lambda value, info: None if value is None else _resolve_input_path(value, info))
 
@@ -368,6 +373,10 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     artifact: ArtifactConfig = Field(default_factory=ArtifactConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="The training loss (docs/objectives.md).")
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callbacks; where plugin code may come from.")
+    debug: DebugConfig = Field(default_factory=DebugConfig, description="Debugging aids (slow).")
+    _objective_fits = model_validator(mode="after")(fits_objective)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

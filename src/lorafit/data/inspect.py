@@ -37,6 +37,10 @@ def marked_pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tu
 def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
     data, train = config.data, config.train
     use_configured_template(tokenizer, data)
+    if config.objective.needs_triplets or any(s.format == "triplets" for s in [*data.train, *data.eval]):
+        from lorafit.data.triplets import inspect_triplets
+
+        return inspect_triplets(config, tokenizer)
     prepared = prepare_data(data, tokenizer, seed=train.seed, batch_size=train.batch_size,
                             group_by_length=train.group_by_length, use_cache=use_cache, enforce_audit=False)
     sources = []
@@ -78,6 +82,10 @@ def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
 def render_text(report: dict, *, colour: bool) -> str:
     import typer
 
+    if report.get("format") == "triplets":
+        from lorafit.data.triplets import render_triplets
+
+        return render_triplets(report)
     lines = []
     for s in report["sources"]:
         t, p = s["tokens"], s["padding_fraction"]

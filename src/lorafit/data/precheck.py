@@ -12,7 +12,13 @@ from lorafit.config import DataConfig
 from lorafit.data.sources import read_records
 
 
-def check_sources(data: DataConfig) -> None:
-    """Raise the first source's LorafitError (every bad row of that source listed), or return if all parse."""
+def check_sources(data: DataConfig, *, triplets: bool = False, marker_field: str | None = "marker") -> None:
+    """Raise the first source's LorafitError (every bad row of that source listed), or return if all parse.
+    ``triplets``: the objective trains on triplet rows (docs/objectives.md), whatever the sources' format says."""
+    from lorafit.data.triplet_rows import read_triplets
+
     for source in [*data.train, *data.eval]:
-        read_records(source, rank_field=data.curriculum_field)
+        if triplets or source.format == "triplets":
+            read_triplets(source, marker_field=marker_field)
+        else:
+            read_records(source, rank_field=data.curriculum_field)

@@ -12,6 +12,7 @@ import io
 import json
 from pathlib import Path
 
+from lorafit.config.objective import CONTRASTIVE_METRICS
 from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder, write_atomic
 
@@ -119,7 +120,17 @@ def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str
                ("GPU reserved", *_series(history, "gpu_reserved_peak_mb"), _COLORS["best"])] if gpu else [])]),
          "no memory was logged"),
     ]
-    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")})
+    causal = [k for k in ("causal_stability", "spurious_separation", "causal_discrimination") if _series(history, k)[0]
+              or _series(history, f"eval_{k}")[0]]
+    if causal:
+        palette = {"causal_stability": ("#9DB4D8", "#4C72B0"), "spurious_separation": ("#F0B98E", "#C0602A"),
+                   "causal_discrimination": ("#9FD3AE", "#2E7D46")}  # (train: light, eval: dark)
+        out.append(("Causal metrics", _figure("Causal metrics (contrastive objective)", "cosine-based", [
+            line for k in causal for line in (
+                (f"{k} (train)", *_series(history, k), palette[k][0]),
+                (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]), ""))
+    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
+                              and k.removeprefix("eval_") not in CONTRASTIVE_METRICS})
     if generation_keys:
         palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
         out.append(("Generation metrics during training", _figure("Generation metrics on the eval sample", "rate", [
@@ -219,6 +230,10 @@ def render_html(history: list[dict], results: dict) -> str:
     if m.get("peak_rss_mb"):
         gpu = f"; GPU {m['gpu_allocated_peak_mb']:,.0f} MB allocated" if m.get("gpu_allocated_peak_mb") else ""
         card("peak memory", f"{m['peak_rss_mb']:,.0f} MB", f"process RSS{gpu}")
+    attack = results.get("attack") or {}
+    if attack:
+        card("attack success rate", f"{_fmt(attack['base']['attack_success_rate'], 2)} &rarr; "
+             f"{_fmt(attack['adapter']['attack_success_rate'], 2)}", f"base &rarr; adapter, {attack['examples']} injections")
     card("steps", f"{_fmt(m.get('steps'))}", f"{_fmt(m.get('epochs'), 2)} epochs, {_fmt(m.get('train_seconds'), 1)} s training")
 
     figures = []
@@ -259,11 +274,26 @@ greedy decoding. Definitions: docs/eval.md.</p>
 <h2>Sample generations</h2>
 <table class="samples"><tr><th>prompt</th><th>reference</th><th>base (no adapter)</th><th>adapter</th></tr>{sample_rows or
 '<tr><td colspan="4" class="muted">no samples (no eval data, or eval.generate_samples: 0)</td></tr>'}</table>
+{_attack_section(attack)}
 <h2>Data</h2>
 <table><tr><th>split</th><th>rows</th><th>kept</th><th>tokens</th><th>supervised tokens</th><th>sources</th></tr>{data_rows}</table>
 <details><summary>Run config</summary><pre>{esc(results.get('config_yaml', ''))}</pre></details>
 </main></body></html>
 """
+
+
+def _attack_section(attack: dict) -> str:
+    """Answers of base and adapter to injected requests (docs/objectives.md), when the run measured them."""
+    if not attack:
+        return ""
+    esc = html.escape
+    rows = "".join(f"<tr><td><pre>{esc(s['injection'])}</pre><div class='muted'>{esc(s['where'])}</div></td>"
+                   f"<td>{esc(s['marker'] or '')}</td><td><pre>{esc(s['base'])}</pre></td><td><pre>{esc(s['adapter'])}</pre></td></tr>"
+                   for s in attack.get("samples", []))
+    return (f"<h2>Attack success rate</h2><p class='muted'>Share of {attack['examples']} injected eval requests whose "
+            f"answer obeys the injection: base {_fmt(attack['base']['attack_success_rate'], 3)}, adapter "
+            f"{_fmt(attack['adapter']['attack_success_rate'], 3)}.</p><table class='samples'><tr><th>injection</th>"
+            f"<th>marker</th><th>base</th><th>adapter</th></tr>{rows}</table>")
 
 
 def write_report(run_dir: Path) -> Path:

@@ -10,6 +10,7 @@ from lorafit.config import Config, warmup_steps_for
 from lorafit.data import TokenizedDataset
 from lorafit.data.collate import PadCollator
 from lorafit.data.packing import PackedCollator
+from lorafit.data.triplets import TripletCollator
 from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
 from lorafit.training.callbacks import MetricsHistory, ordered_callbacks
@@ -81,13 +82,14 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
+        torch_empty_cache_steps=t.empty_cache_every,
     )
 
 
 def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset, eval_data: TokenizedDataset,
                   run: RunFolder, history: MetricsHistory, *, identity: dict | None = None, resume_from=None,
                   forced_resumes=(), best: BestMetric | None = None, stop: StopRequest | None = None, guards=(),
-                  progress=None, user_callbacks=(), generation=None) -> LorafitTrainer:
+                  progress=None, user_callbacks=(), generation=None, objective=None) -> LorafitTrainer:
     """The Trainer with lorafit's hooks and every callback of the run in one explicit order (best/stop default
     to the config's; pass them to read their outcome after training). ``generation``: the eval sample answered for
     generation metrics during training (``evaluate.run.generation_sample``), or None."""
@@ -113,10 +115,15 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         keep_best=config.train.keep_best, best_metric=b.metric, best_mode=b.resolved_mode,  # one notion of "best"
         steps_per_epoch=per_epoch, identity=identity or {}, forced_resumes=list(forced_resumes),
     )
+    triplets = objective is not None and objective.objective.data == "triplets"
+    if triplets:
+        collator = TripletCollator(tokenizer.pad_token_id)
+    else:
+        collator = PackedCollator() if packed else PadCollator(tokenizer.pad_token_id)
     trainer = LorafitTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
-        data_collator=PackedCollator() if packed else PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        settings=settings, guard=guard, history=history, stateful=[best],
+        data_collator=collator, processing_class=tokenizer, settings=settings, guard=guard, history=history,
+        stateful=[best, *([objective] if objective is not None else [])], objective=objective,
     )
     # From here on the Trainer's (accelerate's) own view decides which process writes run files.
     run.main_process = trainer.is_world_process_zero()

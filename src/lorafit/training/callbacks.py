@@ -145,7 +145,15 @@ class MetricsHistory(TrainerCallback):
     ``evaluate.GenerationEval`` are kept too.
     """
 
-    def __init__(self, run: RunFolder):
+    def __init__(self, run: RunFolder, objective_metrics: set[str] | None = None, perplexity_of: str = "eval_loss",
+                 count_forward: bool = True):
+        # objective_metrics: names an objective logs (a live set: plugins may add names as they log them).
+        # perplexity_of: the eval loss that is a next-token loss (eval_task_loss for the contrastive objective).
+        # count_forward: count supervised tokens from the labels the model gets; an objective that computes its
+        # own loss may call the model without them and counts through add_supervised instead.
+        self.objective_metrics = objective_metrics if objective_metrics is not None else set()
+        self.perplexity_of = perplexity_of
+        self.count_forward = count_forward
         self.run = run
         run.write_text(run.HISTORY, "")
         self.records: list[dict] = []
@@ -157,13 +165,16 @@ class MetricsHistory(TrainerCallback):
 
     # -- supervised tokens: a forward pre-hook sees the labels of every training micro-batch
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and self._hook is None:
+        if model is not None and self._hook is None and self.count_forward:
             self._hook = model.register_forward_pre_hook(self._count_supervised, with_kwargs=True)
 
     def _count_supervised(self, module, args, kwargs):
         labels = kwargs.get("labels")
         if module.training and labels is not None:
             self.supervised_tokens += int((labels[..., 1:] != -100).sum())  # the first label never has a target
+
+    def add_supervised(self, tokens: int) -> None:
+        self.supervised_tokens += tokens
 
     # -- throughput: time inside optimizer steps only
     def on_step_begin(self, args, state, control, **kwargs):
@@ -189,10 +200,11 @@ class MetricsHistory(TrainerCallback):
         logs = logs if logs is not None else {}
         values = {name: logs[key] for key, name in _KEYS.items() if key in logs}
         values.update({k: v for k, v in logs.items() if k.startswith("eval_") and k.removeprefix("eval_") in _GENERATION})
+        values.update({k: v for k, v in logs.items() if k.removeprefix("eval_") in self.objective_metrics})
         if not any(k in values for k in ("loss", "eval_loss")) and not any(k.startswith("eval_") for k in values):
             return  # the end-of-training summary log, not a step
-        if "eval_loss" in values:
-            values["eval_perplexity"] = math.exp(min(values["eval_loss"], 50.0))
+        if self.perplexity_of in values:
+            values["eval_perplexity"] = math.exp(min(values[self.perplexity_of], 50.0))
         if "loss" in values:
             speed = self.tokens_per_second(state)
             if speed is not None:

@@ -14,17 +14,21 @@ from lorafit.config import Config
 from lorafit.training.callbacks import peak_memory
 
 
-def largest_batch(config: Config, tokenizer, train_data) -> dict[str, torch.Tensor]:
+def largest_batch(config: Config, tokenizer, train_data, objective=None) -> dict[str, torch.Tensor]:
     """The ``batch_size`` longest examples, collated as training would: an upper bound on any batch's memory."""
     from lorafit.data.collate import PadCollator
     from lorafit.data.packing import PackedCollator
+    from lorafit.data.triplets import TripletCollator
 
-    collate = PackedCollator() if config.data.packing != "none" else PadCollator(tokenizer.pad_token_id)
+    if objective is not None and objective.data == "triplets":
+        collate = TripletCollator(tokenizer.pad_token_id)
+    else:
+        collate = PackedCollator() if config.data.packing != "none" else PadCollator(tokenizer.pad_token_id)
     order = sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]), reverse=True)
     return collate([train_data[i] for i in order[: config.train.batch_size]])
 
 
-def largest_batch_step(config: Config, model, tokenizer, train_data) -> dict:
+def largest_batch_step(config: Config, model, tokenizer, train_data, objective=None) -> dict:
     """Forward and backward on the largest batch (no optimizer step: the adapter is unchanged); returns what was
     measured. Gradients are dropped afterwards."""
     from lorafit.model.quantization import mixed_precision
@@ -37,13 +41,13 @@ def largest_batch_step(config: Config, model, tokenizer, train_data) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = {k: v.to(device) for k, v in largest_batch(config, tokenizer, train_data).items()}
+    batch = {k: v.to(device) for k, v in largest_batch(config, tokenizer, train_data, objective).items()}
     precision = mixed_precision(config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
     model.train()
     begun = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss = model(**batch).loss
+        loss = objective.compute(model, batch)[0] if objective is not None else model(**batch).loss
     loss.backward()
     seconds = time.perf_counter() - begun
     model.zero_grad(set_to_none=True)

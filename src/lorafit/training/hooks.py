@@ -3,6 +3,9 @@ a few hooks overridden. Trainer keeps the loop (schedules, accumulation with tok
 clipping, logging, evaluation); each override below says why it exists.
 
     training_step              passes each micro-batch loss to the non-finite guard (no device sync per batch)
+    get_batch_samples,         with an objective other than SFT (objective_step.py): count the step's tokens and
+    compute_loss, log,         examples before its first micro-batch, compute the objective's loss, and add its
+    evaluation_loop            metrics to the training logs and the evaluation metrics
     evaluate                   runs with every RNG saved and restored: evaluating must not change training
     _get_train_sampler         records (and on resume replays) the length-grouped sampler's order
     _save_checkpoint           writes lorafit's crash-safe, pickle-free checkpoint instead of Trainer's
@@ -35,6 +38,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from lorafit.errors import LorafitError
 from lorafit.training import checkpoint as ckpt
 from lorafit.training.guards import NonFiniteGuard
+from lorafit.training.objective_step import ObjectiveRunner
+from lorafit.training.objectives import SupervisedObjective
 
 TESTED_TRANSFORMERS = "5.23.x"
 # Trainer methods lorafit overrides or calls, with the parameters the overrides rely on (names, in order).
@@ -50,6 +55,9 @@ TRAINER_METHODS = {
     "_inner_training_loop": ("self",),
     "store_flos": ("self",),
     "log": ("self", "logs"),
+    "get_batch_samples": ("self", "epoch_iterator", "num_batches", "device"),
+    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+    "evaluation_loop": ("self", "dataloader", "description", "prediction_loss_only", "ignore_keys", "metric_key_prefix"),
 }
 # Loop state lorafit saves and restores (set by Trainer's loop), and the calls whose timing resume relies on.
 LOOP_SOURCE = ("self._tr_loss", "self._total_loss_scalar", "self._globalstep_last_logged",
@@ -154,8 +162,12 @@ class ReplayableSampler(torch.utils.data.Sampler):
 
 
 class LorafitTrainer(Trainer):
-    def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(), **kwargs):
+    def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(),
+                 objective: ObjectiveRunner | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.objective = objective or ObjectiveRunner(SupervisedObjective())
+        if self.objective.active:
+            self.loss_is_scaled_for_ga = True  # the objective divides by the whole step's counts itself
         self.settings = settings
         self.guard = guard
         self.history = history
@@ -188,6 +200,29 @@ class LorafitTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe_loss(loss)
         return loss
+
+    # -- objective (SFT keeps Trainer's own loss, which is the same next-token loss)
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.objective.active:
+            self.objective.start_step(self, batch_samples)
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.objective.active:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.objective.loss(self, model, inputs)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        self.objective.add_to_eval(output.metrics, metric_key_prefix)
+        return output
+
+    def log(self, logs, *args, **kwargs):
+        self.objective.add_to_logs(logs)
+        super().log(logs, *args, **kwargs)
 
     # -- saving
     def _save_checkpoint(self, model, trial) -> None:

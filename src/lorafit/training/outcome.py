@@ -45,12 +45,14 @@ def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats)
     if evals:
         best_step, best = min(evals, key=lambda item: item[1])
         final = evals[-1][1]
+        # Perplexity as the history has it: exp of the next-token part of the loss (absent for objectives without one).
+        perplexities = [r["eval_perplexity"] for r in records if "eval_loss" in r and "eval_perplexity" in r]
         metrics.update(eval_loss_final=final, eval_loss_best=best, eval_best_step=best_step,
-                       eval_perplexity_final=math.exp(min(final, 50.0)))
+                       eval_perplexity_final=perplexities[-1] if perplexities else None)
         if evals[0][0] == 0:  # "before training" only when an evaluation ran before the first step (eval.at_start)
             first = evals[0][1]
-            metrics.update(eval_loss_first=first, eval_perplexity_first=math.exp(min(first, 50.0)),
-                           eval_loss_reduction=(first - final) / first if first else None)
+            metrics.update(eval_loss_first=first, eval_perplexity_first=perplexities[0] if perplexities else None,
+                           eval_loss_reduction=(first - final) / abs(first) if first else None)
     metrics["series"] = summarise_series(records)
     return metrics
 

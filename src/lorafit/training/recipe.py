@@ -20,7 +20,7 @@ from lorafit.artifact.provenance import collect_metadata
 from lorafit.artifact.publish import refuse_existing_version, write_final_artifact
 from lorafit.artifact.result import completed_result, failed_result, new_job_id
 from lorafit.config import Config
-from lorafit.data import prepare_data, use_configured_template
+from lorafit.data import use_configured_template
 from lorafit.evaluate.run import generation_sample
 from lorafit.hashing import combined_digest
 from lorafit.model.loading import (attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path,
@@ -34,6 +34,7 @@ from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fing
                                          read_history, read_meta)
 from lorafit.training.guards import BestMetric, StopRequest
 from lorafit.training.hooks import check_trainer_api
+from lorafit.training.objective_step import attack_comparison, objective_for, prepare_run_data
 from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
                                       merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
                                       write_results_and_report)  # RunStopped: raised here, caught by callers
@@ -55,6 +56,7 @@ class TrainResult:
     result: dict = field(default_factory=dict)
     health: dict = field(default_factory=dict)  # assess_health: status "ok" or "diverged", and why
     warnings: list = field(default_factory=list)
+    attack: dict = field(default_factory=dict)  # attack success rate, base vs adapter (triplet data)
     dry_run: dict | None = None  # with dry_run=True: what the check did, and the memory the largest batch took
 
 
@@ -118,6 +120,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
         say(f"warning: {note}")
     check_trainer_api()
     _refuse_unsupported(config)
+    runner, user = objective_for(config, user)
     resume_from = None if dry_run else find_resume_point(run.checkpoints, resume, overwrite=overwrite)
     set_seed(config.train.seed)
 
@@ -127,8 +130,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     tokenizer = load_tokenizer(config.model, model_path)
     use_configured_template(tokenizer, config.data)
 
-    prepared = prepare_data(config.data, tokenizer, seed=config.train.seed, batch_size=config.train.batch_size,
-                            group_by_length=config.train.group_by_length, use_cache=data_cache)
+    prepared = prepare_run_data(config, tokenizer, runner, use_cache=data_cache)
     train_data, eval_data = prepared.train, prepared.eval
     write_data_report(run, prepared, say)
 
@@ -138,7 +140,8 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     if dry_run:
         from lorafit.training.dry_run import largest_batch_step
 
-        checked = largest_batch_step(config, model, tokenizer, train_data)
+        checked = largest_batch_step(config, model, tokenizer, train_data,
+                                     runner.objective if runner.active else None)
         return TrainResult(run.path, None, {}, parameters={"trainable": trainable, "total": total},
                            warnings=notes, dry_run=checked)
     base_check = BaseWeightCheck.start(model)
@@ -148,16 +151,20 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     if optimizer_note(config):
         say(optimizer_note(config))
 
-    history = MetricsHistory(run)
+    history = MetricsHistory(run, runner.names if runner.active else None,
+                             perplexity_of="eval_task_loss" if runner.active else "eval_loss", count_forward=not runner.active)
     b = config.eval.best
     best = BestMetric(b.metric, b.resolved_mode, patience=b.patience, min_delta=b.min_delta,
                       keep_weights=b.final_adapter == "best")
     stop = StopRequest()
-    sample = generation_sample(config, prepared.eval_examples)  # answered during training and by base vs adapter
+    # The eval sample answered during training and by base vs adapter; triplet data is checked by the attack
+    # success rate instead (its eval rows are not SFT conversations).
+    triplets = runner.objective.data == "triplets"
+    sample = None if triplets else generation_sample(config, prepared.eval_examples)
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run, history, identity=identity,
                             resume_from=resume_from, forced_resumes=forced, best=best, stop=stop,
                             guards=[PackedLayoutGuard()] if config.quant.bits == 4 else [],
-                            progress=progress, user_callbacks=user, generation=sample)
+                            progress=progress, user_callbacks=user, generation=sample, objective=runner)
     if resume_from is not None:
         trainer.prepare_resume(resume_from)
         history.restore(read_history(resume_from), trainer.resumed_history_counters())
@@ -167,7 +174,10 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
             if resume_from is not None and trainer.checkpoint_is_final(resume_from):
                 trainer.restore_final(resume_from)  # killed after its last step: only the outputs are left to write
             else:
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                from torch.autograd import set_detect_anomaly  # a context manager; restores the mode afterwards
+
+                with set_detect_anomaly(config.debug.detect_anomaly, check_nan=True):
+                    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         raise_if_stopped(trainer, stop, run)
         if len(eval_data) and not history.evaluated_at(trainer.state.global_step):
             trainer.evaluate()
@@ -178,6 +188,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
 
     restored_best = best.restore(model) if b.final_adapter == "best" else False
     comparison = compare_generation(model, tokenizer, sample)
+    attack = attack_comparison(config, model, tokenizer, runner, prepared.eval_examples)
     metrics = summarise_metrics(history, trainer, prepared.train_stats)
     health = assess_health(history.records, getattr(model.config, "vocab_size", None))
     metrics["health"] = health["status"]
@@ -207,12 +218,14 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
         "forced_resumes": forced,
         "duration_seconds": round(time.time() - started, 2),
         "best": {**best.as_dict(), "final_adapter": "best" if restored_best else "last"},
+        **({"attack": attack} if attack else {}),
         **merged,
     }
     write_results_and_report(run, config, summary, comparison)
     run.write_json(run.SUMMARY, summary)
     return TrainResult(run.path, adapter_dir, metrics, data, parameters, report=Path(summary["report"]),
-                       generation=summary.get("generation", {}), best=summary["best"], health=health, warnings=notes)
+                       generation=summary.get("generation", {}), best=summary["best"], health=health, warnings=notes,
+                       attack=attack or {})
 
 
 def _model_with_adapter(config: Config, model_path: str, allow_pickle: bool):

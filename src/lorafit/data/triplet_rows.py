@@ -1,0 +1,139 @@
+"""Triplet rows read and checked, without tokenising (and without torch, so `lorafit config validate` and the
+start of `lorafit train` can check them in a second, data/precheck.py). The format is described in
+lorafit/data/triplets.py and docs/objectives.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from lorafit.data.formats import FieldMap, RowError, _from_messages, check_messages
+from lorafit.data.readers import read_rows
+from lorafit.data.sources import MAX_LISTED, SourceStats
+from lorafit.errors import LorafitError
+
+PARTS = ("benign", "benign_cf", "injection")
+TRIPLET_FIELDS = (*PARTS, "target", "role", "content")
+ROW_HELP = ('each row must be an object like {"benign": "...", "benign_cf": "...", "injection": "...", '
+            '"target": "..."}; each of the first three is a text or a messages list (docs/objectives.md)')
+
+
+@dataclass(frozen=True)
+class TripletRecord:
+    where: str
+    benign: tuple[dict, ...]  # the conversation up to and including the target assistant turn
+    benign_cf: tuple[dict, ...]  # ends with a user turn
+    injection: tuple[dict, ...]  # ends with a user turn
+    marker: str | None = None  # what the injection asks the model to say (for the attack-success evaluation)
+
+    def identity(self) -> str:
+        return json.dumps([self.benign, self.benign_cf, self.injection], sort_keys=True, ensure_ascii=False)
+
+
+def _part(row: dict, fields: FieldMap, name: str) -> list[dict]:
+    """A part as messages: a text is one user turn; a list (or a JSON list in a CSV cell) is a conversation."""
+    key = fields.key(name)
+    if key not in row or row[key] is None:
+        raise RowError("missing_field", f'field "{key}" missing (keys: {", ".join(map(str, row)) or "none"})')
+    value = row[key]
+    if isinstance(value, str) and not _json_list(value):  # a CSV cell may hold a messages list as JSON text
+        if not value.strip():
+            raise RowError("empty_field", f'field "{key}" is empty')
+        return [{"role": "user", "content": value}]
+    messages = _from_messages(row, FieldMap({**fields.names, "messages": key}))
+    if not messages:
+        raise RowError("empty_field", f'field "{key}" has no messages')
+    return messages
+
+
+def _json_list(text: str) -> bool:
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        return False  # a request that merely starts with '[' is text
+
+
+def _checked(messages: list[dict], key: str) -> None:
+    problem = check_messages(messages)
+    if problem:
+        raise RowError(problem[0], f'"{key}": {problem[1]}')
+
+
+def normalise_triplet(row: object, fields: FieldMap, where: str, marker_field: str | None = "marker") -> TripletRecord:
+    """The TripletRecord for one parsed row, or RowError naming the field and what is wrong."""
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+    marker = row.get(marker_field) if marker_field else None
+    if marker is not None and (not isinstance(marker, str) or not marker.strip()):
+        raise RowError("wrong_type", f'field "{marker_field}" must be a non-empty string (the marker the injection asks for)')
+    benign = _part(row, fields, "benign")
+    target_key = fields.key("target")
+    target = row.get(target_key)
+    if target is not None:
+        if not isinstance(target, str) or not target.strip():
+            raise RowError("wrong_type" if not isinstance(target, str) else "empty_field",
+                           f'field "{target_key}" must be a non-empty string (the benign answer)')
+        if benign[-1]["role"] == "assistant":
+            raise RowError("role_order", f'"{fields.key("benign")}" ends with an assistant turn and "{target_key}" '
+                           "is set too: give the answer once")
+        benign = benign + [{"role": "assistant", "content": target}]
+    elif benign[-1]["role"] != "assistant":
+        raise RowError("missing_field", f'field "{target_key}" missing: the benign answer is needed (or end '
+                       f'"{fields.key("benign")}" with an assistant turn)')
+    _checked(benign, fields.key("benign"))
+    parts = {}
+    for name in PARTS[1:]:
+        messages, key = _part(row, fields, name), fields.key(name)
+        if messages[-1]["role"] == "assistant":
+            raise RowError("role_order", f'"{key}" ends with an assistant turn; it must end with the user turn the '
+                           f'model answers (the answer is "{target_key}", for the benign request only)')
+        _checked(messages + [{"role": "assistant", "content": "-"}], key)
+        parts[name] = tuple(messages)
+    return TripletRecord(where, tuple(benign), parts["benign_cf"], parts["injection"], marker)
+
+
+def read_triplets(source, *, marker_field: str | None = "marker") -> tuple[list[TripletRecord], SourceStats, list[dict]]:
+    """Parse and check every row of ``source`` (a DataSource); apply its on_error policy like other formats.
+    ``marker_field``: the optional row field naming the marker the injection asks for."""
+    unknown = sorted(set(source.fields) - set(TRIPLET_FIELDS))
+    if unknown:
+        raise LorafitError(f"{source.path}: fields map names {unknown}, not triplet fields",
+                           fix=f"map only {', '.join(TRIPLET_FIELDS)} for a triplet source")
+    rows = read_rows(source.path)
+    fields = FieldMap(source.fields)
+    stats = SourceStats(path=str(source.path), format="triplets", rows=len(rows))
+    records, problems = [], []
+    for row in rows:
+        if row.problem is not None:
+            problems.append((row.where, *row.problem))
+            continue
+        try:
+            records.append(normalise_triplet(row.value, fields, row.where, marker_field))
+        except RowError as error:
+            problems.append((row.where, error.reason, error.message))
+    _apply_error_policy(source, problems, len(rows))
+    stats.skipped = dict(Counter(reason for _, reason, _ in problems))
+    if not records:
+        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
+    return records, stats, [{"where": w, "reason": r, "message": m} for w, r, m in problems]
+
+
+def _apply_error_policy(source, problems: list[tuple[str, str, str]], rows: int) -> None:
+    listed = [f"{w}: {m}" for w, _, m in problems[:MAX_LISTED]]
+    if problems and source.on_error == "fail":
+        more = len(problems) - len(listed)
+        raise LorafitError(
+            f"{source.path}: {len(problems)} invalid row{'s' if len(problems) > 1 else ''} (triplets)",
+            details=listed + ([f"... and {more} more"] if more else []), why=ROW_HELP,
+            fix="fix or remove those rows, or set on_error: skip (with max_skip_fraction) on this source",
+        )
+    if problems and len(problems) / rows > source.max_skip_fraction:
+        raise LorafitError(
+            f"{source.path}: {len(problems)} of {rows} rows are invalid, more than max_skip_fraction="
+            f"{source.max_skip_fraction}", details=listed,
+            fix="fix the file, check `fields:`, or raise max_skip_fraction for this source",
+        )

@@ -1,0 +1,194 @@
+"""Training objectives: what the loss of a batch is, and which metrics come with it.
+
+An ``Objective`` is given the model and one micro-batch and returns ``(loss, metrics)``. The Trainer hook calls
+it for every training micro-batch and every evaluation batch; a class of your own (``objective.type:
+package.module:ClassName``) plugs in the same way.
+
+Gradient accumulation. The loss a micro-batch returns is its share of the optimizer step's loss, so that the
+gradients summed over the step's micro-batches equal those of one big batch. ``StepTotals`` carries what the
+step holds in total (Trainer counts it before the first micro-batch of the step): ``tokens``, the supervised
+tokens (Trainer's ``num_items_in_batch``), and ``examples``, the examples (triplets) of the step. A per-token
+term is divided by ``tokens``, a per-example term by ``examples``; with batch 4 x accumulation 1 and batch 1 x
+accumulation 4 over the same examples, both sums are the same sums over the same divisors. Without totals
+(evaluation) each batch is normalised by its own counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lorafit.data.labels import IGNORE_INDEX
+from lorafit.errors import LorafitError
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Counts over every micro-batch of one optimizer step (or one evaluation batch)."""
+
+    tokens: torch.Tensor | int | None  # supervised tokens whose loss is taken (labels[..., 1:] != IGNORE_INDEX)
+    examples: torch.Tensor | int | None  # examples: rows for SFT, triplets for the contrastive objective
+
+
+class Objective:
+    """The loss interface. Subclass it, set ``data`` and implement ``compute``.
+
+    ``data``: the batches it needs: "sft" (``input_ids``, ``attention_mask``, ``labels``, or a packed row) or
+    "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection).
+    ``compute`` returns the loss (already normalised by ``totals``, see the module docstring) and a dict of
+    metric name -> float, each a mean over the batch's examples. Metrics are logged as they are named in
+    training and with an ``eval_`` prefix in evaluation.
+    """
+
+    data: str = "sft"
+    metric_names: tuple[str, ...] = ()
+
+    def compute(self, model, batch: dict, totals: StepTotals | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__}.compute(model, batch, totals) is not implemented")
+
+    def examples_in(self, batch: dict) -> int:
+        """How many examples a batch holds (for ``StepTotals.examples``): one per row by default."""
+        return int(batch["input_ids"].size(0))
+
+    def metric_weight(self, name: str, batch: dict) -> float:
+        """What a metric's batch mean is a mean over, to average it across batches exactly: examples by default."""
+        return self.examples_in(batch)
+
+
+class SupervisedObjective(Objective):
+    """Next-token loss on the supervised tokens, summed and divided by the step's supervised token count (what
+    Trainer and the model do with ``num_items_in_batch``), so it is unchanged from lorafit's default."""
+
+    def compute(self, model, batch, totals=None):
+        kwargs = {}
+        if totals is not None and totals.tokens is not None:
+            kwargs["num_items_in_batch"] = totals.tokens
+        outputs = model(**batch, **kwargs)
+        return outputs.loss, {}
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of tokens it covers. Position t predicts label t+1, as in
+    transformers' ``ForCausalLMLoss`` (logits upcast to at least float32 first)."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), shifted.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (shifted != IGNORE_INDEX).sum()
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per row from ``hidden`` (B, T, H) over the positions where ``mask`` (B, T) is 1.
+
+    last_token: the last masked position (the prompt's final token: what the model answers from).
+    mean: the average over masked positions.
+    """
+    mask = mask.to(hidden.dtype)
+    if how == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, H)
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)  # (B, T)
+    last = (positions * mask.long()).amax(1)  # (B,)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
+
+
+def _divide(total: torch.Tensor, count, fallback) -> torch.Tensor:
+    count = fallback if count is None else count
+    if torch.is_tensor(count):
+        count = count.to(total.device, total.dtype)
+        return total / count.clamp(min=1)
+    return total / max(count, 1)
+
+
+class ContrastiveObjective(Objective):
+    """Causal contrastive loss on triplets (benign b, counterfactual cf, injection inj), one forward pass of 3n rows:
+
+        L = lambda_causal * (-cos(b, cf) / T) + lambda_spurious * (cos(b, inj) / T) + lambda_task * CE(benign answer)
+
+    The cosine terms are means over triplets, CE is a mean over the benign answers' supervised tokens.
+    Under gradient accumulation each micro-batch returns sum_i(cos terms) / totals.examples + sum_tokens(CE) /
+    totals.tokens, so the step's micro-batches add up to the full-batch loss above (module docstring); Trainer
+    must then not divide by the accumulation steps again (``loss_is_scaled_for_ga``).
+    The representation of an input is the hidden state at ``layer`` pooled over its prompt tokens (for the
+    benign row, the tokens before the answer: causal attention makes them independent of the answer).
+    """
+
+    data = "triplets"
+    metric_names = ("causal_stability", "spurious_separation", "causal_discrimination", "task_loss")
+
+    def examples_in(self, batch):
+        return int(batch["input_ids"].size(0)) // 3
+
+    def metric_weight(self, name, batch):
+        if name == "task_loss":  # a mean over the benign answers' supervised tokens
+            return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+        return self.examples_in(batch)
+
+    def __init__(self, *, lambda_causal=1.0, lambda_spurious=1.0, lambda_task=1.0, temperature=0.07, layer=-1,
+                 pooling="last_token"):
+        self.lambda_causal, self.lambda_spurious, self.lambda_task = lambda_causal, lambda_spurious, lambda_task
+        self.temperature, self.layer, self.pooling = temperature, layer, pooling
+
+    @classmethod
+    def from_config(cls, objective) -> "ContrastiveObjective":
+        return cls(lambda_causal=objective.lambda_causal, lambda_spurious=objective.lambda_spurious,
+                   lambda_task=objective.lambda_task, temperature=objective.temperature, layer=objective.layer,
+                   pooling=objective.pooling)
+
+    def representations(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled representations (3n, H), logits (3n, T, V)) from one forward pass."""
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True, use_cache=False)
+        hidden_states = outputs.hidden_states
+        if not -len(hidden_states) <= self.layer < len(hidden_states):
+            raise LorafitError(
+                f"objective.layer: {self.layer} is out of range: the model has {len(hidden_states) - 1} layers",
+                fix=f"use 0..{len(hidden_states) - 1} (0 = embeddings) or a negative index (-1 = last)",
+            )
+        return pool(hidden_states[self.layer], batch["pool_mask"], self.pooling), outputs.logits
+
+    def compute(self, model, batch, totals=None):
+        pooled, logits = self.representations(model, batch)
+        n = pooled.size(0) // 3
+        pooled = pooled.to(torch.promote_types(pooled.dtype, torch.float32))  # cosines in fp32 under bf16 training
+        benign, counterfactual, injection = pooled.split(n)  # each (n, H)
+        cos_cf = F.cosine_similarity(benign, counterfactual, dim=-1)  # (n,)
+        cos_inj = F.cosine_similarity(benign, injection, dim=-1)  # (n,)
+        ce_sum, ce_tokens = token_loss_sum(logits[:n], batch["labels"][:n])
+
+        examples = None if totals is None else totals.examples
+        tokens = None if totals is None else totals.tokens
+        contrast = (-self.lambda_causal * cos_cf + self.lambda_spurious * cos_inj).sum() / self.temperature
+        loss = _divide(contrast, examples, n) + self.lambda_task * _divide(ce_sum, tokens, ce_tokens)
+
+        stability, similarity = cos_cf.mean().item(), cos_inj.mean().item()
+        metrics = {
+            "causal_stability": stability,
+            "spurious_separation": 1.0 - similarity,
+            "causal_discrimination": stability - similarity,
+            "task_loss": (ce_sum / ce_tokens.clamp(min=1)).item(),
+        }
+        return loss, metrics
+
+
+def build_objective(objective_config, *, config_dir=None, allow_external_code: bool = False) -> Objective:
+    """The Objective an ``objective:`` section names (a plugin class is imported, docs/objectives.md). A plugin
+    module is searched in ``config_dir`` (default: the folder of the config file the section came from)."""
+    if objective_config.type == "sft":
+        return SupervisedObjective()
+    if objective_config.type == "contrastive":
+        return ContrastiveObjective.from_config(objective_config)
+    from lorafit.training.plugins import load_plugin
+
+    cls = load_plugin(objective_config.type, base=Objective, field="objective.type",
+                      config_dir=config_dir or objective_config.config_dir, allow_external_code=allow_external_code)
+    try:
+        objective = cls(**objective_config.options)
+    except TypeError as exc:
+        raise LorafitError(f"objective.options: {objective_config.type} does not accept them ({exc})",
+                           fix="pass only the keyword arguments its constructor takes") from None
+    if objective.data not in ("sft", "triplets"):
+        raise LorafitError(f"objective.type: {objective_config.type}.data is {objective.data!r}",
+                           fix='set the class attribute data to "sft" or "triplets"')
+    return objective

@@ -126,3 +126,26 @@ def test_no_import_cycle_between_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_design_doc_layout_matches_the_tree():
+    """docs/design.md's layout tree names every module, in its package, and nothing that is not there."""
+    text = (PACKAGE.parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    layout = text.split("## Layout", 1)[1].split("## The flow", 1)[0]
+    tree = next(block for block in layout.split("```")[1::2] if block.lstrip().startswith("src/lorafit/"))
+    documented, package = set(), ""
+    for line in tree.strip("\n").splitlines()[1:]:
+        indent, name = len(line) - len(line.lstrip()), (line.split() or [""])[0]
+        if indent == 2 and name.endswith("/"):
+            package = name if name != "resources/" else None
+        elif indent == 2 and name.endswith(".py"):
+            package = ""
+            documented.add(name)
+        elif indent == 4 and name.endswith(".py") and package:
+            documented.add(package + name)
+        elif indent == 0:
+            break  # examples/, tests/: outside the package
+    actual = {str(p.relative_to(PACKAGE)) for p in MODULES}
+    actual -= {p for p in actual if p.endswith("/__init__.py") and p not in documented}  # package docstrings say enough
+    assert documented == actual, f"missing from docs/design.md: {sorted(actual - documented)}; " \
+                                 f"documented but absent: {sorted(documented - actual)}"

@@ -51,13 +51,14 @@ class TokenizedDataset:
         return {"input_ids": example.input_ids, "labels": example.labels}
 
 
-def _add(stats: SplitStats, source: SourceStats) -> None:
+def add_source(stats: SplitStats, source: SourceStats) -> None:
+    """Count one source's rows into its split's totals (SFT and triplet data alike)."""
     for name in ("rows", "dropped_too_long", "truncated", "dropped_no_supervision", "tokens", "supervised_tokens"):
         setattr(stats, name, getattr(stats, name) + getattr(source, name))
     stats.skipped += sum(source.skipped.values())
 
 
-def _nothing_usable(split: str, stats: SplitStats, data: DataConfig) -> LorafitError:
+def nothing_usable(split: str, stats: SplitStats, data: DataConfig) -> LorafitError:
     return LorafitError(
         f"data.{split}: no usable example out of {stats.rows} rows "
         f"({stats.dropped_too_long} longer than data.max_seq_length={data.max_seq_length}, "
@@ -153,14 +154,14 @@ def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, gro
 
     train_stats, eval_stats = SplitStats(sources=[s.path for s in data.train]), SplitStats(sources=[s.path for s in data.eval])
     for loaded in train_loaded:
-        _add(train_stats, loaded.stats)
+        add_source(train_stats, loaded.stats)
     for loaded in eval_loaded:
-        _add(eval_stats, loaded.stats)
+        add_source(eval_stats, loaded.stats)
     train_stats.kept, eval_stats.kept = len(train_examples), len(eval_examples)
     if not train_examples:
-        raise _nothing_usable("train", train_stats, data)
+        raise nothing_usable("train", train_stats, data)
     if data.eval and not eval_examples:
-        raise _nothing_usable("eval", eval_stats, data)
+        raise nothing_usable("eval", eval_stats, data)
 
     warnings = []
     duplicated = overlap(train_examples, eval_examples)

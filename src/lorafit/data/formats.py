@@ -239,7 +239,7 @@ def _calls(calls: object, place: str) -> list[dict]:
     return result
 
 
-def _from_messages(row: dict, fields: FieldMap) -> list[dict]:
+def messages_from_row(row: dict, fields: FieldMap) -> list[dict]:
     return _turns(row, fields.key("messages"), fields.key("role"), fields.key("content"),
                   lambda role: role if role in ROLES else None, ROLES, fields.key("part_text"))
 
@@ -273,7 +273,7 @@ def _from_prompt_completion(row: dict, fields: FieldMap) -> list[dict]:
 
 
 _TO_MESSAGES = {
-    "messages": _from_messages,
+    "messages": messages_from_row,
     "sharegpt": _from_sharegpt,
     "alpaca": _from_alpaca,
     "prompt_completion": _from_prompt_completion,

@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from lorafit.data.formats import FieldMap, RowError, _from_messages, check_messages
+from lorafit.data.formats import FieldMap, RowError, messages_from_row, check_messages
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import MAX_LISTED, SourceStats
 from lorafit.errors import LorafitError
@@ -42,7 +42,7 @@ def _part(row: dict, fields: FieldMap, name: str) -> list[dict]:
         if not value.strip():
             raise RowError("empty_field", f'field "{key}" is empty')
         return [{"role": "user", "content": value}]
-    messages = _from_messages(row, FieldMap({**fields.names, "messages": key}))
+    messages = messages_from_row(row, FieldMap({**fields.names, "messages": key}))
     if not messages:
         raise RowError("empty_field", f'field "{key}" has no messages')
     return messages

@@ -141,7 +141,7 @@ def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) ->
 def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker"):
     """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
     overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
-    from lorafit.data import PreparedData, SplitStats, _add, _nothing_usable
+    from lorafit.data import PreparedData, SplitStats, add_source, nothing_usable
     from lorafit.data.mixing import apply_budget, hold_out, mix, overlap, rng_for
 
     loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
@@ -161,12 +161,12 @@ def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "
     for split, sources in (("train", data.train), ("eval", data.eval)):
         stats[split] = SplitStats(sources=[s.path for s in sources])
         for _, source_stats, _ in loaded[split]:
-            _add(stats[split], source_stats)
+            add_source(stats[split], source_stats)
     stats["train"].kept, stats["eval"].kept = len(train_examples), len(eval_examples)
     if not train_examples:
-        raise _nothing_usable("train", stats["train"], data)
+        raise nothing_usable("train", stats["train"], data)
     if data.eval and not eval_examples:
-        raise _nothing_usable("eval", stats["eval"], data)
+        raise nothing_usable("eval", stats["eval"], data)
     duplicated = overlap(train_examples, eval_examples)
     warnings = [f"{duplicated} of {len(eval_examples)} eval triplets are identical to training triplets: eval metrics "
                 "will look better than they are"] if duplicated else []

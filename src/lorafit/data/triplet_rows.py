@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from lorafit.data.formats import FieldMap, RowError, messages_from_row, check_messages
+from lorafit.data.formats import FieldMap, RowError, check_messages, messages_from_row
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import MAX_LISTED, SourceStats
 from lorafit.errors import LorafitError

@@ -47,13 +47,18 @@ TEMPLATES = [
 ]
 
 
-def _conversation(rng: random.Random) -> dict:
-    person = {
+def random_person(rng: random.Random) -> dict:
+    """One person of the extraction task (the draws, in this order, fix the shipped data files)."""
+    return {
         "name": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
         "age": rng.randint(19, 79),
         "city": rng.choice(CITIES),
         "job": rng.choice(JOBS),
     }
+
+
+def _conversation(rng: random.Random) -> dict:
+    person = random_person(rng)
     sentence = rng.choice(TEMPLATES).format(**person)
     answer = json.dumps(person, ensure_ascii=False)
     return {

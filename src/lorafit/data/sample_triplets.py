@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from lorafit.data.sample import CITIES, FIRST_NAMES, JOBS, LAST_NAMES, TEMPLATES
+from lorafit.data.sample import TEMPLATES, random_person
 
 INSTRUCTIONS = [
     "Extract name, age, city and job from the text. Answer with JSON only.",
@@ -40,12 +40,7 @@ INJECTIONS = [
 
 
 def _triplet(rng: random.Random) -> dict:
-    person = {
-        "name": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
-        "age": rng.randint(19, 79),
-        "city": rng.choice(CITIES),
-        "job": rng.choice(JOBS),
-    }
+    person = random_person(rng)
     instruction, cf_instruction = rng.sample(INSTRUCTIONS, 2)
     template, cf_template = rng.sample(TEMPLATES, 2)
     sentence = template.format(**person)

@@ -8,7 +8,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-from lorafit.hashing import sha256_file, sha256_text
+from lorafit.hashing import sha256_file, sha256_json, sha256_text
 
 PACKAGES = ("lorafit", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
             "bitsandbytes", "trl")
@@ -94,7 +94,7 @@ def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "ended_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ended)),
         "duration_seconds": round(ended - started, 2),
-        "config_sha256": sha256_text(json.dumps(config.to_dict(), sort_keys=True)),
+        "config_sha256": sha256_json(config.to_dict()),
         "config": config.to_dict(),
         "base_model": {
             "name_or_path": model_path,

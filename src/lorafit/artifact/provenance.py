@@ -71,7 +71,6 @@ def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters:
                      *, health: dict | None = None) -> dict:
     """Everything needed to know what an adapter is and to train it again: written as metadata.json.
     ``health``: whether the run learned or diverged (training/outcome.py assess_health)."""
-    import json
     import time
 
     from lorafit import __version__

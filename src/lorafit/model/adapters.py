@@ -14,14 +14,15 @@ from pathlib import Path
 from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.model.loading import load_base_model, load_tokenizer, resolve_model_path
+from lorafit.run_folder import RunFolder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Any one of these makes a folder's tokenizer loadable; peft adapters saved without a tokenizer have none.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
-# Run folder layout (artifact/publish.py writes it): <run>/<name>-v<version>/final_artifact.
-_FINAL_ARTIFACTS = "*-v*/final_artifact"
-_RUN_SUMMARY = "training_summary.json"
+# Run folder layout (run_folder.RunFolder names it): <run>/<name>-v<version>/final_artifact.
+_FINAL_ARTIFACTS = f"*-v*/{RunFolder.ARTIFACT}"
+_RUN_SUMMARY = RunFolder.SUMMARY
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,18 @@ def test_improvement_needs_more_than_min_delta():
     assert not improved(1.0, 1.0, "min", 0.0)  # equal is not better
     assert improved(0.81, 0.8, "max", 0.0) and not improved(0.84, 0.8, "max", 0.05)
     assert improved(123.0, None, "min", 10.0)  # the first value is always the best so far
+
+
+def test_every_metric_name_the_config_knows_is_scored():
+    """config.GENERATION_METRICS (what eval.best.metric may name) and the scorer stay in step: each name is a
+    function here and gets a value, or None where it does not apply, for one answer."""
+    from lorafit.config import GENERATION_METRICS
+    from lorafit.evaluate.examples import EvalExample
+    from lorafit.evaluate.scoring import GenerationSettings, score
+
+    example = EvalExample(prompt=({"role": "user", "content": "q [1]"},), reference='{"a": 1}', source="s", where="f:1",
+                          should_refuse=False, provided=("1",))
+    scored = score(example, '{"a": 1} [1]', GenerationSettings(json_schema={"type": "object"}))
+    assert set(scored) == set(GENERATION_METRICS)
+    assert all(callable(getattr(M, name)) for name in GENERATION_METRICS)
+    assert scored["field_accuracy"] == 1.0 and scored["json_schema"] == 0.0  # "... [1]" is not JSON

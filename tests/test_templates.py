@@ -226,3 +226,15 @@ def test_eval_prompts_follow_system_turn_and_a_refusing_template_is_a_clear_erro
     assert [m["role"] for m in example.prompt] == ["user"]
     assert example.prompt[0]["content"].startswith("Be brief.") and example.prompt[0]["content"].endswith("Hi")
     assert "Be brief." in render_prompt(tokenizer, example.prompt)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_generation_stops_at_the_token_training_ends_answers_with(name):
+    """One notion of end-of-turn: the token labels supervise at the end of an answer is a stop id of generation."""
+    from lorafit.data.labels import end_of_turn_token, special_token_strings
+    from lorafit.evaluate.generate import stop_token_ids
+
+    tokenizer, _ = family(name)
+    end_of_turn = end_of_turn_token(tokenizer, special_token_strings(tokenizer))
+    assert end_of_turn is not None
+    assert tokenizer.convert_tokens_to_ids(end_of_turn) in stop_token_ids(tokenizer)

@@ -16,6 +16,7 @@ import torch
 
 from lorafit.config import ModelConfig
 from lorafit.data.formats import RowError
+from lorafit.data.labels import end_of_turn_token, special_token_strings
 from lorafit.data.templates import render
 from lorafit.errors import LorafitError
 from lorafit.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_model_path
@@ -23,7 +24,6 @@ from lorafit.model.loading import DTYPES, load_base_model, load_tokenizer, resol
 # Chat templates end a turn with a token of their own that is often not the tokenizer's EOS (ChatML's <|im_end|>
 # with EOS <|endoftext|>, Llama 3's <|eot_id|> with EOS <|end_of_text|>). Generation must stop at it too, or the
 # model writes the next turn itself. Counted only when the template uses it and the vocabulary has it.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eot|>", "<|end_of_turn|>")
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,15 @@ def render_prompt(tokenizer, messages) -> str:
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """Every end-of-turn id: the tokenizer's EOS, each eos_token_id of the generation config, then the chat
-    template's end-of-turn token (``END_OF_TURN_TOKENS``), in that order, without repeats."""
+    """Every end-of-turn id: the tokenizer's EOS, each eos_token_id of the generation config, then the token the
+    chat template closes an assistant turn with, in that order, without repeats. The last is found the way training
+    labels it (``data.labels.end_of_turn_token``, a probe conversation rendered once per template), so generation
+    stops exactly where the model was taught to end an answer, for any template."""
     configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     candidates = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    vocabulary = tokenizer.get_vocab()
-    candidates += [vocabulary[t] for t in END_OF_TURN_TOKENS if t in template and t in vocabulary]
+    if isinstance(tokenizer.chat_template, str):
+        end_of_turn = end_of_turn_token(tokenizer, special_token_strings(tokenizer))
+        candidates.append(tokenizer.get_vocab().get(end_of_turn) if end_of_turn else None)
     ids: list[int] = []
     for value in candidates:
         if value is not None and int(value) not in ids:

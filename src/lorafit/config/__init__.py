@@ -2,8 +2,8 @@
 key reference (``reference``). Bottom layer: uses only ``lorafit.errors``; every other package may use it."""
 
 from lorafit.config.loader import apply_overrides, default_config_path, load_config, validate_config
+from lorafit.config.model_sections import BUILTIN_TINY_MODEL
 from lorafit.config.schema import (
-    BUILTIN_TINY_MODEL,
     EVAL_LOG_METRICS,
     GENERATION_METRICS,
     LOSS_METRICS,

@@ -12,12 +12,14 @@ import difflib
 import importlib.util
 import math
 import re
-from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from lorafit.config.model_sections import (
+    LoraConfig, ModelConfig, QuantConfig, Section, resolve_input_path,
+)
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
 
 
@@ -26,87 +28,6 @@ from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, Debu
 GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_schema", "field_presence", "field_accuracy",
                       "citation_coverage", "refusal_correct")
 LOSS_METRICS = ("loss", "perplexity")
-
-BUILTIN_TINY_MODEL = "lorafit:tiny"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-def _resolve_input_path(value: str, info: ValidationInfo) -> str:
-    """Relative input paths are taken from the config file's folder (passed as validation context)."""
-    if value == BUILTIN_TINY_MODEL:
-        return value
-    base = (info.context or {}).get("base_dir")
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return str(path.resolve()) if base is not None else value
-
-
-class ModelConfig(Section):
-    path: str = Field(
-        BUILTIN_TINY_MODEL,
-        description=f"Local folder with an HF model and tokenizer, or '{BUILTIN_TINY_MODEL}' for the embedded tiny "
-        "model (built on first use into the cache). Never downloaded from a hub.",
-    )
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Precision the base weights load in. 'auto': bf16 on a GPU that supports it, else fp32 "
-        "(resolved when the run starts, so checking a config needs no torch; the run records the resolved value).",
-    )
-    trust_remote_code: bool = Field(False, description="Run Python code shipped in the model folder. Off: it is code execution.")
-    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager"] = Field(
-        "auto",
-        description="Attention kernel. 'auto': flash-attention 3 or 2 where installed and the GPU and dtype allow "
-        "(bf16/fp16), else sdpa. Every choice keeps packed examples apart; flex_attention cannot train on a CPU.",
-    )
-    kernels: Literal["auto", "liger", "none"] = Field(
-        "auto",
-        description="Fused Triton kernels (liger-kernel: RMSNorm, SwiGLU, fused linear cross-entropy). 'auto': "
-        "on with CUDA and the package installed (pip install 'lorafit[liger]'); 'liger' without them is an error.",
-    )
-
-
-    @field_validator("path")
-    @classmethod
-    def _resolve(cls, value: str, info: ValidationInfo) -> str:
-        # 'org/name' with no such local folder is a hub-style name, looked up in the local HF cache only.
-        base = (info.context or {}).get("base_dir")
-        looks_like_hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", value) is not None
-        if looks_like_hub_id and not (Path(base or ".") / value).exists():
-            return value
-        return _resolve_input_path(value, info)
-
-
-class LoraConfig(Section):
-    r: int = Field(16, gt=0, description="Adapter rank; higher = more capacity and memory.")
-    alpha: float = Field(32, gt=0, description="Scale of the adapter update (alpha / r, or alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
-    )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter.")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("empty list: name at least one module, or use 'all-linear'")
-        return value
-
-
-class QuantConfig(Section):
-    bits: Literal[4, 8] | None = Field(None, description="Load the base in 4 or 8 bits (QLoRA); null = full precision.")
-    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's, better for normal weights) or fp4.")
-    double_quant: bool = Field(True, description="4-bit: also quantize the quantization scales (saves ~0.4 bit per weight).")
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="Precision of the matmuls in quantized layers and of training autocast; bf16 on a recent GPU."
-    )
-
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets")
 # Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
@@ -131,7 +52,7 @@ class DataSource(Section):
     task_prefix: str | None = Field(None, description="Text put before the first user message (or the text), for multi-task training.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction of the source's examples for evaluation.")
 
-    _resolve = field_validator("path")(_resolve_input_path)
+    _resolve = field_validator("path")(resolve_input_path)
 
     @field_validator("fields")
     @classmethod
@@ -168,7 +89,7 @@ class DataConfig(Section):
     audit: bool = Field(True, description="Stop before training on a supervision problem (docs/data.md); false = warn only.")
 
     _resolve_template = field_validator("chat_template_file")(
-        lambda value, info: None if value is None else _resolve_input_path(value, info)
+        lambda value, info: None if value is None else resolve_input_path(value, info)
     )
 
     @model_validator(mode="after")
@@ -307,7 +228,7 @@ class EvalConfig(Section):
     best: BestConfig = Field(default_factory=BestConfig, description="Best-step selection and early stopping.")
     attack: AttackEvalConfig = Field(default_factory=AttackEvalConfig, description="Attack success rate (docs/objectives.md).")
 
-    _resolve_schema = field_validator("json_schema")(lambda value, info: None if value is None else _resolve_input_path(value, info))
+    _resolve_schema = field_validator("json_schema")(lambda value, info: None if value is None else resolve_input_path(value, info))
 
     @model_validator(mode="after")
     def _best_metric_is_logged(self):

@@ -1,7 +1,7 @@
 """GPU throughput: lorafit vs TRL SFTTrainer vs a plain PEFT loop, same GPU, same invocation.
 
     python benchmarks/gpu_throughput.py OUT [--plan 3b|8b|7b-6gb|all|tiny] [--steps 10] [--warmup 3]
-                                            [--deadline 460] [--only RUN,RUN]
+                                            [--deadline 460] [--only RUN,RUN] [--profile]
 
 Builds Llama-shaped models with random weights (nothing downloaded; the embedded tiny tokenizer, whose ids fit
 any vocabulary), writes synthetic two-turn chats of 160-1,200 words, then runs each RUN in a fresh process and
@@ -112,8 +112,10 @@ class Meter:
     """Input tokens per optimizer step and the time each step ended (after a device sync). ``ends[0]`` is the
     start mark each runner sets just before its first step; step i (1-based) ends at ``ends[i]``."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, profile: Path | None = None, steps: int = 0):
         self.warmup, self.tokens, self.ends, self.losses = warmup, [0], [], []
+        # --profile: the last two steps run under torch.profiler and are left out of tokens/s
+        self.profile, self._profiler, self.profile_from = profile, None, steps - 2 if profile else None
 
     def count(self, module, args, kwargs):
         if not module.training:
@@ -129,6 +131,25 @@ class Meter:
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         self.tokens.append(0)
+        if self.profile is not None:
+            self._profile_steps()
+
+    def _profile_steps(self) -> None:
+        """--profile: the last two steps under torch.profiler; the top kernels and ops go to a file."""
+        import torch
+
+        if len(self.ends) == self.profile_from + 1:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.__enter__()
+        elif len(self.ends) == self.profile_from + 3 and self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            averages = self._profiler.key_averages()
+            by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            text = averages.table(sort_by=by, row_limit=25) + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
+            self.profile.write_text(text)
+            self._profiler = None
 
     def watch(self, model) -> None:
         """Count what enters the decoder stack of ``model`` (wrapped by peft, TRL or not)."""
@@ -137,6 +158,8 @@ class Meter:
 
     def result(self) -> dict:
         steps = len(self.ends) - 1
+        if self.profile_from is not None:
+            steps = min(steps, self.profile_from)
         if steps < 1:
             return {"steps": 0, "timed_steps": 0, "tokens_per_s": None, "timed_seconds": None}
         first = max(min(self.warmup, steps - 1), 0)  # the steps after `first` are timed
@@ -299,7 +322,7 @@ def child(a) -> None:
     """One run in this process; writes its JSON result."""
     import torch
 
-    meter = Meter(a.warmup)
+    meter = Meter(a.warmup, a.out / f"profile-{a.run}.txt" if a.profile else None, a.steps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     RUNNERS[a.run](a, meter)
@@ -348,7 +371,7 @@ def run_one(a, shape: str, batch: int, run: str, model: Path, data: Path, left: 
     result_file.unlink(missing_ok=True)
     command = [sys.executable, __file__, str(a.out), "--run", run, "--model", str(model), "--data", str(data),
                "--steps", str(a.steps), "--warmup", str(a.warmup), "--seq", str(a.seq), "--batch", str(batch),
-               "--result", str(result_file)]
+               "--result", str(result_file)] + (["--profile"] if a.profile else [])
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=left)
@@ -421,6 +444,7 @@ def main() -> None:
     p.add_argument("--data", type=Path)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--result")
+    p.add_argument("--profile", action="store_true", help="write profile-RUN.txt: the top ops of two steps after warmup")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,6 +18,7 @@ pytestmark = [
 
 def _config(tmp_path, model_dir, quant, **train_section):
     rows = [conversation(f"Say {w}", f"{w} {w}") for w in "red blue green black white pink gray gold".split()]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     return load_config({
         "model": {"path": str(model_dir), "dtype": "bf16"},

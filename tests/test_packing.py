@@ -7,7 +7,7 @@ import torch
 from conftest import conversation
 
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation, tokenize_text
-from lorafit.data.packing import PackedBins, PackedCollator, best_fit_decreasing, padding_fraction
+from lorafit.data.packing import PackedBins, PackedCollator, best_fit_decreasing, packed_collator, padding_fraction
 from lorafit.data.sources import Example
 
 
@@ -74,9 +74,16 @@ def test_packed_batch_equals_examples_one_by_one(tiny_model_dir, tiny_tokenizer,
         features = [bins[i] for i in range(len(bins))]
     else:
         features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-    batch = PackedCollator()(features)
-    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-    assert (batch["position_ids"] == 0).sum() == len(examples)  # positions restart once per example
+    batch = packed_collator(packing, attn, tiny_tokenizer.pad_token_id)(features)
+    assert "attention_mask" not in batch
+    if packing == "bfd":  # a row per bin for the mask-based kernels: B x L^2 attention, not (B x L)^2
+        assert batch["input_ids"].shape[0] == len(features) > 1
+        topped_up = sum(len(f["input_ids"]) < batch["input_ids"].shape[1] for f in features)
+        assert topped_up > 0  # the pad block is its own "example": positions restart there too
+    else:
+        assert batch["input_ids"].shape[0] == 1
+        topped_up = 0
+    assert (batch["position_ids"] == 0).sum() == len(examples) + topped_up  # positions restart once per example
     # The Trainer's count of targets (labels[..., 1:]) equals the one-by-one count: no first token is a target.
     assert int(batch["labels"][..., 1:].ne(IGNORE_INDEX).sum()) == n
     packed_loss, packed_grads = _loss_and_grads(model, [batch], n)
@@ -87,6 +94,17 @@ def test_packed_batch_equals_examples_one_by_one(tiny_model_dir, tiny_tokenizer,
         assert grad.norm() > 0, name
         diff = (packed_grads[name] - grad).norm() / grad.norm()
         assert diff < 1e-5, f"{name}: relative gradient difference {diff:.2e}"
+
+
+def test_flash_attention_and_padding_free_get_one_row_the_others_a_row_per_bin():
+    features = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]},
+                {"input_ids": [8, 9], "labels": [8, 9]}]
+    assert packed_collator("bfd", "flash_attention_2", 0)(features)["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert packed_collator("padding_free", "sdpa", 0)(features)["input_ids"].shape == (1, 5)
+    rows = packed_collator("bfd", "sdpa", 0)(features)
+    assert rows["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert rows["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
 
 
 def test_a_kv_cache_would_leak_across_packed_examples(tiny_model_dir, tiny_tokenizer):

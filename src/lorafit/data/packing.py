@@ -1,10 +1,15 @@
 """Packing without cross-contamination: padding-free rows and best-fit-decreasing bins.
 
-A packed batch is ONE row: the examples concatenated, ``position_ids`` restarting at 0 for each, no padding and
-no ``attention_mask``. transformers (5.x, sdpa and eager) then builds a block-diagonal causal mask from where the
-positions restart (``masking_utils.find_packed_sequence_indices``), and flash-attention derives ``cu_seqlens``
-from the same positions, so no token attends across examples. Two conditions, both checked in the recipe and
-proven in tests/test_packing.py:
+Packed examples are concatenated with ``position_ids`` restarting at 0 for each and no ``attention_mask``.
+transformers (5.x, sdpa, eager and flex) then builds a block-diagonal causal mask from where the positions restart
+(``masking_utils.find_packed_sequence_indices``, per row), and flash-attention derives ``cu_seqlens`` from the same
+positions, so no token attends across examples. The batch's shape depends on the kernel:
+  * flash-attention (varlen): ONE row (1, T) -- its packed path only runs at batch size 1, and costs nothing extra;
+  * mask-based kernels (sdpa, eager, flex) with ``bfd``: one row per bin (B, max bin), a short bin topped up with
+    pad tokens that form their own "example" (positions restarting at 0, labels ignored). The dense masked
+    attention then costs B x L^2, not (B x L)^2: on an H200, 3B model, 4 x 2048 tokens, one 8k row spent half the
+    step in attention (benchmarks/README.md).
+Two conditions, both checked in the recipe and proven in tests/test_packing.py:
   * no KV cache during the forward (``use_cache=False``): with a cache transformers skips the packed-sequence
     detection and the examples attend to each other (logits differ by ~1.4 on the tiny model);
   * the first label of every example is masked: the model shifts labels by one over the whole row, so the last
@@ -69,19 +74,33 @@ class PackedBins(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class PackedCollator:
-    """Concatenate a batch into one row (1, T) with restarting position_ids; see the module docstring."""
+    """A batch of packed features with restarting position_ids: one row (1, T) by default, or with ``pad_id`` set
+    one row per feature (B, longest), topped up with pad tokens; see the module docstring."""
+
+    pad_id: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions = [], [], []
-        for feature in features:
-            n = len(feature["input_ids"])
-            input_ids += feature["input_ids"]
-            labels += feature["labels"]
-            positions += feature.get("position_ids") or list(range(n))
-        labels_t = torch.tensor(labels, dtype=torch.long)[None]  # (1, T)
-        position_ids = torch.tensor(positions, dtype=torch.long)[None]  # (1, T)
-        labels_t[position_ids == 0] = IGNORE_INDEX  # never predict an example's first token from the previous one
-        return {"input_ids": torch.tensor(input_ids, dtype=torch.long)[None], "labels": labels_t, "position_ids": position_ids}
+        rows = [_row(feature) for feature in features]
+        if self.pad_id is None:
+            rows = [tuple(sum((row[k] for row in rows), []) for k in range(3))]
+        else:
+            width = max(len(row[0]) for row in rows)
+            rows = [(ids + [self.pad_id] * (width - len(ids)), labels + [IGNORE_INDEX] * (width - len(ids)),
+                     positions + list(range(width - len(ids)))) for ids, labels, positions in rows]
+        input_ids, labels, positions = (torch.tensor([row[k] for row in rows], dtype=torch.long) for k in range(3))
+        labels[positions == 0] = IGNORE_INDEX  # never predict an example's first token from the previous one
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+def _row(feature: dict) -> tuple[list[int], list[int], list[int]]:
+    ids = list(feature["input_ids"])
+    return ids, list(feature["labels"]), list(feature.get("position_ids") or range(len(ids)))
+
+
+def packed_collator(packing: str, attn_implementation: str, pad_id: int) -> PackedCollator:
+    """One row for flash-attention (varlen) and for ``padding_free`` (its meaning); a row per bin otherwise."""
+    one_row = packing == "padding_free" or attn_implementation.startswith("flash")
+    return PackedCollator(None if one_row else pad_id)
 
 
 def padding_fraction(lengths: list[int], batch_size: int, *, grouped: bool) -> float:

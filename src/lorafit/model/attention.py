@@ -115,8 +115,8 @@ def load_with_attention(load, requested: str, dtype: torch.dtype, machine: Machi
 
 
 def is_packed_row(batch: dict) -> bool:
-    """True for a batch in lorafit's packed layout: one row, positions restarting, no attention mask."""
+    """True for a batch in lorafit's packed layout: positions restarting inside a row, no attention mask."""
     positions = batch.get("position_ids")
-    if positions is None or "attention_mask" in batch or positions.shape[0] != 1:
+    if positions is None or "attention_mask" in batch:
         return False
-    return int((positions[0] == 0).sum()) > 1
+    return bool(((positions == 0).sum(dim=-1) > 1).any())

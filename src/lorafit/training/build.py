@@ -9,7 +9,7 @@ import torch
 from lorafit.config import Config, warmup_steps_for
 from lorafit.data import TokenizedDataset
 from lorafit.data.collate import PadCollator
-from lorafit.data.packing import PackedCollator
+from lorafit.data.packing import packed_collator
 from lorafit.data.triplets import TripletCollator
 from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
@@ -69,6 +69,9 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
         logging_strategy="steps",
         logging_steps=t.log_every,
         logging_first_step=True,
+        # Trainer's filter reads every micro-batch's loss on the host (two syncs each); lorafit's NonFiniteGuard
+        # sees non-finite losses on the device and skips the step instead (training/guards.py).
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval and e.every else "no",
         eval_steps=e.every if has_eval else None,
         eval_on_start=has_eval and e.at_start and not resuming,  # a resumed run has its start eval already
@@ -119,7 +122,9 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
     if triplets:
         collator = TripletCollator(tokenizer.pad_token_id)
     else:
-        collator = PackedCollator() if packed else PadCollator(tokenizer.pad_token_id)
+        attn = model.config._attn_implementation or "sdpa"
+        collator = (packed_collator(config.data.packing, attn, tokenizer.pad_token_id) if packed
+                    else PadCollator(tokenizer.pad_token_id))
     trainer = LorafitTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
         data_collator=collator, processing_class=tokenizer, settings=settings, guard=guard, history=history,

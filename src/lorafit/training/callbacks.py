@@ -160,7 +160,8 @@ class MetricsHistory(TrainerCallback):
         self._pending: dict | None = None
         self.train_seconds = 0.0
         self._step_started: float | None = None
-        self.supervised_tokens = 0
+        self._supervised_counted = 0
+        self._supervised_on_device = None  # summed on the device; read (one sync) only when a log line needs it
         self._hook = None
 
     # -- supervised tokens: a forward pre-hook sees the labels of every training micro-batch
@@ -171,10 +172,25 @@ class MetricsHistory(TrainerCallback):
     def _count_supervised(self, module, args, kwargs):
         labels = kwargs.get("labels")
         if module.training and labels is not None:
-            self.supervised_tokens += int((labels[..., 1:] != -100).sum())  # the first label never has a target
+            # No int() here: reading a GPU value in a pre-forward hook would make the CPU wait for the previous
+            # step to finish before it queues this forward (measured: ~4% of a 3B step on an H200).
+            count = (labels[..., 1:] != -100).sum()  # the first label never has a target
+            pending = self._supervised_on_device
+            self._supervised_on_device = count if pending is None else pending + count
 
     def add_supervised(self, tokens: int) -> None:
-        self.supervised_tokens += tokens
+        self._supervised_counted += tokens
+
+    @property
+    def supervised_tokens(self) -> int:
+        if self._supervised_on_device is not None:
+            self._supervised_counted += int(self._supervised_on_device)
+            self._supervised_on_device = None
+        return self._supervised_counted
+
+    @supervised_tokens.setter
+    def supervised_tokens(self, value: int) -> None:
+        self._supervised_counted, self._supervised_on_device = value, None
 
     # -- throughput: time inside optimizer steps only
     def on_step_begin(self, args, state, control, **kwargs):

@@ -14,16 +14,17 @@ from lorafit.config import Config
 from lorafit.training.callbacks import peak_memory
 
 
-def largest_batch(config: Config, tokenizer, train_data, objective=None) -> dict[str, torch.Tensor]:
+def largest_batch(config: Config, tokenizer, train_data, objective=None, attn: str = "sdpa") -> dict[str, torch.Tensor]:
     """The ``batch_size`` longest examples, collated as training would: an upper bound on any batch's memory."""
     from lorafit.data.collate import PadCollator
-    from lorafit.data.packing import PackedCollator
+    from lorafit.data.packing import packed_collator
     from lorafit.data.triplets import TripletCollator
 
     if objective is not None and objective.data == "triplets":
         collate = TripletCollator(tokenizer.pad_token_id)
     else:
-        collate = PackedCollator() if config.data.packing != "none" else PadCollator(tokenizer.pad_token_id)
+        collate = (packed_collator(config.data.packing, attn, tokenizer.pad_token_id) if config.data.packing != "none"
+                   else PadCollator(tokenizer.pad_token_id))
     order = sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]), reverse=True)
     return collate([train_data[i] for i in order[: config.train.batch_size]])
 
@@ -41,7 +42,8 @@ def largest_batch_step(config: Config, model, tokenizer, train_data, objective=N
         torch.cuda.reset_peak_memory_stats()
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = {k: v.to(device) for k, v in largest_batch(config, tokenizer, train_data, objective).items()}
+    batch = {k: v.to(device) for k, v in largest_batch(config, tokenizer, train_data, objective,
+                                                            model.config._attn_implementation or "sdpa").items()}
     precision = mixed_precision(config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
     model.train()

@@ -43,8 +43,13 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        bad_grad = bool(grads) and not bool(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).isfinite().all())
-        bad_loss = self._bad_loss is not None and bool(self._bad_loss)
+        # One device read per optimizer step for both checks (each bool() of a GPU tensor waits for the GPU).
+        flags = torch.zeros(2, dtype=torch.bool, device=grads[0].device if grads else "cpu")
+        if grads:
+            flags[0] = ~torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).all()
+        if self._bad_loss is not None:
+            flags[1] = self._bad_loss.to(flags.device)
+        bad_grad, bad_loss = flags.tolist()
         self._bad_loss = None
         if not (bad_loss or bad_grad):
             self.consecutive = 0

@@ -138,6 +138,29 @@ def merge(
                    f"max {gap['max_abs_logit_diff']:.3g}  mean {gap['mean_abs_logit_diff']:.3g}")
 
 
+export_app = typer.Typer(help="Write a finished adapter in another format (llama.cpp GGUF).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf_command(
+    artifact_dir: Path = typer.Argument(..., help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
+    out: Path = typer.Option(..., "--out", help="The .gguf file to write (must not exist)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
+) -> None:
+    """The adapter as a llama.cpp LoRA adapter (llama-cli --lora FILE); Llama, Mistral and Qwen2 bases."""
+    from lorafit.export.gguf import export_gguf
+
+    try:
+        written = export_gguf(artifact_dir, out, base=base)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.secho(f"wrote {written['out']}", fg=typer.colors.GREEN)
+    typer.echo(f"  {written['pairs']} lora_a/lora_b pairs, architecture {written['architecture']}, "
+               f"adapter.lora.alpha {written['alpha']:g}, rank {'/'.join(map(str, written['ranks']))}")
+
+
 def _generator(adapter: Optional[Path], model: Optional[Path], base: Optional[Path], dtype: str):
     from lorafit.evaluate.generate import check_dtype, load_generator
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_serving import peft_adapter, tiny_base
 from typer.testing import CliRunner
 
 from lorafit.cli import app
@@ -20,36 +21,6 @@ from lorafit.export.gguf import export_gguf, permute_rows
 gguf = pytest.importorskip("gguf")
 
 
-def _base(folder, kind: str = "llama"):
-    """A 2-layer base with grouped-query attention (4 query heads, 2 key/value heads: q and k permute differently)."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
-
-    torch.manual_seed(0)
-    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64)
-    model = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**shape)),
-             "mistral": lambda: MistralForCausalLM(MistralConfig(**shape)),
-             "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
-             "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32))}[kind]()
-    model.save_pretrained(folder)
-    return folder
-
-
-def _adapter(tmp_path, kind: str = "llama", **lora):
-    """A PEFT adapter with non-zero A and B (init_lora_weights=False) on every linear layer of the blocks."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = _base(tmp_path / kind, kind)
-    settings = dict(r=4, lora_alpha=8, init_lora_weights=False,
-                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**{**settings, **lora}))
-    # Without save_embedding_layers=False peft also saves lm_head's full base weight when lm_head is targeted.
-    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
-    return base, tmp_path / "adapter"
-
-
 def _read(path) -> tuple[dict, dict]:
     reader = gguf.GGUFReader(path)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
@@ -57,7 +28,7 @@ def _read(path) -> tuple[dict, dict]:
 
 
 def test_llama_adapter_round_trips_through_ggufs_reader(tmp_path):
-    base, adapter = _adapter(tmp_path)
+    base, adapter = peft_adapter(tmp_path)
     out = tmp_path / "adapter.gguf"
     written = export_gguf(adapter, out)
     fields, tensors = _read(out)
@@ -91,10 +62,10 @@ def test_permute_rows_is_llama_cpps_rotary_pairing():
 
 
 def test_mistral_maps_like_llama_and_qwen2_keeps_its_row_order(tmp_path):
-    _, adapter = _adapter(tmp_path / "m", "mistral")
+    _, adapter = peft_adapter(tmp_path / "m", "mistral")
     assert export_gguf(adapter, tmp_path / "m.gguf")["permuted"] == 4
     assert _read(tmp_path / "m.gguf")[0]["general.architecture"] == "llama"
-    _, adapter = _adapter(tmp_path / "q", "qwen2")
+    _, adapter = peft_adapter(tmp_path / "q", "qwen2")
     written = export_gguf(adapter, tmp_path / "q.gguf")
     fields, tensors = _read(tmp_path / "q.gguf")
     assert fields["general.architecture"] == "qwen2" and written["permuted"] == 0
@@ -103,7 +74,7 @@ def test_mistral_maps_like_llama_and_qwen2_keeps_its_row_order(tmp_path):
 
 
 def test_rslora_with_one_rank_writes_the_alpha_that_gives_peft_s_scale(tmp_path):
-    _, adapter = _adapter(tmp_path, use_rslora=True, r=4, lora_alpha=8)
+    _, adapter = peft_adapter(tmp_path, use_rslora=True, r=4, lora_alpha=8)
     export_gguf(adapter, tmp_path / "rs.gguf")
     alpha = _read(tmp_path / "rs.gguf")[0]["adapter.lora.alpha"]
     assert math.isclose(alpha / 4, 8 / math.sqrt(4), rel_tol=1e-6)  # llama.cpp alpha/r == peft alpha/sqrt(r)
@@ -118,14 +89,14 @@ def test_rslora_with_one_rank_writes_the_alpha_that_gives_peft_s_scale(tmp_path)
     ({"target_modules": ["q_proj", "lm_head"]}, "module lm_head has no llama.cpp adapter tensor"),
 ])
 def test_what_the_format_cannot_hold_is_refused_and_nothing_is_written(tmp_path, lora, message):
-    _, adapter = _adapter(tmp_path, **lora)
+    _, adapter = peft_adapter(tmp_path, **lora)
     with pytest.raises(LorafitError, match=re.escape(message)):
         export_gguf(adapter, tmp_path / "x.gguf")
     assert [p.name for p in tmp_path.iterdir() if "gguf" in p.name] == []
 
 
 def test_rank_pattern_without_rslora_is_exact_with_one_alpha(tmp_path):
-    _, adapter = _adapter(tmp_path, rank_pattern={"q_proj": 8})
+    _, adapter = peft_adapter(tmp_path, rank_pattern={"q_proj": 8})
     written = export_gguf(adapter, tmp_path / "rp.gguf")
     assert written["ranks"] == [4, 8] and written["alpha"] == 8.0  # llama.cpp divides by each tensor's own rank
 
@@ -134,7 +105,7 @@ def test_a_gpt2_base_is_refused_with_the_supported_list(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = _base(tmp_path / "gpt2", "gpt2")
+    base = tiny_base(tmp_path / "gpt2", "gpt2")
     get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["c_attn"],
                    fan_in_fan_out=True)).save_pretrained(tmp_path / "adapter")
     with pytest.raises(LorafitError, match="(?s)GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
@@ -142,7 +113,7 @@ def test_a_gpt2_base_is_refused_with_the_supported_list(tmp_path):
 
 
 def test_cli_export_gguf(tmp_path):
-    _, adapter = _adapter(tmp_path)
+    _, adapter = peft_adapter(tmp_path)
     out = tmp_path / "cli.gguf"
     run = CliRunner().invoke
     result = run(app, ["export", "gguf", str(adapter), "--out", str(out)])

@@ -24,14 +24,22 @@ def verify(
     base: Optional[Path] = typer.Option(None, "--base", help="Also check the adapter against this base model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     allow_pickle: bool = AllowPickle,
+    serving: Optional[str] = typer.Option(None, "--serving", help="Also warn about what would stop this server from loading the adapter (vllm); the exit code does not change."),
 ) -> None:
     """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base.
     Exit 0 verified, 1 a problem found, 3 no problem found but no checksums.json to prove the files."""
     import json
 
+    from lorafit.artifact.serving import SERVERS, serving_warnings
     from lorafit.artifact.verify import verify_artifact
 
+    try:
+        _check_choice("--serving", serving, SERVERS)
+    except LorafitError as error:
+        _fail(error)
     report = verify_artifact(artifact_dir, base, allow_pickle=allow_pickle)
+    if serving is not None:
+        report.warnings += [f"{serving}: {w}" for w in serving_warnings(report.artifact, serving)]
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -64,7 +64,7 @@ def verify(
 
 @app.command("eval")
 def eval_command(
-    data: List[Path] = typer.Option(..., "--data", help="Held-out data file (repeatable; each file is a source)."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Held-out data file (repeatable; each file is a source)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
@@ -76,19 +76,35 @@ def eval_command(
     truncation: Optional[str] = typer.Option(None, "--truncation", help="Loss tokenisation: drop or truncate longer examples (default: the adapter's data.truncation, else truncate)."),
     train_on: Optional[str] = typer.Option(None, "--train-on", help="Loss tokenisation: all_assistant, last_assistant or all (default: the adapter's data.train_on)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+    harness: Optional[str] = typer.Option(None, "--harness", help="Also run lm-evaluation-harness tasks on adapter and base: comma-separated task names or task YAML files (docs/eval.md)."),
+    harness_tasks_dir: Optional[Path] = typer.Option(None, "--harness-tasks-dir", help="A folder of lm_eval task YAMLs whose task names --harness may use."),
+    harness_fewshot: Optional[int] = typer.Option(None, "--harness-fewshot", min=0, help="Few-shot examples per harness prompt (default: each task's own)."),
+    harness_chat: bool = typer.Option(False, "--harness-chat-template", help="Render harness prompts with the tokenizer's chat template."),
 ) -> None:
-    """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data."""
+    """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data; lm-evaluation-harness
+    tasks with --harness."""
     _quiet_libraries()
     from lorafit.evaluate import metrics as metric_defs
     from lorafit.evaluate.run import run_eval
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
+    result: dict = {}
     try:
+        if not data and harness is None:
+            raise LorafitError("nothing to evaluate on", fix="pass --data FILE (held-out data) and/or --harness TASKS")
         _check_choice("--truncation", truncation, ("drop", "truncate"))
         _check_choice("--train-on", train_on, ("all_assistant", "last_assistant", "all"))
-        result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
-                          train_on=train_on, truncation=truncation)
+        if harness is not None:
+            from lorafit.evaluate.harness import harness_eval, resolve_tasks
+
+            tasks = resolve_tasks(harness, harness_tasks_dir)
+        if data:
+            result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
+                              train_on=train_on, truncation=truncation)
+        if harness is not None:
+            result["harness"] = harness_eval(adapter=adapter, model=model, tasks=tasks, batch_size=batch_size,
+                                             limit=limit, num_fewshot=harness_fewshot, chat_template=harness_chat)
     except LorafitError as error:
         _fail(error)
         return
@@ -99,7 +115,14 @@ def eval_command(
         return
     from lorafit.evaluate.run import format_eval
 
-    typer.echo(format_eval(result))
+    if data:
+        typer.echo(format_eval(result))
+    if harness is not None:
+        from lorafit.evaluate.harness import format_harness
+
+        typer.echo(("\n" if data else "") + format_harness(result["harness"], adapter=adapter is not None))
+        if result["harness"].get("saved"):
+            typer.echo(f"saved {result['harness']['saved']} (report.html shows it)")
 
 
 def _check_choice(option: str, value: Optional[str], choices: tuple[str, ...]) -> None:

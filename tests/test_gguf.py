@@ -61,6 +61,34 @@ def test_permute_rows_is_llama_cpps_rotary_pairing():
     assert permute_rows(rows, 1).flatten().tolist() == [0.0, 2.0, 1.0, 3.0]
 
 
+def _rotary(q: torch.Tensor, position: int, pairs: str) -> torch.Tensor:
+    """Rotary embedding of one head vector: Hugging Face pairs dimensions (i, i + d/2) (rotate_half), llama.cpp's
+    llama architecture (rope type "norm") pairs (2i, 2i + 1)."""
+    half = q.shape[0] // 2
+    angle = position * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    if pairs == "hf":
+        a, b = q[:half], q[half:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin])
+    a, b = q[0::2], q[1::2]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=1).flatten()
+
+
+def test_permuted_rows_give_llama_cpps_rotary_the_attention_scores_of_the_hf_model():
+    # Why lora_B's q/k rows are permuted: with them, llama.cpp's adjacent-pair rotary embedding produces the same
+    # query-key scores as Hugging Face's half-split one on the unpermuted weights.
+    torch.manual_seed(0)
+    heads, dim, hidden = 2, 8, 16
+    wq, wk = torch.randn(heads * dim, hidden, dtype=torch.float64), torch.randn(heads * dim, hidden, dtype=torch.float64)
+    x1, x2 = torch.randn(hidden, dtype=torch.float64), torch.randn(hidden, dtype=torch.float64)
+    for head in range(heads):
+        rows = slice(head * dim, (head + 1) * dim)
+        hf = _rotary((wq @ x1)[rows], 3, "hf") @ _rotary((wk @ x2)[rows], 7, "hf")
+        cpp = _rotary((permute_rows(wq, heads) @ x1)[rows], 3, "cpp") @ _rotary((permute_rows(wk, heads) @ x2)[rows], 7, "cpp")
+        unpermuted = _rotary((wq @ x1)[rows], 3, "cpp") @ _rotary((wk @ x2)[rows], 7, "cpp")
+        assert cpp.item() == pytest.approx(hf.item(), rel=1e-9) and unpermuted.item() != pytest.approx(hf.item(), rel=1e-3)
+
+
 def test_mistral_maps_like_llama_and_qwen2_keeps_its_row_order(tmp_path):
     _, adapter = peft_adapter(tmp_path / "m", "mistral")
     assert export_gguf(adapter, tmp_path / "m.gguf")["permuted"] == 4

@@ -191,8 +191,13 @@ def run_harness(model, tokenizer, tasks: HarnessTasks, *, with_base: bool, batch
     Returns {"tasks": {task: {"n": examples, "metrics": {metric: {"model": v, "model_stderr": s, "base": ..,
     "delta": model - base}}}}, "settings": ..., "lm_eval_version": ..}."""
     lm_eval = require_lm_eval()
+    import logging
+
     from lm_eval.models.huggingface import HFLM
 
+    # HFLM warns that a model object (not a name) was passed and "many arguments may be ignored": that is the
+    # intended use here (lorafit passes none of them), so the warning would only mislead.
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     manager, tasks = _task_manager(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     settings = {"limit": limit, "num_fewshot": num_fewshot, "apply_chat_template": chat_template}
@@ -227,6 +232,10 @@ def harness_eval(*, adapter: Path | None, model: Path | None, tasks: HarnessTask
     if adapter is None and model is None:
         raise LorafitError("nothing to evaluate", fix="pass --adapter DIR (a trained adapter) or --model DIR (a plain model)")
     loaded, tokenizer, described, _ = load_models(adapter, model)
+    import torch
+
+    if torch.cuda.is_available():
+        loaded = loaded.to("cuda")  # HFLM runs on the model's own device
     result = {**described, **run_harness(loaded, tokenizer, tasks, with_base=adapter is not None, batch_size=batch_size,
                                          limit=limit, num_fewshot=num_fewshot, chat_template=chat_template)}
     run_dir = run_folder_of(adapter, Path(described["adapter"]) if adapter is not None else None)

@@ -55,6 +55,17 @@ def test_llama_adapter_round_trips_through_ggufs_reader(tmp_path):
                 np.testing.assert_allclose(got_b @ got_a, permute_rows(b @ a, heads).numpy(), atol=1e-6)
 
 
+def test_ggml_dimensions_pass_llama_cpps_shape_check(tmp_path):
+    # llama-adapter.cpp: model->ne[0] == a->ne[0] (in), model->ne[1] == b->ne[1] (out), a->ne[1] == b->ne[0] (r);
+    # ggml's ne lists dimensions fastest first, the reverse of numpy's order. Its F32 type id is 0.
+    _, adapter = peft_adapter(tmp_path)
+    export_gguf(adapter, tmp_path / "a.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    a, b = tensors["blk.0.ffn_down.weight.lora_a"], tensors["blk.0.ffn_down.weight.lora_b"]
+    assert list(a.shape) == [64, 4] and list(b.shape) == [4, 32]  # down_proj: in 64 (intermediate), out 32, r 4
+    assert a.tensor_type == b.tensor_type == gguf.GGMLQuantizationType.F32
+
+
 def test_permute_rows_is_llama_cpps_rotary_pairing():
     # 1 head of dimension 4: HF pairs rows (0, 2) and (1, 3); llama.cpp wants the pairs adjacent: 0, 2, 1, 3.
     rows = torch.arange(4.0).reshape(4, 1)

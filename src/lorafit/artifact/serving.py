@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from lorafit.artifact.verify import _ADAPTER_KEY, read_safetensors_header
+from lorafit.errors import LorafitError
 from lorafit.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 SERVERS = ("vllm",)
@@ -89,8 +90,10 @@ def _rank_warnings(ranks: set[int]) -> list[str]:
 
 
 def serving_warnings(adapter_dir: str | Path, server: str = "vllm") -> list[str]:
-    """What would stop ``server`` (only "vllm" so far) from loading the adapter in ``adapter_dir``, one line each;
+    """What would stop ``server`` (one of SERVERS) from loading the adapter in ``adapter_dir``, one line each;
     empty when nothing would. Reads adapter_config.json and the safetensors header, not the tensors."""
+    if server not in SERVERS:
+        raise LorafitError(f"--serving {server}: unknown", fix=f"use one of {', '.join(SERVERS)}")
     adapter_dir = Path(adapter_dir)
     try:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))

@@ -148,9 +148,11 @@ def _with_local_paths(tasks: HarnessTasks, manager) -> HarnessTasks:
         path = getattr(entry, "yaml_path", None)
         if path is not None and any(Path(path).resolve().is_relative_to(f) for f in folders):
             try:
-                task = read_task_yaml(Path(path))
+                config = read_task_yaml(Path(path))
             except LorafitError:
-                pass
+                config = {}
+            if config.get("task") == task:  # a group or tag name stays a name: lm_eval expands it
+                task = config
         resolved.append(task)
     return HarnessTasks(resolved, tasks.include_path)
 

@@ -69,7 +69,7 @@ def eval_command(
     model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base without the adapter, with deltas."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data); with --harness, at most N per task."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per forward pass."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, help="Loss tokenisation: longest example (default: the adapter's data.max_seq_length, else 1024)."),

@@ -9,7 +9,8 @@ when vLLM changes:
   rsLoRA) for every module, so ``rank_pattern`` / ``alpha_pattern`` modules would be scaled wrongly;
 - ``LoRAModel.from_local_checkpoint`` accepts tensors of the model's linear layers only (``expected_lora_modules``);
   LoRA on ``embed_tokens`` / ``lm_head`` needed the added-vocabulary support that vLLM deprecated (v0.11) and
-  removed; adapter biases (``bias`` "all"/"lora_only", ``lora_bias``) are not loaded by current vLLM.
+  removed; adapter biases (``bias`` "all"/"lora_only", ``lora_bias``) are not loaded by current vLLM (its loader
+  has no bias tensors; vLLM 0.5-0.10 loaded them behind ``--enable-lora-bias``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _config_warnings(config: dict) -> list[str]:
                         "(full trained copies of those modules); merge the adapter and serve the merged model")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         what = f"bias {config.get('bias')!r}" if config.get("bias", "none") != "none" else "lora_bias"
-        warnings.append(f"{what}: vLLM does not load adapter biases; train with lora.bias: none")
+        warnings.append(f"{what}: vLLM does not load adapter biases (current versions have no LoRA bias support; "
+                        "older ones only with --enable-lora-bias); train with lora.bias: none")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             warnings.append(f"{key} {config[key]}: vLLM reads one r and one lora_alpha for the whole adapter and "

@@ -10,7 +10,7 @@ when vLLM changes:
 - ``LoRAModel.from_local_checkpoint`` accepts tensors of the model's linear layers only (``expected_lora_modules``);
   LoRA on ``embed_tokens`` / ``lm_head`` needed the added-vocabulary support that vLLM deprecated (v0.11) and
   removed; adapter biases (``bias`` "all"/"lora_only", ``lora_bias``) are not loaded by current vLLM (its loader
-  has no bias tensors; vLLM 0.5-0.10 loaded them behind ``--enable-lora-bias``).
+  has no bias tensors; versions from mid-2024 loaded them behind ``--enable-lora-bias``).
 """
 
 from __future__ import annotations

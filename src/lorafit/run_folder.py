@@ -27,6 +27,7 @@ class RunFolder:
     DATA_REPORT = "data_report.json"
     SKIPPED_ROWS = "skipped_rows.jsonl"
     RESULTS = "training_results.json"
+    HARNESS = "harness_results.json"  # `lorafit eval --harness` on this run (evaluate/harness.py)
     REPORT = "report.html"
     SUMMARY = "training_summary.json"  # written last by a finished run: its presence means every output is complete
     RESULT = "result.json"

@@ -24,14 +24,22 @@ def verify(
     base: Optional[Path] = typer.Option(None, "--base", help="Also check the adapter against this base model folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     allow_pickle: bool = AllowPickle,
+    serving: Optional[str] = typer.Option(None, "--serving", help="Also warn about what would stop this server from loading the adapter (vllm); the exit code does not change."),
 ) -> None:
     """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base.
     Exit 0 verified, 1 a problem found, 3 no problem found but no checksums.json to prove the files."""
     import json
 
+    from lorafit.artifact.serving import SERVERS, serving_warnings
     from lorafit.artifact.verify import verify_artifact
 
+    try:
+        _check_choice("--serving", serving, SERVERS)
+    except LorafitError as error:
+        _fail(error)
     report = verify_artifact(artifact_dir, base, allow_pickle=allow_pickle)
+    if serving is not None:
+        report.warnings += [f"{serving}: {w}" for w in serving_warnings(report.artifact, serving)]
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -56,31 +64,47 @@ def verify(
 
 @app.command("eval")
 def eval_command(
-    data: List[Path] = typer.Option(..., "--data", help="Held-out data file (repeatable; each file is a source)."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Held-out data file (repeatable; each file is a source)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="A plain model folder; with --adapter, the base to load it on."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated subset, e.g. loss,json_valid,field_accuracy. Default: all."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base without the adapter, with deltas."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate answers for at most N examples (spread over the data); with --harness, at most N per task."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per forward pass."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", min=1, help="Loss tokenisation: longest example (default: the adapter's data.max_seq_length, else 1024)."),
     truncation: Optional[str] = typer.Option(None, "--truncation", help="Loss tokenisation: drop or truncate longer examples (default: the adapter's data.truncation, else truncate)."),
     train_on: Optional[str] = typer.Option(None, "--train-on", help="Loss tokenisation: all_assistant, last_assistant or all (default: the adapter's data.train_on)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+    harness: Optional[str] = typer.Option(None, "--harness", help="Also run lm-evaluation-harness tasks on adapter and base: comma-separated task names or task YAML files (docs/eval.md)."),
+    harness_tasks_dir: Optional[Path] = typer.Option(None, "--harness-tasks-dir", help="A folder of lm_eval task YAMLs whose task names --harness may use."),
+    harness_fewshot: Optional[int] = typer.Option(None, "--harness-fewshot", min=0, help="Few-shot examples per harness prompt (default: each task's own)."),
+    harness_chat: bool = typer.Option(False, "--harness-chat-template", help="Render harness prompts with the tokenizer's chat template."),
 ) -> None:
-    """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data."""
+    """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data; lm-evaluation-harness
+    tasks with --harness."""
     _quiet_libraries()
     from lorafit.evaluate import metrics as metric_defs
     from lorafit.evaluate.run import run_eval
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
+    result: dict = {}
     try:
+        if not data and harness is None:
+            raise LorafitError("nothing to evaluate on", fix="pass --data FILE (held-out data) and/or --harness TASKS")
         _check_choice("--truncation", truncation, ("drop", "truncate"))
         _check_choice("--train-on", train_on, ("all_assistant", "last_assistant", "all"))
-        result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
-                          train_on=train_on, truncation=truncation)
+        if harness is not None:
+            from lorafit.evaluate.harness import harness_eval, resolve_tasks
+
+            tasks = resolve_tasks(harness, harness_tasks_dir)
+        if data:
+            result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
+                              train_on=train_on, truncation=truncation)
+        if harness is not None:
+            result["harness"] = harness_eval(adapter=adapter, model=model, tasks=tasks, batch_size=batch_size,
+                                             limit=limit, num_fewshot=harness_fewshot, chat_template=harness_chat)
     except LorafitError as error:
         _fail(error)
         return
@@ -91,7 +115,14 @@ def eval_command(
         return
     from lorafit.evaluate.run import format_eval
 
-    typer.echo(format_eval(result))
+    if data:
+        typer.echo(format_eval(result))
+    if harness is not None:
+        from lorafit.evaluate.harness import format_harness
+
+        typer.echo(("\n" if data else "") + format_harness(result["harness"], adapter=adapter is not None))
+        if result["harness"].get("saved"):
+            typer.echo(f"saved {result['harness']['saved']} (report.html shows it)")
 
 
 def _check_choice(option: str, value: Optional[str], choices: tuple[str, ...]) -> None:
@@ -136,6 +167,29 @@ def merge(
     if gap and "max_abs_logit_diff" in gap:
         typer.echo(f"  quantization gap (adapter on {gap['quant']['bits']}-bit base vs merged reference)  "
                    f"max {gap['max_abs_logit_diff']:.3g}  mean {gap['mean_abs_logit_diff']:.3g}")
+
+
+export_app = typer.Typer(help="Write a finished adapter in another format (llama.cpp GGUF).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf_command(
+    artifact_dir: Path = typer.Argument(..., help="A run folder (its newest final artifact), an artifact folder or a PEFT adapter folder."),
+    out: Path = typer.Option(..., "--out", help="The .gguf file to write (must not exist)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
+) -> None:
+    """The adapter as a llama.cpp LoRA adapter (llama-cli --lora FILE); Llama, Mistral and Qwen2 bases."""
+    from lorafit.export.gguf import export_gguf
+
+    try:
+        written = export_gguf(artifact_dir, out, base=base)
+    except LorafitError as error:
+        _fail(error)
+        return
+    typer.secho(f"wrote {written['out']}", fg=typer.colors.GREEN)
+    typer.echo(f"  {written['pairs']} lora_a/lora_b pairs, architecture {written['architecture']}, "
+               f"adapter.lora.alpha {written['alpha']:g}, rank {'/'.join(map(str, written['ranks']))}")
 
 
 def _generator(adapter: Optional[Path], model: Optional[Path], base: Optional[Path], dtype: str):

@@ -49,7 +49,7 @@ def train(
             _fail(LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact"))
         from lorafit.cli.adapters import verify
 
-        verify(artifact_dir, None, False, allow_pickle)
+        verify(artifact_dir, None, False, allow_pickle, serving=None)
         return
     if max_steps is not None:
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]

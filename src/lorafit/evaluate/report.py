@@ -1,6 +1,7 @@
 """``report.html``: one self-contained page per run (plots embedded as PNG data URIs, no script, no network).
 
-Built only from files in the run folder (metrics_history.jsonl and training_results.json), so
+Built only from files in the run folder (metrics_history.jsonl, training_results.json, and harness_results.json
+when `lorafit eval --harness` evaluated the run), so
 `lorafit report RUN_DIR` rebuilds it any time. matplotlib draws the plots with its Agg backend (no display).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from lorafit.config.objective import CONTRASTIVE_METRICS
 from lorafit.errors import LorafitError
+from lorafit.evaluate.harness import harness_section
 from lorafit.run_folder import RunFolder, write_atomic
 
 REPORT_FILE, RESULTS_FILE, HISTORY_FILE = RunFolder.REPORT, RunFolder.RESULTS, RunFolder.HISTORY
@@ -275,6 +277,7 @@ greedy decoding. Definitions: docs/eval.md.</p>
 <table class="samples"><tr><th>prompt</th><th>reference</th><th>base (no adapter)</th><th>adapter</th></tr>{sample_rows or
 '<tr><td colspan="4" class="muted">no samples (no eval data, or eval.generate_samples: 0)</td></tr>'}</table>
 {_attack_section(attack)}
+{harness_section(results.get("harness"))}
 <h2>Data</h2>
 <table><tr><th>split</th><th>rows</th><th>kept</th><th>tokens</th><th>supervised tokens</th><th>sources</th></tr>{data_rows}</table>
 <details><summary>Run config</summary><pre>{esc(results.get('config_yaml', ''))}</pre></details>
@@ -302,6 +305,9 @@ def write_report(run_dir: Path) -> Path:
     history = read_history(run_dir)
     results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    harness_path = run_dir / RunFolder.HARNESS
+    if harness_path.is_file():
+        results = {**results, "harness": json.loads(harness_path.read_text(encoding="utf-8"))}
     path = run_dir / REPORT_FILE
     write_atomic(path, render_html(history, results))
     return path

@@ -63,10 +63,10 @@ class ModelConfig(Section):
 
 INITS = ("default", "gaussian", "pissa", "olora")
 LOFTQ_REFUSAL = (
-    "loftq is not supported: peft's LoftQ replaces each base weight by a quantized residual Q(W - B0@A0), so the "
-    "adapter fits only that new base, not the base files lorafit proves unchanged, and its conversion to the original "
-    "base is not exact (the quantization error stays); use quant.bits: 4 with init default (QLoRA), or pissa in full "
-    "precision"
+    "loftq is not supported: peft's LoftQ init replaces each base weight by a quantized residual Q(W - B0@A0), so the "
+    "adapter fits only that new base, not the base files lorafit proves unchanged (and converting it back is not exact: "
+    "the quantization error stays); peft's other route, replace_lora_weights_loftq on a 4-bit base, runs on CUDA only "
+    "(peft 0.21.2). Use quant.bits: 4 with init default (QLoRA), or pissa in full precision"
 )
 
 

@@ -100,6 +100,7 @@ def model_card(config: Config, metadata: dict, metrics: dict, folder_name: str) 
     lora = config.lora
     tags = ["lorafit", "peft", "lora"] + (["dora"] if lora.use_dora else []) + (["rslora"] if lora.use_rslora else [])
     tags += ["qlora"] if config.quant.bits else []
+    tags += [lora.init.split("_niter_")[0]] if lora.init in ("pissa", "olora") or "_niter_" in lora.init else []
     datasets = sorted({Path(s["path"]).name for split in metadata["data"].values() for s in split["sources"]})
     front = {"base_model": base, "library_name": "peft", "pipeline_tag": "text-generation", "tags": tags,
              "datasets": datasets}

@@ -180,6 +180,17 @@ def test_an_unconverted_pissa_adapter_is_wrong_on_the_base_and_verify_and_merge_
     assert (_logits(plain) - trained).abs().max() > 0.1
 
 
+def test_verify_checks_the_converted_rank_against_metadata(tiny_model_dir, tmp_path):
+    model = _adapted(tiny_model_dir, init="olora")
+    _pretend_training(model)
+    model.save_pretrained(tmp_path)
+    record = convert_to_original_base(tmp_path, initial_adapter(model))
+    (tmp_path / "metadata.json").write_text(json.dumps({"adapter_init": record}))
+    assert verify_artifact(tmp_path).problems == []
+    (tmp_path / "metadata.json").write_text(json.dumps({"adapter_init": {**record, "published_rank": 32}}))
+    assert any("converted to rank 32" in p for p in verify_artifact(tmp_path).problems)
+
+
 def test_base_view_is_the_base_after_pissa_where_disabling_the_adapter_is_not(tiny_model_dir):
     model = _adapted(tiny_model_dir, init="pissa")
     _pretend_training(model)

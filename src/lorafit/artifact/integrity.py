@@ -9,6 +9,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.hashing import combined_digest, tensor_digest
+from lorafit.model.lora_init import initial_adapter
 
 
 def _quant_state_tensors(param) -> dict[str, torch.Tensor]:
@@ -90,7 +91,15 @@ def require_only_adapter_trainable(model, modules_to_save) -> None:
 
 
 def require_adapter_changed(model) -> None:
-    """lora_B starts at zero, so an adapter whose every lora_B is still zero learned nothing."""
+    """lora_B starts at zero, so an adapter whose every lora_B is still zero learned nothing. PiSSA/OLoRA start
+    with a non-zero B: there, nothing may still equal its step-0 value."""
+    initial = initial_adapter(model)
+    if initial is not None and not initial.changed(model):
+        raise LorafitError(
+            f"the adapter did not change: every tensor still has its {initial.init} step-0 value after training",
+            why="its update to the base is exactly zero, so it would do nothing",
+            fix="check train.learning_rate is not tiny and that the data has supervised tokens (and enough steps)",
+        )
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     if lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b):
         raise LorafitError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from lorafit.config import ArtifactConfig, Config
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_file
+from lorafit.model.lora_init import convert_to_original_base, initial_adapter, mutates_base
 from lorafit.run_folder import RunFolder, fsync_tree, public_tree, write_json
 
 FINAL = RunFolder.ARTIFACT
@@ -76,12 +77,30 @@ def _normalise_adapter_config(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _fit_to_original_base(folder: Path, model, config: Config) -> dict:
+    """After PiSSA/OLoRA the saved adapter fits the residual base the init left in memory: convert it to fit the
+    base files (model/lora_init.py). Returns metadata.json's ``adapter_init``."""
+    if not mutates_base(config.lora.init):
+        return {"init": config.lora.init, "base_mutated_by_init": False}
+    initial = initial_adapter(model)
+    if initial is None:
+        raise LorafitError(
+            f"lora.init: {config.lora.init}: the adapter's step-0 values were not kept, so it cannot be converted to "
+            "fit the original base",
+            why="PiSSA/OLoRA train against a rewritten base; published as trained, the adapter would be claimed to fit "
+            "base files it does not fit",
+            fix="attach the adapter with lorafit.model.loading.attach_lora (it keeps them); no artifact was written",
+        )
+    return convert_to_original_base(folder, initial)
+
+
 def model_card(config: Config, metadata: dict, metrics: dict, folder_name: str) -> str:
     """README.md with Hugging Face front matter and a usage snippet that loads the adapter with peft."""
     base = metadata["base_model"]["name_or_path"]
     lora = config.lora
     tags = ["lorafit", "peft", "lora"] + (["dora"] if lora.use_dora else []) + (["rslora"] if lora.use_rslora else [])
     tags += ["qlora"] if config.quant.bits else []
+    tags += [lora.init.split("_niter_")[0]] if lora.init in ("pissa", "olora") or "_niter_" in lora.init else []
     datasets = sorted({Path(s["path"]).name for split in metadata["data"].values() for s in split["sources"]})
     front = {"base_model": base, "library_name": "peft", "pipeline_tag": "text-generation", "tags": tags,
              "datasets": datasets}
@@ -114,6 +133,7 @@ def model_card(config: Config, metadata: dict, metrics: dict, folder_name: str) 
         "## Verification", "",
         f"- Base weights unchanged by training: **{check['unchanged']}** ({check['tensors']} frozen tensors hashed "
         f"before and after; fingerprint `{check['fingerprint'][:16]}…`).",
+        *_init_card_lines(metadata.get("adapter_init") or {}),
         "- Every file's sha256 is in `checksums.json`; check them, the tensors and the base with:", "",
         "```bash", f"lorafit verify {folder_name} --base {base}", "```", "",
         "## Usage", "",
@@ -129,6 +149,14 @@ def model_card(config: Config, metadata: dict, metrics: dict, folder_name: str) 
     return "\n".join(lines)
 
 
+def _init_card_lines(init: dict) -> list[str]:
+    if not init.get("base_mutated_by_init"):
+        return []
+    return [f"- Initialised with {init['init']}: training ran on the residual base (W minus the initial adapter); "
+            f"this adapter is converted to apply to the original base files, so its rank is {init['published_rank']} "
+            f"(trained rank {init['trained_rank']}, same scale)."]
+
+
 def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metadata: dict, metrics: dict,
                          *, overwrite: bool) -> Path:
     """Assemble the artifact in staging, fsync it, and rename it into place. Returns its folder."""
@@ -140,6 +168,7 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
     try:
         model.save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder; ours follows
+        metadata = {**metadata, "adapter_init": _fit_to_original_base(staging, model, config)}
         _normalise_adapter_config(staging)
         tokenizer.save_pretrained(staging)
         (staging / "training_config.yaml").write_text(config.to_yaml(), encoding="utf-8")

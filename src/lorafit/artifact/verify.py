@@ -5,6 +5,8 @@ Checks, each reported by name so a user knows what to fix:
   checksums.json gets the other checks and the distinct outcome "unproven": nothing proves its files are the ones
   written);
 - safetensors: the header parses, offsets tile the data exactly, dtypes and sizes agree; values are finite;
+- initialisation: an adapter saved for a base its init rewrote (PiSSA/OLoRA/LoftQ, unconverted) is refused: it
+  does not fit the base files; a converted one must have the rank metadata.json records;
 - adapter: tensor names and shapes agree with adapter_config.json (rank, targeted modules in any form peft
   writes: short names, full module paths, or one regular expression);
 - with ``--base``: the base's weight files are the ones trained on (sha256) and each adapted module's shape fits
@@ -25,6 +27,7 @@ from lorafit.artifact.provenance import weight_files
 from lorafit.errors import LorafitError
 from lorafit.model import PICKLE_SUFFIXES
 from lorafit.model.adapters import ADAPTER_CONFIG, find_adapter_dir
+from lorafit.model.lora_init import mutating_init_problem
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -158,6 +161,7 @@ def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: Ve
     except (OSError, json.JSONDecodeError) as exc:
         report.problems.append(f"adapter_config.json: unreadable ({exc})")
         return {}
+    _check_init(folder, config, report)
     rank, rank_pattern = config.get("r"), config.get("rank_pattern") or {}
     targets = config.get("target_modules")
     for name, shape in shapes.items():
@@ -175,6 +179,27 @@ def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: Ve
         if kind == "lora_B" and (len(shape) != 2 or shape[1] != r):
             report.problems.append(f"adapter tensor {name}: shape {shape}, expected [out_features, r={r}]")
     return config
+
+
+def _check_init(folder: Path, config: dict, report: VerifyReport) -> None:
+    """An adapter saved for a base its initialisation rewrote (PiSSA, OLoRA, LoftQ) does not fit the base files;
+    a lorafit artifact records its conversion to the original base, and the rank must be the converted one."""
+    problem = mutating_init_problem(config)
+    if problem:
+        report.problems.append(problem)
+    metadata_path = folder / "metadata.json"
+    if not metadata_path.is_file():
+        return
+    try:
+        init = json.loads(metadata_path.read_text(encoding="utf-8")).get("adapter_init") or {}
+    except json.JSONDecodeError:
+        report.problems.append("metadata.json: not valid JSON")
+        return
+    if init.get("base_mutated_by_init") and (not init.get("converted_to_original_base")
+                                             or init.get("published_rank") != config.get("r")):
+        report.problems.append(f"adapter_config.json: r={config.get('r')}, but metadata.json records a {init.get('init')} "
+                               f"adapter converted to rank {init.get('published_rank')} for the original base")
+    report.checked["init"] = init.get("init", "unrecorded")
 
 
 def is_targeted(module: str, targets) -> bool:

@@ -61,6 +61,15 @@ class ModelConfig(Section):
         return resolve_input_path(value, info)
 
 
+INITS = ("default", "gaussian", "pissa", "olora")
+LOFTQ_REFUSAL = (
+    "loftq is not supported: peft's LoftQ init replaces each base weight by a quantized residual Q(W - B0@A0), so the "
+    "adapter fits only that new base, not the base files lorafit proves unchanged (and converting it back is not exact: "
+    "the quantization error stays); peft's other route, replace_lora_weights_loftq on a 4-bit base, runs on CUDA only "
+    "(peft 0.21.2). Use quant.bits: 4 with init default (QLoRA), or pissa in full precision"
+)
+
+
 class LoraConfig(Section):
     r: int = Field(16, gt=0, description="Adapter rank; higher = more capacity and memory.")
     alpha: float = Field(32, gt=0, description="Scale of the adapter update (alpha / r, or alpha / sqrt(r) with rsLoRA).")
@@ -72,6 +81,29 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better.")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter.")
+    init: str = Field(
+        "default",
+        description="How the adapter starts (peft's init_lora_weights): default (B = 0, A Kaiming-uniform), gaussian "
+        "(B = 0, A Gaussian with std 1/r), pissa / pissa_niter_N (A, B from the top-r singular vectors; N = randomised-SVD "
+        "iterations), olora (A, B from a QR decomposition). pissa and olora move part of each weight into the adapter; "
+        "the artifact is converted to apply to the original base, at twice the rank (docs/adapters.md). loftq: refused "
+        "(why in docs/adapters.md).",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0,
+        description="LoRA+: learning rate of every lora_B = this x train.learning_rate (lora_A keeps it); the paper "
+        "uses 16, with a base rate about half of plain LoRA's. null = one rate for A and B.",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        if value == "loftq":
+            raise ValueError(LOFTQ_REFUSAL)
+        if value not in INITS and not re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+            raise ValueError(f"unknown initialisation {value!r}: use one of {', '.join(INITS)} or pissa_niter_N "
+                             "(N iterations of randomised SVD, e.g. pissa_niter_4)")
+        return value
 
     @field_validator("target_modules")
     @classmethod
@@ -88,3 +120,13 @@ class QuantConfig(Section):
     compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Precision of the matmuls in quantized layers and of training autocast; bf16 on a recent GPU."
     )
+
+
+def init_fits_quantization(config):
+    """PiSSA and OLoRA on a quantized base: peft re-quantizes the residual, so Quant(W - B0@A0) + B0@A0 is not the
+    base the files hold and the converted adapter would not reproduce the trained model (peft warns the same)."""
+    if config.lora.init.startswith(("pissa", "olora")) and config.quant.bits is not None:
+        raise ValueError(f"lora.init: {config.lora.init} with quant.bits: {config.quant.bits}: the initialisation would "
+                         "re-quantize a residual base, which the published adapter cannot be proven to fit; use "
+                         "quant.bits: null (full precision) with pissa/olora, or init default with quantization")
+    return config

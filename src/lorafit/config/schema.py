@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from lorafit.config.model_sections import (
-    LoraConfig, ModelConfig, QuantConfig, Section, resolve_input_path,
+    LoraConfig, ModelConfig, QuantConfig, Section, init_fits_quantization, resolve_input_path,
 )
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
 
@@ -127,6 +127,10 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch (per device).")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    embedding_learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate of the tensors trained in full (lora.modules_to_save, e.g. "
+        "embed_tokens / lm_head for new tokens) and of LoRA adapters on embedding layers; null = train.learning_rate.",
+    )
     scheduler: Literal["linear", "cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of all steps.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup in steps (instead of warmup_ratio).")
@@ -298,6 +302,7 @@ class Config(Section):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callbacks; where plugin code may come from.")
     debug: DebugConfig = Field(default_factory=DebugConfig, description="Debugging aids (slow).")
     _objective_fits = model_validator(mode="after")(fits_objective)
+    _init_fits_quant = model_validator(mode="after")(init_fits_quantization)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -13,6 +13,7 @@ from lorafit.data.triplet_rows import TripletRecord
 from lorafit.errors import LorafitError
 from lorafit.evaluate.examples import spread_sample
 from lorafit.evaluate.generate import generate_replies
+from lorafit.model.lora_init import base_view
 
 
 def attack_succeeded(answer: str, marker: str | None, patterns: list[str]) -> bool:
@@ -56,7 +57,7 @@ def compare_attack_success(model, tokenizer, records: list[TripletRecord], attac
                            batch_size: int, samples: int = 5) -> dict:
     """Attack success rate of the base (adapter disabled) and of the adapter on the same injections."""
     generation = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    with model.disable_adapter():
+    with base_view(model):  # disabling the adapter would show PiSSA's residual, not the base
         base = attack_success_rate(model, tokenizer, records, attack_config, **generation)
     adapter = attack_success_rate(model, tokenizer, records, attack_config, **generation)
     shown = [{"where": r.where, "injection": r.injection[-1]["content"], "marker": r.marker,

@@ -17,6 +17,7 @@ from lorafit.evaluate import metrics as M
 from lorafit.evaluate.examples import EvalExample, as_source, read_examples, run_examples, spread_sample
 from lorafit.evaluate.loss import LossSettings
 from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
+from lorafit.model.lora_init import base_view
 
 __all__ = ["GenerationEval", "GenerationSettings", "compare_base_and_adapter", "format_eval", "read_examples",
            "run_eval", "generation_sample", "spread_sample"]
@@ -126,7 +127,7 @@ def generation_sample(config, eval_split) -> tuple[list[EvalExample], Generation
 def compare_base_and_adapter(model, tokenizer, examples: list[EvalExample], settings: GenerationSettings,
                              samples: int = 5) -> dict:
     """Generation metrics of the base (adapter disabled) and of the adapter on the same examples, and a few answers."""
-    with model.disable_adapter():
+    with base_view(model):  # disabling the adapter would show PiSSA's residual, not the base
         base, base_rows = generation_metrics(model, tokenizer, examples, settings)
     adapted, rows = generation_metrics(model, tokenizer, examples, settings)
     shown = []

@@ -26,6 +26,7 @@ from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.model.adapters import load_adapter_model, resolve_adapter, training_quant
 from lorafit.model.loading import DTYPES, load_base_model
+from lorafit.model.lora_init import mutating_init_problem
 from lorafit.run_folder import fsync_tree, public_tree
 
 # Max |logit difference| allowed between the merged model as saved (reloaded from disk) and adapter-on-base in
@@ -70,6 +71,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         raise LorafitError(f"--dtype {dtype}: not a merge precision", fix=f"use one of {', '.join(TOLERANCE)}")
     adapter = resolve_adapter(adapter_dir, base)
     adapter_dir, base_path = adapter.adapter_dir, adapter.base_path
+    refuse_mutating_init(adapter_dir)
     out_dir = Path(out_dir).expanduser().resolve()
     if not replace:
         claim_output(out_dir)
@@ -130,6 +132,15 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def refuse_mutating_init(adapter_dir: Path) -> None:
+    """A PiSSA/OLoRA/LoftQ adapter saved unconverted: peft would rewrite the base while loading it, and the logit check
+    would compare the merge against that rewritten base, so a passing check would prove nothing about the base."""
+    problem = mutating_init_problem(json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")))
+    if problem:
+        raise LorafitError(f"{adapter_dir}: not merged", why=problem,
+                           fix="merge the converted adapter (lorafit's artifacts are converted already)")
 
 
 def probe_batch(tokenizer) -> dict:

@@ -13,6 +13,7 @@ from lorafit.errors import LorafitError
 from lorafit.model import PICKLE_SUFFIXES
 from lorafit.model.attention import load_with_attention
 from lorafit.model.kernels import apply_kernels, check_head_not_adapted
+from lorafit.model.lora_init import INIT_ATTRIBUTE, InitialAdapter, mutates_base, peft_init_value
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -167,9 +168,14 @@ def attach_lora(model, lora: LoraConfig):
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         modules_to_save=list(lora.modules_to_save) or None,
+        init_lora_weights=peft_init_value(lora.init),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if mutates_base(lora.init):
+        # Kept for publishing (the conversion to the original base) and for base-vs-adapter comparisons.
+        setattr(model, INIT_ATTRIBUTE, InitialAdapter.capture(model, lora.init))
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:

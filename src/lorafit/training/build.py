@@ -17,6 +17,7 @@ from lorafit.training.callbacks import MetricsHistory, ordered_callbacks
 from lorafit.training.checkpoint import read_meta
 from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
 from lorafit.training.hooks import CheckpointSettings, LorafitTrainer
+from lorafit.training.optimizer import LearningRates
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "paged_adamw_8bit": "paged_adamw_8bit"}
 
@@ -129,6 +130,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
         data_collator=collator, processing_class=tokenizer, settings=settings, guard=guard, history=history,
         stateful=[best, *([objective] if objective is not None else [])], objective=objective,
+        rates=LearningRates.from_config(config),
     )
     # From here on the Trainer's (accelerate's) own view decides which process writes run files.
     run.main_process = trainer.is_world_process_zero()

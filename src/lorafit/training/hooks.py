@@ -2,6 +2,7 @@
 a few hooks overridden. Trainer keeps the loop (schedules, accumulation with token-count loss normalisation,
 clipping, logging, evaluation); each override below says why it exists.
 
+    create_optimizer           parameter groups for LoRA+ and train.embedding_learning_rate (optimizer.py)
     training_step              passes each micro-batch loss to the non-finite guard (no device sync per batch)
     get_batch_samples,         with an objective other than SFT (objective_step.py): count the step's tokens and
     compute_loss, log,         examples before its first micro-batch, compute the objective's loss, and add its
@@ -40,11 +41,14 @@ from lorafit.training import checkpoint as ckpt
 from lorafit.training.guards import NonFiniteGuard
 from lorafit.training.objective_step import ObjectiveRunner
 from lorafit.training.objectives import SupervisedObjective
+from lorafit.training.optimizer import LearningRates, grouped_optimizer
 
 TESTED_TRANSFORMERS = "5.23.x"
 # Trainer methods lorafit overrides or calls, with the parameters the overrides rely on (names, in order).
 TRAINER_METHODS = {
     "training_step": ("self", "model", "inputs", "num_items_in_batch"),
+    "create_optimizer": ("self", "model"),
+    "get_decay_parameter_names": ("self", "model"),
     "evaluate": ("self",),
     "_get_train_sampler": ("self", "train_dataset"),
     "_save_checkpoint": ("self", "model", "trial"),
@@ -163,8 +167,9 @@ class ReplayableSampler(torch.utils.data.Sampler):
 
 class LorafitTrainer(Trainer):
     def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(),
-                 objective: ObjectiveRunner | None = None, **kwargs):
+                 objective: ObjectiveRunner | None = None, rates: LearningRates | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.rates = rates
         self.objective = objective or ObjectiveRunner(SupervisedObjective())
         if self.objective.active:
             self.loss_is_scaled_for_ga = True  # the objective divides by the whole step's counts itself
@@ -177,6 +182,12 @@ class LorafitTrainer(Trainer):
         self._sampler: ReplayableSampler | None = None
         self._resume_state: dict | None = None
         self._resume_path: Path | None = None
+
+    # -- optimizer: LoRA+ and train.embedding_learning_rate need parameter groups Trainer does not make
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.rates is not None:
+            self.optimizer = grouped_optimizer(self, self.model if model is None else model, self.rates)
+        return super().create_optimizer(model)  # keeps an optimizer already set
 
     # -- evaluation: consumes no randomness training would see (Trainer's periodic and at-start evaluations too)
     def evaluate(self, *args, **kwargs):

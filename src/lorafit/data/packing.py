@@ -59,6 +59,7 @@ class PackedBins(torch.utils.data.Dataset):
             "input_ids": [t for e in members for t in e.input_ids],
             "labels": [t for e in members for t in e.labels],
             "position_ids": [p for e in members for p in range(len(e.input_ids))],
+            "source_ids": [e.source for e in members for _ in e.input_ids],
         }
 
     def unused_fraction(self) -> float:
@@ -69,19 +70,28 @@ class PackedBins(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class PackedCollator:
-    """Concatenate a batch into one row (1, T) with restarting position_ids; see the module docstring."""
+    """Concatenate a batch into one row (1, T) with restarting position_ids; see the module docstring.
+
+    ``source_ids``: also return each token's training source (1, T), from a packed bin's ``source_ids`` or an
+    example's ``source``, so a row holding documents of several sources still attributes each token's loss."""
+
+    source_ids: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, positions, sources = [], [], [], []
         for feature in features:
             n = len(feature["input_ids"])
             input_ids += feature["input_ids"]
             labels += feature["labels"]
             positions += feature.get("position_ids") or list(range(n))
+            sources += feature.get("source_ids") or [feature.get("source", 0)] * n
         labels_t = torch.tensor(labels, dtype=torch.long)[None]  # (1, T)
         position_ids = torch.tensor(positions, dtype=torch.long)[None]  # (1, T)
         labels_t[position_ids == 0] = IGNORE_INDEX  # never predict an example's first token from the previous one
-        return {"input_ids": torch.tensor(input_ids, dtype=torch.long)[None], "labels": labels_t, "position_ids": position_ids}
+        batch = {"input_ids": torch.tensor(input_ids, dtype=torch.long)[None], "labels": labels_t, "position_ids": position_ids}
+        if self.source_ids:
+            batch["source_ids"] = torch.tensor(sources, dtype=torch.long)[None]  # (1, T)
+        return batch
 
 
 def padding_fraction(lengths: list[int], batch_size: int, *, grouped: bool) -> float:

@@ -171,12 +171,12 @@ def test_sums_are_reduced_across_processes(tmp_path):
 # ------------------------------------------------------------------------------------------ a real run
 
 
-def _run_config(tmp_path, model_dir, sources: list[Path], **train_section):
+def _run_config(tmp_path, model_dir, sources: list[Path], *, packing="bfd", out="run", **train_section):
     return load_config({
         "model": {"path": str(model_dir)},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [{"path": str(p)} for p in sources], "max_seq_length": 128, "packing": "bfd"},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 2, "grad_accum": 2, "learning_rate": 5e-2,
+        "data": {"train": [{"path": str(p)} for p in sources], "max_seq_length": 128, "packing": packing},
+        "train": {"output_dir": str(tmp_path / out), "batch_size": 2, "grad_accum": 2, "learning_rate": 5e-2,
                   "log_every": 1, "seed": 5, **train_section},
         "eval": {"every": None, "at_start": False, "generate_samples": 0},
     })
@@ -214,3 +214,33 @@ def test_one_source_logs_no_per_source_loss(tmp_path, tiny_model_dir):
     history = [json.loads(line) for line in (result.run_dir / "metrics_history.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in history)
     assert not any(k.startswith("loss/") for r in history for k in r)
+
+
+def test_a_resumed_run_logs_the_same_per_source_losses(tmp_path, tiny_model_dir):
+    """A checkpoint taken inside a logging window (step 3 of 4) carries the partial sums: after a Ctrl-C and a
+    resume, the values logged at step 4 are the uninterrupted run's."""
+    from test_resume import SendSigint
+
+    from lorafit.training.outcome import RunStopped
+
+    rows = [conversation(f"Say {w}", f"{w} {w}") for w in "red blue green black white pink gray gold".split()]
+    sources = [write_jsonl(tmp_path / "colors.jsonl", rows),
+               write_jsonl(tmp_path / "texts.jsonl", [{"text": f"text number {i} of the second source"} for i in range(8)])]
+
+    def config(out: str):
+        return _run_config(tmp_path, tiny_model_dir, sources, packing="none", out=out, max_steps=4, log_every=4,
+                           save_every=2)
+
+    reference = train(config("reference"), progress=False)
+    with pytest.raises(RunStopped, match="at step 3"):
+        train(config("resumed"), progress=False, callbacks=[SendSigint(1)])
+    resumed = train(config("resumed"), progress=False, resume="auto")
+
+    def logged(result) -> dict:
+        history = [json.loads(line) for line in (result.run_dir / "metrics_history.jsonl").read_text().splitlines()]
+        return next(r for r in history if r["step"] == 4)
+
+    want, got = logged(reference), logged(resumed)
+    assert {"loss/colors.jsonl", "loss/texts.jsonl"} <= set(want)
+    for key in ("loss", "loss/colors.jsonl", "loss/texts.jsonl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key

@@ -22,7 +22,7 @@ import torch
 from lorafit.data.labels import IGNORE_INDEX
 
 PREFIX = "loss/"
-CHUNK = 1024  # tokens per cross-entropy call: bounds the float32 logits copy (1024 x vocabulary)
+CHUNK = 256  # tokens per cross-entropy call: bounds the float32 copy of the logits (256 x vocabulary, 128 MB at 128k)
 
 
 def source_names(paths: list[str]) -> list[str]:
@@ -65,14 +65,15 @@ class SourceLosses:
         if logits is None:
             return
         with torch.no_grad():
-            targets = labels[:, 1:].reshape(-1)  # token t is predicted from the logits at t - 1
-            sources = source_ids[:, 1:].reshape(-1).to(targets.device)
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1])  # (N, V)
+            targets = labels[:, 1:]  # token t is predicted from the logits at t - 1
+            # Row by row, chunk by chunk: logits[b, :-1] is a view, so only one chunk is ever copied (to float32).
+            length = logits.shape[1] - 1
             nll = torch.cat([
-                torch.nn.functional.cross_entropy(flat[i : i + CHUNK].float(), targets[i : i + CHUNK],
+                torch.nn.functional.cross_entropy(logits[b, i : min(i + CHUNK, length)].float(), targets[b, i : i + CHUNK],
                                                   ignore_index=IGNORE_INDEX, reduction="none")
-                for i in range(0, flat.shape[0], CHUNK)
-            ]) if flat.shape[0] else flat.new_zeros(0, dtype=torch.float32)  # (N,), 0 where ignored
+                for b in range(logits.shape[0]) for i in range(0, length, CHUNK)
+            ] or [logits.new_zeros(0, dtype=torch.float32)])  # (B * (T - 1),), 0 where ignored
+            targets, sources = targets.reshape(-1), source_ids[:, 1:].reshape(-1).to(nll.device)
             totals = self._buffer(nll.device)
             totals[0].index_add_(0, sources, nll.to(totals.dtype))
             totals[1].index_add_(0, sources, (targets != IGNORE_INDEX).to(totals.dtype))

@@ -126,8 +126,8 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
     trainer = LorafitTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
         data_collator=collator, processing_class=tokenizer, settings=settings, guard=guard, history=history,
-        stateful=[best, *([objective] if objective is not None else []), *([per_source] if per_source is not None else [])],
-        objective=objective, source_losses=per_source,
+        stateful=[best, *(part for part in (objective, per_source) if part is not None)], objective=objective,
+        source_losses=per_source,
     )
     # From here on the Trainer's (accelerate's) own view decides which process writes run files.
     run.main_process = trainer.is_world_process_zero()

@@ -26,7 +26,7 @@ from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, Debu
 # Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
 # importing evaluation code; lorafit.evaluate.metrics has one function per name (a test keeps them in step).
 GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_schema", "field_presence", "field_accuracy",
-                      "citation_coverage", "refusal_correct")
+                      "citation_coverage", "refusal_correct", "groundedness")
 LOSS_METRICS = ("loss", "perplexity")
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets")

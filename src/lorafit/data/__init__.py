@@ -3,7 +3,7 @@ May use: errors, hashing, run_folder, config."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +48,7 @@ class TokenizedDataset:
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        return {"input_ids": example.input_ids, "labels": example.labels, "source": example.source}
 
 
 def add_source(stats: SplitStats, source: SourceStats) -> None:
@@ -144,8 +144,9 @@ def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, gro
     for i, (source, loaded) in enumerate(zip(data.train, train_loaded)):
         train_part, eval_part = hold_out(loaded.examples, source.eval_fraction, rng_for(seed, "hold_out", i))
         held_out += eval_part
-        per_source.append(apply_budget(train_part, rng_for(seed, "budget", i), max_examples=source.max_examples,
-                                       max_tokens=source.max_tokens))
+        kept = apply_budget(train_part, rng_for(seed, "budget", i), max_examples=source.max_examples,
+                            max_tokens=source.max_tokens)
+        per_source.append([replace(e, source=i) for e in kept])  # for the training loss per source
     train_examples, mix_report = mix(per_source, [s.weight for s in data.train], total=data.mix_examples, seed=seed,
                                      order=data.order)
     eval_examples = [e for i, (source, loaded) in enumerate(zip(data.eval, eval_loaded))

@@ -15,7 +15,11 @@ from lorafit.data.labels import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class PadCollator:
+    """``source_ids``: also return each token's training source (B, T) from the features' ``source`` (0 where
+    absent, and on padding): the training loss per source reads it; the model never sees it."""
+
     pad_token_id: int
+    source_ids: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -28,4 +32,7 @@ class PadCollator:
             input_ids[row, :n] = torch.tensor(feature["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.tensor(feature["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if self.source_ids:
+            batch["source_ids"] = torch.tensor([f.get("source", 0) for f in features], dtype=torch.long)[:, None] * attention_mask
+        return batch

@@ -63,7 +63,7 @@ class Record:
 
 
 # Row fields that are not content but that evaluation reads (docs/eval.md): kept on the Record as ``meta``.
-PASSTHROUGH_FIELDS = ("source", "sources", "should_refuse")
+PASSTHROUGH_FIELDS = ("source", "sources", "should_refuse", "context")
 
 
 class FieldMap:

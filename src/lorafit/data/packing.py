@@ -64,6 +64,7 @@ class PackedBins(torch.utils.data.Dataset):
             "input_ids": [t for e in members for t in e.input_ids],
             "labels": [t for e in members for t in e.labels],
             "position_ids": [p for e in members for p in range(len(e.input_ids))],
+            "source_ids": [e.source for e in members for _ in e.input_ids],
         }
 
     def unused_fraction(self) -> float:
@@ -75,32 +76,41 @@ class PackedBins(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class PackedCollator:
     """A batch of packed features with restarting position_ids: one row (1, T) by default, or with ``pad_id`` set
-    one row per feature (B, longest), topped up with pad tokens; see the module docstring."""
+    one row per feature (B, longest), topped up with pad tokens; see the module docstring.
+
+    ``source_ids``: also return each token's training source, from a packed bin's ``source_ids`` or an example's
+    ``source`` (0 on padding), so a row holding documents of several sources still attributes each token's loss."""
 
     pad_id: int | None = None
+    source_ids: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = [_row(feature) for feature in features]
         if self.pad_id is None:
-            rows = [tuple(sum((row[k] for row in rows), []) for k in range(3))]
+            rows = [tuple(sum((row[k] for row in rows), []) for k in range(4))]
         else:
             width = max(len(row[0]) for row in rows)
             rows = [(ids + [self.pad_id] * (width - len(ids)), labels + [IGNORE_INDEX] * (width - len(ids)),
-                     positions + list(range(width - len(ids)))) for ids, labels, positions in rows]
-        input_ids, labels, positions = (torch.tensor([row[k] for row in rows], dtype=torch.long) for k in range(3))
+                     positions + list(range(width - len(ids))), sources + [0] * (width - len(ids)))
+                    for ids, labels, positions, sources in rows]
+        input_ids, labels, positions, sources = (torch.tensor([row[k] for row in rows], dtype=torch.long) for k in range(4))
         labels[positions == 0] = IGNORE_INDEX  # never predict an example's first token from the previous one
-        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+        if self.source_ids:
+            batch["source_ids"] = sources
+        return batch
 
 
-def _row(feature: dict) -> tuple[list[int], list[int], list[int]]:
+def _row(feature: dict) -> tuple[list[int], list[int], list[int], list[int]]:
     ids = list(feature["input_ids"])
-    return ids, list(feature["labels"]), list(feature.get("position_ids") or range(len(ids)))
+    sources = feature.get("source_ids") or [feature.get("source", 0)] * len(ids)
+    return ids, list(feature["labels"]), list(feature.get("position_ids") or range(len(ids))), list(sources)
 
 
-def packed_collator(packing: str, attn_implementation: str, pad_id: int) -> PackedCollator:
+def packed_collator(packing: str, attn_implementation: str, pad_id: int, source_ids: bool = False) -> PackedCollator:
     """One row for flash-attention (varlen) and for ``padding_free`` (its meaning); a row per bin otherwise."""
     one_row = packing == "padding_free" or attn_implementation.startswith("flash")
-    return PackedCollator(None if one_row else pad_id)
+    return PackedCollator(None if one_row else pad_id, source_ids)
 
 
 def padding_fraction(lengths: list[int], batch_size: int, *, grouped: bool) -> float:

@@ -32,6 +32,7 @@ class Example:
     rank: float | None = None
     unterminated_turns: int = 0
     truncated: bool = False
+    source: int = 0  # position of its training source in data.train (set by mixing; per-source training loss)
 
     @property
     def num_supervised(self) -> int:

@@ -29,6 +29,7 @@ class EvalExample:
     path: str = ""
     should_refuse: bool | None = None
     provided: tuple[str, ...] = field(default=())
+    context: str | None = None  # what groundedness checks the answer against (``example_context``)
 
 
 def as_source(source: DataSource | str | Path) -> DataSource:
@@ -61,6 +62,7 @@ def to_example(record: Record, path: str, citation_pattern: str) -> EvalExample:
     elif not isinstance(provided, list):
         raise LorafitError(f'{where}: field "sources" must be a list of citable ids like ["1", "doc-7"] (got {provided!r})')
     source = meta.get("source")
+    context = example_context(meta.get("context"), record.messages[:last], where, citation_pattern)
     return EvalExample(
         prompt=record.messages[:last],
         reference=record.messages[last]["content"],
@@ -69,7 +71,22 @@ def to_example(record: Record, path: str, citation_pattern: str) -> EvalExample:
         path=path,
         should_refuse=should_refuse,
         provided=tuple(str(p) for p in provided),
+        context=context,
     )
+
+
+def example_context(given, prompt: tuple[dict, ...], where: str, citation_pattern: str) -> str | None:
+    """The retrieved context of an example: the row's ``context`` field (a string, or a list of passages), else the
+    passages its prompt marks with citation ids (``[1] ...`` at the start of a line); None when there is neither."""
+    if given is None:
+        passages = M.marked_passages((m.get("content") or "" for m in prompt), citation_pattern)
+        return "\n\n".join(passages) or None
+    if isinstance(given, list) and all(isinstance(p, str) for p in given):
+        return "\n\n".join(given)
+    if isinstance(given, str):
+        return given
+    raise LorafitError(f'{where}: field "context" must be a string or a list of strings (the retrieved passages); '
+                       f"got {type(given).__name__}", fix='e.g. "context": ["[1] Paris is the capital of France."]')
 
 
 def _answerable(records: Iterable[Record]) -> list[Record]:

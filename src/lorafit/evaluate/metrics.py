@@ -13,6 +13,7 @@ import re
 from typing import Iterable
 
 from lorafit.config import GENERATION_METRICS, LOSS_METRICS  # noqa: F401  (the names; the functions are below)
+from lorafit.evaluate.groundedness import groundedness, marked_passages  # noqa: F401  (statements, stopwords)
 
 DEFAULT_CITATION_PATTERN = r"\[([^\[\]\s]{1,64})\]"
 DEFAULT_REFUSAL_PATTERNS = (

@@ -122,6 +122,12 @@ def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str
                ("GPU reserved", *_series(history, "gpu_reserved_peak_mb"), _COLORS["best"])] if gpu else [])]),
          "no memory was logged"),
     ]
+    by_source = sorted({k for r in history for k in r if k.startswith("loss/")})  # training/source_loss.py
+    if by_source:
+        palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+        out.insert(1, ("Training loss per source", _figure("Training loss per source", "cross-entropy (nats/token)", [
+            (k.removeprefix("loss/"), *_series(history, k), palette[i % len(palette)]) for i, k in enumerate(by_source)]),
+            ""))
     causal = [k for k in ("causal_stability", "spurious_separation", "causal_discrimination") if _series(history, k)[0]
               or _series(history, f"eval_{k}")[0]]
     if causal:

@@ -72,6 +72,7 @@ def score(example: EvalExample, prediction: str, settings: GenerationSettings) -
         "field_accuracy": lambda: M.field_accuracy(prediction, example.reference),
         "citation_coverage": lambda: M.citation_coverage(prediction, example.provided, settings.citation_pattern),
         "refusal_correct": lambda: M.refusal_correct(prediction, example.should_refuse, settings.refusal_patterns),
+        "groundedness": lambda: M.groundedness(prediction, example.context, settings.citation_pattern),
     }
     return {name: functions[name]() for name in settings.metrics}
 

@@ -18,6 +18,7 @@ from lorafit.training.checkpoint import read_meta
 from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
 from lorafit.training.hooks import CheckpointSettings, LorafitTrainer
 from lorafit.training.optimizer import LearningRates
+from lorafit.training.source_loss import source_losses_for
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "paged_adamw_8bit": "paged_adamw_8bit"}
 
@@ -120,17 +121,19 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         steps_per_epoch=per_epoch, identity=identity or {}, forced_resumes=list(forced_resumes),
     )
     triplets = objective is not None and objective.objective.data == "triplets"
+    per_source = None if triplets else source_losses_for(config, objective is not None and objective.active)
     if triplets:
         collator = TripletCollator(tokenizer.pad_token_id)
     else:
         attn = model.config._attn_implementation or "sdpa"
-        collator = (packed_collator(config.data.packing, attn, tokenizer.pad_token_id) if packed
-                    else PadCollator(tokenizer.pad_token_id))
+        with_sources = per_source is not None
+        collator = (packed_collator(config.data.packing, attn, tokenizer.pad_token_id, with_sources) if packed
+                    else PadCollator(tokenizer.pad_token_id, with_sources))
     trainer = LorafitTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data if has_eval else None,
         data_collator=collator, processing_class=tokenizer, settings=settings, guard=guard, history=history,
-        stateful=[best, *([objective] if objective is not None else [])], objective=objective,
-        rates=LearningRates.from_config(config),
+        stateful=[best, *(part for part in (objective, per_source) if part is not None)], objective=objective,
+        rates=LearningRates.from_config(config), source_losses=per_source,
     )
     # From here on the Trainer's (accelerate's) own view decides which process writes run files.
     run.main_process = trainer.is_world_process_zero()

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from lorafit.evaluate.metrics import GENERATION_METRICS as _GENERATION
 from lorafit.run_folder import RunFolder
 from lorafit.training.checkpoint import checkpoint_name
+from lorafit.training.source_loss import PREFIX as _SOURCE_LOSS
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
 _KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch"}
@@ -217,6 +218,7 @@ class MetricsHistory(TrainerCallback):
         values = {name: logs[key] for key, name in _KEYS.items() if key in logs}
         values.update({k: v for k, v in logs.items() if k.startswith("eval_") and k.removeprefix("eval_") in _GENERATION})
         values.update({k: v for k, v in logs.items() if k.removeprefix("eval_") in self.objective_metrics})
+        values.update({k: v for k, v in logs.items() if k.startswith(_SOURCE_LOSS)})  # training loss per source
         if not any(k in values for k in ("loss", "eval_loss")) and not any(k.startswith("eval_") for k in values):
             return  # the end-of-training summary log, not a step
         if self.perplexity_of in values:

@@ -6,7 +6,8 @@ clipping, logging, evaluation); each override below says why it exists.
     training_step              passes each micro-batch loss to the non-finite guard (no device sync per batch)
     get_batch_samples,         with an objective other than SFT (objective_step.py): count the step's tokens and
     compute_loss, log,         examples before its first micro-batch, compute the objective's loss, and add its
-    evaluation_loop            metrics to the training logs and the evaluation metrics
+    evaluation_loop            metrics to the training logs and the evaluation metrics; with several SFT sources,
+                               the loss of each source (source_loss.py) from the logits, logged as loss/<source>
     evaluate                   runs with every RNG saved and restored: evaluating must not change training
     _get_train_sampler         records (and on resume replays) the length-grouped sampler's order
     _save_checkpoint           writes lorafit's crash-safe, pickle-free checkpoint instead of Trainer's
@@ -42,6 +43,7 @@ from lorafit.training.guards import NonFiniteGuard
 from lorafit.training.objective_step import ObjectiveRunner
 from lorafit.training.objectives import SupervisedObjective
 from lorafit.training.optimizer import LearningRates, grouped_optimizer
+from lorafit.training.source_loss import SourceLosses, split_source_ids
 
 TESTED_TRANSFORMERS = "5.23.x"
 # Trainer methods lorafit overrides or calls, with the parameters the overrides rely on (names, in order).
@@ -167,9 +169,11 @@ class ReplayableSampler(torch.utils.data.Sampler):
 
 class LorafitTrainer(Trainer):
     def __init__(self, *args, settings: CheckpointSettings, guard: NonFiniteGuard, history, stateful=(),
-                 objective: ObjectiveRunner | None = None, rates: LearningRates | None = None, **kwargs):
+                 objective: ObjectiveRunner | None = None, rates: LearningRates | None = None,
+                 source_losses: SourceLosses | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rates = rates
+        self.source_losses = source_losses
         self.objective = objective or ObjectiveRunner(SupervisedObjective())
         if self.objective.active:
             self.loss_is_scaled_for_ga = True  # the objective divides by the whole step's counts itself
@@ -220,6 +224,11 @@ class LorafitTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs, source_ids = split_source_ids(inputs)  # the collator's per-token sources are not a model input
+        if not self.objective.active and source_ids is not None and self.source_losses is not None and model.training:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            self.source_losses.observe(outputs.get("logits"), inputs["labels"], source_ids)
+            return (loss, outputs) if return_outputs else loss
         if not self.objective.active:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = self.objective.loss(self, model, inputs)
@@ -233,6 +242,8 @@ class LorafitTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         self.objective.add_to_logs(logs)
+        if self.source_losses is not None and "loss" in logs and not any(key.startswith("eval_") for key in logs):
+            logs.update(self.source_losses.pop(self.accelerator))  # every process logs at the same steps
         super().log(logs, *args, **kwargs)
 
     # -- saving

@@ -252,7 +252,10 @@ def _quantile(lengths, q: float) -> int:
 
 
 def cheapest_fit(inp: PlanInput, budget: int) -> Change | None:
-    """The change (or combination) that fits ``budget`` bytes on the card at the least cost; None if none does."""
+    """The change (or combination) that fits ``budget`` bytes on the card at the least cost; None if the config
+    fits as it is, or if nothing lorafit can change makes it fit."""
+    if plan_bytes(inp.shape, inp.setup).card <= budget:
+        return None
     best = None
     for overrides, cost, notes, changed in _variants(inp):
         if not overrides or (best is not None and cost >= best.cost):

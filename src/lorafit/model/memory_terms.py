@@ -9,6 +9,7 @@ No torch import here: ``lorafit plan`` answers before any model is loaded.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 GIB = 2**30
@@ -78,6 +79,7 @@ class Setup:
     row_tokens: int = 512  # tokens per sequence (the longest micro-batch's)
     nproc: int = 1
     strategy: str = "ddp"  # ddp, zero1, zero2, zero3, fsdp
+    device: str = "cuda"  # where it runs: dropout keeps a 1-byte mask on CUDA, a mask in the input's dtype on a CPU
 
 
 @dataclass
@@ -131,6 +133,10 @@ def adapter_params(setup: Setup) -> int:
     return lora + magnitude
 
 
+def adapter_tensors(setup: Setup) -> int:
+    return len(setup.adapted) * (3 if setup.dora else 2)  # lora_A, lora_B (and DoRA's magnitude) per module
+
+
 def trainable_bytes(setup: Setup) -> tuple[int, int]:
     """(adapter bytes, modules_to_save bytes). peft keeps adapters in fp32 (autocast_adapter_dtype) whatever
     the base dtype; a trained copy keeps its module's dtype (fp32 after k-bit preparation)."""
@@ -147,18 +153,44 @@ def optimizer_bytes(setup: Setup) -> int:
     if setup.optimizer == "paged_adamw_8bit":
         values = adapter_params(setup) + setup.saved_params
         return 2 * values + 2 * 4 * (values // 2048 + 1)
-    return 2 * (adapters + saved)
+    return 2 * (adapters + saved) + 4 * adapter_tensors(setup)  # torch's AdamW: an fp32 step count per tensor
+
+
+# Linears that read the same tensor: with no cast and no dropout between, their adapters save it once.
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
+# The output projection reads the attention kernel's output, which the kernel keeps anyway (same storage).
+READS_ATTENTION_OUTPUT = ("o_proj",)
+
+
+_FIRST_GROUP = ("k_proj,q_proj,v_proj", "query_key_value", "c_attn")
+
+
+def _input_key(name: str) -> tuple[str, str]:
+    parent, _, leaf = name.rpartition(".")
+    group = next((",".join(sorted(g)) for g in SHARED_INPUT if leaf in g), leaf)
+    return parent, group
 
 
 def lora_bytes_per_token(setup: Setup) -> int:
     """Per token, what each adapted linear saves: its own cast copy of the input (autocast casts peft's fp32
-    copy back to the compute dtype), the rank-r output of lora_A, a 1-byte dropout mask, DoRA's two outputs."""
+    copy back to the compute dtype), the rank-r output of lora_A, a 1-byte dropout mask, DoRA's two outputs.
+    In fp32 without dropout nothing is copied: q/k/v (and gate/up) adapters keep the one input they share."""
     c = compute_bytes(setup)
+    shared = c == 4 and setup.dropout == 0 and not setup.quant_bits
+    mask = 1 if setup.device == "cuda" else 4  # torch fuses dropout (bool mask) on CUDA only; peft's copy is fp32
+    seen: set[tuple[str, str]] = set()
     total = 0
     for l in setup.adapted:
-        total += c * l.in_features + c * setup.rank
-        if setup.dropout > 0:
-            total += l.in_features
+        key = _input_key(l.name)
+        if not (shared and (key in seen or key[1] in READS_ATTENTION_OUTPUT)):
+            total += c * l.in_features
+        seen.add(key)
+        total += c * setup.rank
+        # The first layer's q/k/v read the embeddings' norm: no gradient flows there in a full-precision base
+        # (a k-bit base has input gradients on), so dropout keeps no mask for them.
+        no_grad_input = not setup.quant_bits and re.search(r"\.0\.", l.name) and key[1] in _FIRST_GROUP
+        if setup.dropout > 0 and not no_grad_input:
+            total += mask * l.in_features
         if setup.dora:
             total += 2 * c * l.out_features
     return total
@@ -201,21 +233,29 @@ def logits_bytes_per_token(shape: Shape, setup: Setup) -> int:
     return 12 * shape.vocab
 
 
+def saved_activation_bytes(shape: Shape, setup: Setup) -> int:
+    """Every tensor autograd keeps for the backward of the longest micro-batch, without checkpointing: the
+    decoder layers, the LoRA copies, the final norm, and the adapter weights autocast cast to the compute dtype
+    (one copy per module per forward). The loss's own tensors are the logits term."""
+    tokens = setup.rows * setup.row_tokens
+    layers = sum(layer_bytes_per_token(shape, setup, first=i == 0) for i in range(shape.layers))
+    final_norm = 4 * shape.hidden + 4
+    cast_weights = compute_bytes(setup) * adapter_params(setup) if compute_bytes(setup) < 4 else 0
+    return (layers + lora_bytes_per_token(setup) + final_norm) * tokens + cast_weights
+
+
 def activation_terms(shape: Shape, setup: Setup) -> dict[str, int]:
     """Activations and logits at the step's peak, for the longest micro-batch."""
     tokens = setup.rows * setup.row_tokens
-    layers = [layer_bytes_per_token(shape, setup, first=i == 0) for i in range(shape.layers)]
-    final_norm = 4 * shape.hidden + 4
-    lora = lora_bytes_per_token(setup)
     logits = logits_bytes_per_token(shape, setup) * tokens
     if setup.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; the loss backward runs first, then one layer at a
         # time is recomputed (its activations and their gradients), so the larger of the two sets the peak.
         kept = shape.layers * stream_bytes(setup) * shape.hidden * tokens
-        one_layer = 2 * (max(layers) + lora // max(shape.layers, 1)) * tokens
-        activations = kept + final_norm * tokens + max(one_layer - logits, 0)
+        one_layer = 2 * (layer_bytes_per_token(shape, setup) + lora_bytes_per_token(setup) // max(shape.layers, 1)) * tokens
+        activations = kept + (4 * shape.hidden + 4) * tokens + max(one_layer - logits, 0)
     else:
-        activations = (sum(layers) + lora + final_norm) * tokens
+        activations = saved_activation_bytes(shape, setup)
     return {"activations": int(activations * ACTIVATION_OVERHEAD), "logits": logits}
 
 

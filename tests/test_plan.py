@@ -178,3 +178,18 @@ def test_plan_command_prints_the_breakdown_and_the_fix(tmp_path, tiny_model_dir)
     assert abs(report["peak_gib"] - sum(r["gib"] for r in report["rows"])) < 0.01
     done = runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--gpu-memory", "lots"])
     assert done.exit_code == 1 and "write it like 6GB" in done.output
+
+
+def test_a_run_records_the_prediction_and_its_report_shows_it(tmp_path, tiny_model_dir):
+    from lorafit import train
+
+    config = _config(tmp_path, str(tiny_model_dir), "model.dtype=fp32", "train.max_steps=2", "train.batch_size=4",
+                     "eval.at_start=false", "eval.generate_samples=0", f"train.output_dir={tmp_path / 'run'}")
+    result = train(config, progress=False)
+    summary = json.loads((result.run_dir / "training_summary.json").read_text())
+    memory = summary["memory"]
+    expected = plan_config(config, device="cpu")[1].as_dict()["peak_gib"]
+    assert memory["predicted_peak_gib"] == expected > 0
+    assert memory["measured_peak_gib"] is None and memory["measured"].startswith("not measured")
+    report = (result.run_dir / "report.html").read_text()
+    assert "peak GPU memory" in report and f"{expected:.2f} GiB predicted" in report

@@ -230,6 +230,12 @@ def render_html(history: list[dict], results: dict) -> str:
     if m.get("peak_rss_mb"):
         gpu = f"; GPU {m['gpu_allocated_peak_mb']:,.0f} MB allocated" if m.get("gpu_allocated_peak_mb") else ""
         card("peak memory", f"{m['peak_rss_mb']:,.0f} MB", f"process RSS{gpu}")
+    memory = results.get("memory") or {}
+    if memory.get("predicted_peak_gib") is not None:
+        measured = memory.get("measured_peak_gib")
+        error = f" ({memory['error_percent']:+.1f}%)" if memory.get("error_percent") is not None else ""
+        card("peak GPU memory", f"{memory['predicted_peak_gib']:.2f} GiB predicted",
+             f"{measured:.2f} GiB measured{error}" if measured is not None else esc(memory.get("measured", "not measured")))
     attack = results.get("attack") or {}
     if attack:
         card("attack success rate", f"{_fmt(attack['base']['attack_success_rate'], 2)} &rarr; "

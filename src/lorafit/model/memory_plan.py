@@ -145,7 +145,8 @@ def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> t
     return int(nproc), strategy
 
 
-def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int = 1, strategy: str = "ddp") -> PlanInput:
+def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int = 1, strategy: str = "ddp",
+               device: str = "cuda") -> PlanInput:
     d, t = config.data, config.train
     dtype = _resolved_dtype(config)
     adapted = adapted_linears(shape, config.lora.target_modules)
@@ -153,7 +154,7 @@ def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int =
                   adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
                   saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
                   checkpointing=t.gradient_checkpointing, attention=_resolved_attention(config, dtype),
-                  liger=_resolved_liger(config), nproc=nproc, strategy=strategy)
+                  liger=_resolved_liger(config), nproc=nproc, strategy=strategy, device=device)
     from lorafit.model.kernels import liger_installed
 
     base = PlanInput(shape, setup, tuple(lengths), d.packing, t.batch_size, t.grad_accum, d.max_seq_length,
@@ -177,14 +178,15 @@ def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
 
 
 def plan_config(config: Config, *, nproc: int | None = None, strategy: str | None = None,
-                lengths: list[int] | None = None, use_cache: bool = True) -> tuple[PlanInput, Plan]:
-    """The prediction for ``config`` (per device)."""
+                lengths: list[int] | None = None, use_cache: bool = True, device: str = "cuda") -> tuple[PlanInput, Plan]:
+    """The prediction for ``config`` (per device); ``lengths`` are the training examples' token counts (read
+    through the data pipeline when not given)."""
     from lorafit.model.loading import resolve_model_path
 
     shape = read_shape(resolve_model_path(config.model), trust_remote_code=config.model.trust_remote_code)
     nproc, strategy = distributed_of(config, nproc, strategy)
     lengths = lengths if lengths is not None else token_lengths(config, use_cache=use_cache)
-    inp = plan_input(config, shape, lengths, nproc=nproc, strategy=strategy)
+    inp = plan_input(config, shape, lengths, nproc=nproc, strategy=strategy, device=device)
     return inp, plan_bytes(inp.shape, inp.setup)
 
 

@@ -134,10 +134,21 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _can_write(folder: Path) -> bool:
+    """A real write, not os.access: it also catches read-only mounts, and root passes any permission check."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def output_checks(config) -> list[Check]:
     out = Path(config.train.output_dir).resolve()
     parent = _nearest_existing(out)
-    writable = os.access(parent, os.W_OK | os.X_OK) and parent.is_dir()
+    writable = parent.is_dir() and _can_write(parent)
     checks = [Check("output folder", OK if writable else FAIL,
                     f"{out} ({'writable' if writable else f'{parent} is not writable'})",
                     "" if writable else "set train.output_dir to a folder you can write, or fix its permissions")]

@@ -16,14 +16,24 @@ from lorafit.config import load_config
 from lorafit.model.memory_plan import cheapest_fit, plan_config, plan_input, read_shape, shape_from_config
 from lorafit.model.memory_terms import GIB, plan_bytes, saved_activation_bytes
 
-# The 3B shape of benchmarks/gpu_throughput.py and the peaks measured there (H200, torch 2.11, transformers 5.23,
-# bf16, LoRA r16 all-linear, dropout 0, batch 4 x 2048 packed, sdpa, no liger; torch.cuda.max_memory_allocated).
+# The shapes of benchmarks/gpu_throughput.py and peaks measured on an H200 (torch 2.11, transformers 5.23, bf16,
+# LoRA r16 all-linear, dropout 0, batch 4 x 2048 packed with bfd, sdpa, no liger; torch.cuda.max_memory_allocated).
 SHAPE_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                 num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=False)
+SHAPE_7B_8_LAYERS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False)
+SIX_GB = ["quant.bits=4", "train.batch_size=1", "train.gradient_checkpointing=true", "train.optimizer=paged_adamw_8bit"]
 MEASURED_H200 = [
-    ("bf16", [], 54.8),
-    ("bf16 + gradient checkpointing", ["train.gradient_checkpointing=true"], 20.3),
-    ("QLoRA nf4", ["quant.bits=4"], 62.4),
+    # benchmarks/planner_check.py on this code (2026-11-26): the planner's own check
+    ("bf16", SHAPE_3B, [], 47.82),
+    ("bf16 + gradient checkpointing", SHAPE_3B, ["train.gradient_checkpointing=true"], 18.36),
+    ("QLoRA nf4", SHAPE_3B, ["quant.bits=4"], 54.0),
+    ("liger kernels, lora dropout 0.05", SHAPE_3B, ["model.kernels=liger", "lora.dropout=0.05"], 37.8),
+    ("7B width, 8 layers, the 6 GB plan", SHAPE_7B_8_LAYERS, SIX_GB, 3.07),
+    # issue #14's numbers, measured before packed batches became one row without a mask (older collator)
+    ("issue 14: bf16", SHAPE_3B, [], 54.8),
+    ("issue 14: bf16 + gradient checkpointing", SHAPE_3B, ["train.gradient_checkpointing=true"], 20.3),
+    ("issue 14: QLoRA nf4", SHAPE_3B, ["quant.bits=4"], 62.4),
 ]
 
 
@@ -33,11 +43,15 @@ def _config(tmp_path: Path, model: str, *overrides: str, extra: str = ""):
     return load_config(tmp_path / "c.yaml", list(overrides))
 
 
-@pytest.fixture(scope="module")
-def shape_3b():
+def _shape(sizes: dict):
     from transformers import LlamaConfig
 
-    return shape_from_config(LlamaConfig(**SHAPE_3B))
+    return shape_from_config(LlamaConfig(**sizes))
+
+
+@pytest.fixture(scope="module")
+def shape_3b():
+    return _shape(SHAPE_3B)
 
 
 def _bench_config(tmp_path, *overrides):
@@ -46,13 +60,20 @@ def _bench_config(tmp_path, *overrides):
                    "train.batch_size=4", *overrides)
 
 
-@pytest.mark.parametrize("name,overrides,measured_gib", MEASURED_H200, ids=[m[0] for m in MEASURED_H200])
-def test_prediction_is_within_15_percent_of_the_h200_peak(tmp_path, shape_3b, name, overrides, measured_gib):
-    assert shape_3b.total_params == 3_606_752_256  # the 3.61B of the benchmark: the meta model counts like the real one
-    inp = plan_input(_bench_config(tmp_path, *overrides), shape_3b, [700] * 64)
-    assert (inp.setup.rows, inp.setup.row_tokens) == (4, 2048)
+def test_the_meta_model_counts_parameters_like_the_real_one(shape_3b):
+    assert shape_3b.total_params == 3_606_752_256  # the "3.61B" of the benchmark
+    assert len(shape_3b.linears) == 7 * 28 and shape_3b.head_params == 128256 * 3072
+
+
+@pytest.mark.parametrize("name,sizes,overrides,measured_gib", MEASURED_H200, ids=[m[0] for m in MEASURED_H200])
+def test_prediction_is_within_15_percent_of_the_h200_peak(tmp_path, name, sizes, overrides, measured_gib):
+    shape = _shape(sizes)
+    inp = plan_input(_bench_config(tmp_path, *overrides), shape, [700] * 64)
+    assert (inp.setup.rows, inp.setup.row_tokens) == (1, inp.batch_size * 2048)  # packed: the batch in one row
     predicted = plan_bytes(inp.shape, inp.setup).peak / GIB
-    assert abs(predicted / measured_gib - 1) < 0.15, f"{name}: predicted {predicted:.1f} GiB, measured {measured_gib}"
+    # The issue's goal is 15%; on the code that planner_check measured, the planner is held to 5%.
+    tolerance = 0.15 if name.startswith("issue 14") else 0.05
+    assert abs(predicted / measured_gib - 1) < tolerance, f"{name}: predicted {predicted:.2f} GiB, measured {measured_gib}"
 
 
 def _real_step(model, rows: int, tokens: int, *, autocast: bool):

@@ -37,7 +37,7 @@ def describe_terms(inp, plan) -> dict[str, str]:
         "activations": (f"layer inputs kept (checkpointing) + 1 layer recomputed, {tokens}" if s.checkpointing
                         else f"{shape.layers} layers' saved tensors, {tokens}, attention {s.attention}"),
         "logits": ("liger fused cross-entropy: no logits" if s.liger
-                   else f"12 bytes x {shape.vocab:,} vocab per token (fp32 log-softmax + gradients)"),
+                   else f"10 bytes x {shape.vocab:,} vocab per token (fp32 log-softmax + gradients)"),
         "buffers": "RoPE tables" + (", DoRA weight norm" if s.dora else ""),
     }
     return {term: how.get(term, "") for term in plan.terms}

@@ -74,12 +74,13 @@ def _saved_params(shape: Shape, modules: list[str]) -> int:
 
 
 def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int) -> tuple[int, int]:
-    """(rows, tokens per row) of the largest micro-batch the data makes. bfd fills rows of max_seq_length;
-    padding_free puts a batch in one row (the worst batch: the longest examples together); padded batches are
-    as long as their longest example (length grouping puts the longest ones together)."""
+    """(rows, tokens per row) of the largest micro-batch the data makes. Packed batches are one row
+    (data.packing.PackedCollator): bfd bins of max_seq_length, batch_size of them; padding_free, the batch's
+    examples (the worst batch: the longest together). Padded batches are as long as their longest example
+    (length grouping puts the longest ones together)."""
     kept = sorted(min(n, max_seq_length) for n in lengths) or [max_seq_length]
     if packing == "bfd":
-        return batch_size, min(max_seq_length, sum(kept))
+        return 1, batch_size * min(max_seq_length, sum(kept))
     if packing == "padding_free":
         return 1, sum(kept[-batch_size:])
     return min(batch_size, len(kept)), kept[-1]
@@ -154,7 +155,8 @@ def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int =
                   adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
                   saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
                   checkpointing=t.gradient_checkpointing, attention=_resolved_attention(config, dtype),
-                  liger=_resolved_liger(config), nproc=nproc, strategy=strategy, device=device)
+                  liger=_resolved_liger(config), nproc=nproc, strategy=strategy, device=device,
+                  masked=d.packing == "none")
     from lorafit.model.kernels import liger_installed
 
     base = PlanInput(shape, setup, tuple(lengths), d.packing, t.batch_size, t.grad_accum, d.max_seq_length,

@@ -13,9 +13,6 @@ import re
 from dataclasses import dataclass, field
 
 GIB = 2**30
-# Calibrated on the H200 measurements in docs/planner.md: kernel workspaces (efficient-attention backward,
-# cuBLAS) and the caching allocator's 512-byte rounding add about this share on top of the saved activations.
-ACTIVATION_OVERHEAD = 1.05
 # Outside torch.cuda.max_memory_allocated but on the card: the CUDA context and cuBLAS/cuDNN handles (~0.5 GiB
 # on recent drivers), and blocks the caching allocator holds but cannot reuse (fragmentation).
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
@@ -73,7 +70,7 @@ class Setup:
     optimizer: str = "adamw"
     checkpointing: bool = False
     attention: str = "sdpa"  # resolved: sdpa, flash_attention_2/3, flex_attention, eager
-    masked: bool = True  # sdpa with a mask (padding or packed rows): GQA keys/values expanded, a bias per layer
+    masked: bool = True  # sdpa with a padding mask: GQA keys/values expanded, a bias per layer (packed rows: none)
     liger: bool = False
     rows: int = 1  # sequences per micro-batch
     row_tokens: int = 512  # tokens per sequence (the longest micro-batch's)
@@ -225,12 +222,13 @@ def layer_bytes_per_token(shape: Shape, setup: Setup, *, first: bool = False) ->
 
 
 def logits_bytes_per_token(shape: Shape, setup: Setup) -> int:
-    """The loss's peak per token: transformers upcasts the logits to fp32, cross-entropy keeps the fp32
-    log-softmax, and its backward holds that, its gradient and the logits' gradient at once (12 bytes per
-    vocabulary entry). liger's fused linear cross-entropy never builds the logits: the hidden state's gradient."""
+    """The loss's peak per token: transformers upcasts the logits to fp32 and cross-entropy keeps the fp32
+    log-softmax; its backward then holds that and the fp32 gradient while the bf16 gradient of the logits is
+    made: 10 bytes per vocabulary entry, measured on an H200 (4 + 4 + 2; docs/planner.md). liger's fused linear
+    cross-entropy never builds the logits: the hidden state's gradient."""
     if setup.liger:
         return 2 * compute_bytes(setup) * shape.hidden
-    return 12 * shape.vocab
+    return 10 * shape.vocab
 
 
 def saved_activation_bytes(shape: Shape, setup: Setup) -> int:
@@ -256,7 +254,7 @@ def activation_terms(shape: Shape, setup: Setup) -> dict[str, int]:
         activations = kept + (4 * shape.hidden + 4) * tokens + max(one_layer - logits, 0)
     else:
         activations = saved_activation_bytes(shape, setup)
-    return {"activations": int(activations * ACTIVATION_OVERHEAD), "logits": logits}
+    return {"activations": int(activations), "logits": logits}
 
 
 def plan_bytes(shape: Shape, setup: Setup) -> Plan:

@@ -262,7 +262,7 @@ def render_checks(checks: list[Check]) -> str:
             lines.append(f"      {'':<{width}}  fix: {c.fix}")
     failed = sum(c.status == FAIL for c in checks)
     warned = sum(c.status == WARN for c in checks)
-    lines.append(f"\n{len(checks)} checks: {failed} failed, {warned} warnings"
+    lines.append(f"\n{len(checks)} checks: {failed} failed, {warned} warning{'' if warned == 1 else 's'}"
                  + ("" if failed else " - ready to train"))
     return "\n".join(lines)
 

@@ -214,3 +214,18 @@ def test_a_run_records_the_prediction_and_its_report_shows_it(tmp_path, tiny_mod
     assert memory["measured_peak_gib"] is None and memory["measured"].startswith("not measured")
     report = (result.run_dir / "report.html").read_text()
     assert "peak GPU memory" in report and f"{expected:.2f} GiB predicted" in report
+
+
+def test_the_distributed_section_is_read_when_the_config_has_one():
+    from types import SimpleNamespace
+
+    from lorafit.model.memory_plan import distributed_of
+
+    with_section = SimpleNamespace(distributed=SimpleNamespace(strategy="deepspeed_zero3"))
+    assert distributed_of(with_section, 4, None) == (4, "zero3")  # the config's strategy, the launcher's count
+    assert distributed_of(with_section, 2, "ddp") == (2, "ddp")  # --strategy wins
+    assert distributed_of(SimpleNamespace(), None, None) == (1, "ddp")  # a lorafit without the section
+    from lorafit.errors import LorafitError
+
+    with pytest.raises(LorafitError, match="unknown"):
+        distributed_of(SimpleNamespace(), 2, "zero9")

@@ -5,8 +5,9 @@
 For each case: a Llama-shaped model with random weights built on the GPU (benchmarks/gpu_throughput.py's
 build_model: nothing downloaded), synthetic chats, then `lorafit plan`'s prediction (model/memory_plan.py) and a
 real lorafit run of --steps optimizer steps in this process; measured = the run's torch.cuda.max_memory_allocated
-(training_summary.json's gpu_allocated_peak_mb) minus what was allocated before it. Prints one JSON line per case and a Markdown table. The planner's goal
-is to be within 15% (docs/planner.md). Needs CUDA; the whole default list takes under 3 minutes on an H200.
+(training_summary.json's gpu_allocated_peak_mb) minus what was allocated before it. Prints one JSON line per case
+and a Markdown table. The planner's goal is to be within 15% (docs/planner.md). Needs CUDA; the whole default list
+took 157 s on an H200 (2026-11-26).
 """
 
 from __future__ import annotations

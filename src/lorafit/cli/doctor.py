@@ -99,9 +99,9 @@ def machine_checks(config=None) -> list[Check]:
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     needs_bnb = config is not None and (config.quant.bits is not None or config.train.optimizer == "paged_adamw_8bit")
     version = importlib.metadata.version("bitsandbytes") if bnb else None
-    checks.append(Check("bitsandbytes", OK if bnb else (FAIL if needs_bnb else OK),
-                        f"{version}" if bnb else "not installed" + (" but the config asks for it" if needs_bnb else " (only QLoRA and 8-bit optimizers need it)"),
-                        "" if bnb or not needs_bnb else "pip install 'lorafit[qlora]'"))
+    absent = "not installed" + (" but the config asks for it" if needs_bnb else " (only QLoRA and 8-bit optimizers need it)")
+    checks.append(Check("bitsandbytes", FAIL if needs_bnb and not bnb else OK, version if bnb else absent,
+                        "pip install 'lorafit[qlora]'" if needs_bnb and not bnb else ""))
     if config is not None:
         checks += _config_machine_checks(config, machine, dtype)
     return checks

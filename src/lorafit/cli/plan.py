@@ -124,8 +124,9 @@ def plan_command(
     gpu_memory: Optional[str] = GpuMemoryOption,
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Processes (GPUs); default the config's "
                                         "distributed section, else 1."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp (replicated), zero1, zero2, zero3 (or deepspeed_zero2/3) or fsdp "
-                                           "(sharded); default the config's distributed section, else ddp."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="ddp (replicated), zero1, zero2, zero3 "
+                                           "(or deepspeed_zero2/3) or fsdp (sharded); default the config's "
+                                           "distributed section, else ddp."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of the table."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of using the cache."),
 ) -> None:

@@ -19,13 +19,19 @@ from lorafit.model.memory_terms import GIB, Linear, Plan, Setup, Shape, plan_byt
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 
 
-def shape_from_config(hf_config) -> Shape:
+def shape_from_config(hf_config, *, trust_remote_code: bool = False) -> Shape:
     """A ``Shape`` from a transformers config: the model is built on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise LorafitError(f"the planner cannot build a {type(hf_config).__name__} from its config",
+                           why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                           fix="the planner needs a causal LM transformers knows (or model.trust_remote_code: true "
+                               "for one that ships its code)") from None
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     linears = tuple(Linear(name, module.in_features, module.out_features) for name, module in model.named_modules()
@@ -33,7 +39,8 @@ def shape_from_config(hf_config) -> Shape:
     text = hf_config.get_text_config()
     heads = text.num_attention_heads
     return Shape(
-        layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
         heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
         total_params=sum(p.numel() for p in model.parameters()), linears=linears,
@@ -50,7 +57,7 @@ def read_shape(model_path: str, *, trust_remote_code: bool = False) -> Shape:
     except (OSError, ValueError) as exc:
         raise LorafitError(f"{model_path}: cannot read the model's config.json", why=str(exc).splitlines()[0],
                            fix="point model.path at a folder with config.json") from None
-    return shape_from_config(hf_config)
+    return shape_from_config(hf_config, trust_remote_code=trust_remote_code)
 
 
 def _matches(name: str, target: str) -> bool:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from lorafit.config import Config
 
 
-def predict_for_run(config: Config, train_examples) -> dict:
-    """The planner's prediction for this run, made as it starts, from the examples it will train on."""
+def predict_for_run(config: Config, train_examples, say) -> dict:
+    """The planner's prediction for this run, made as it starts from the examples it will train on, and said."""
     import torch
 
     from lorafit.model.memory_plan import plan_config
@@ -18,6 +18,7 @@ def predict_for_run(config: Config, train_examples) -> dict:
         _, plan = plan_config(config, lengths=lengths, device=device)
     except Exception as exc:  # noqa: BLE001  a planner gap (an unusual architecture) must never stop a training run
         return {"predicted_peak_gib": None, "why": f"the planner could not model this run: {type(exc).__name__}: {exc}"}
+    say(f"memory plan: predicted peak {plan.peak / 2**30:.2f} GiB on the {device} (lorafit plan)")
     return {"predicted_peak_gib": plan.as_dict()["peak_gib"], "terms_gib": plan.as_dict()["terms_gib"], "device": device}
 
 

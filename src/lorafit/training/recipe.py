@@ -134,9 +134,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     prepared = prepare_run_data(config, tokenizer, runner, use_cache=data_cache)
     train_data, eval_data = prepared.train, prepared.eval
     write_data_report(run, prepared, say)
-    memory = predict_for_run(config, prepared.train_examples)
-    if memory.get("predicted_peak_gib") is not None:
-        say(f"memory plan: predicted peak {memory['predicted_peak_gib']:.2f} GiB on the {memory['device']} (lorafit plan)")
+    memory = predict_for_run(config, prepared.train_examples, say)
 
     model = _model_with_adapter(config, model_path, allow_pickle)
     trainable, total = count_parameters(model)

@@ -4,7 +4,7 @@ User mistakes (LorafitError) print what/why/fix and exit 1, never a traceback. A
 lorafit and keeps its traceback so it can be reported. Top layer: may use every package.
 """
 
-from lorafit.cli import adapters, setup, training  # noqa: F401  (each registers its commands on the app)
+from lorafit.cli import adapters, doctor, plan, setup, training  # noqa: F401  (each registers its commands on the app)
 from lorafit.cli.app import app
 from lorafit.cli.training import resume_command
 

@@ -209,6 +209,17 @@ details{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:8px 1
 """
 
 
+def _memory_card(memory: dict) -> list[str]:
+    """The card of the planner's predicted peak GPU memory (lorafit plan) against the run's measured one."""
+    if memory.get("predicted_peak_gib") is None:
+        return []
+    measured = memory.get("measured_peak_gib")
+    error = f" ({memory['error_percent']:+.1f}%)" if memory.get("error_percent") is not None else ""
+    sub = f"{measured:.2f} GiB measured{error}" if measured is not None else html.escape(memory.get("measured", "not measured"))
+    return [f'<div class="card"><div class="label">peak GPU memory</div><div class="value">'
+            f'{memory["predicted_peak_gib"]:.2f} GiB predicted</div><div class="sub">{sub}</div></div>']
+
+
 def render_html(history: list[dict], results: dict) -> str:
     """The report page as a string (pure: everything comes from the two arguments)."""
     m = results.get("metrics") or {}
@@ -238,6 +249,7 @@ def render_html(history: list[dict], results: dict) -> str:
     if m.get("peak_rss_mb"):
         gpu = f"; GPU {m['gpu_allocated_peak_mb']:,.0f} MB allocated" if m.get("gpu_allocated_peak_mb") else ""
         card("peak memory", f"{m['peak_rss_mb']:,.0f} MB", f"process RSS{gpu}")
+    cards += _memory_card(results.get("memory") or {})
     attack = results.get("attack") or {}
     if attack:
         card("attack success rate", f"{_fmt(attack['base']['attack_success_rate'], 2)} &rarr; "

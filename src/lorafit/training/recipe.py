@@ -34,6 +34,7 @@ from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fing
                                          read_history, read_meta)
 from lorafit.training.guards import BestMetric, StopRequest
 from lorafit.training.hooks import check_trainer_api
+from lorafit.training.memory_record import memory_summary, predict_for_run
 from lorafit.training.objective_step import attack_comparison, objective_for, prepare_run_data
 from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
                                       merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
@@ -133,6 +134,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     prepared = prepare_run_data(config, tokenizer, runner, use_cache=data_cache)
     train_data, eval_data = prepared.train, prepared.eval
     write_data_report(run, prepared, say)
+    memory = predict_for_run(config, prepared.train_examples, say)
 
     model = _model_with_adapter(config, model_path, allow_pickle)
     trainable, total = count_parameters(model)
@@ -217,6 +219,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
         "resumed_from": str(resume_from) if resume_from else None,
         "forced_resumes": forced,
         "duration_seconds": round(time.time() - started, 2),
+        "memory": memory_summary(memory, metrics),
         "best": {**best.as_dict(), "final_adapter": "best" if restored_best else "last"},
         **({"attack": attack} if attack else {}),
         **merged,

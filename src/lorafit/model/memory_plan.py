@@ -1,0 +1,277 @@
+"""``lorafit plan``: the peak GPU memory of a run predicted from its config, without loading any weight.
+
+The model's sizes come from a meta-device model built from its config.json (shapes, no storage); the longest
+micro-batch comes from the tokenised data (lorafit's data pipeline and its cache); the arithmetic is in
+model/memory_terms.py. ``cheapest_fit`` re-runs the prediction for each change a user could make and returns
+the one that fits at the least cost. docs/planner.md explains each term and its measured accuracy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, replace
+
+from lorafit.config import Config
+from lorafit.errors import LorafitError
+from lorafit.model.memory_terms import GIB, Linear, Plan, Setup, Shape, plan_bytes
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
+
+def shape_from_config(hf_config, *, trust_remote_code: bool = False) -> Shape:
+    """A ``Shape`` from a transformers config: the model is built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise LorafitError(f"the planner cannot build a {type(hf_config).__name__} from its config",
+                           why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                           fix="the planner needs a causal LM transformers knows (or model.trust_remote_code: true "
+                               "for one that ships its code)") from None
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    linears = tuple(Linear(name, module.in_features, module.out_features) for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and module is not head)
+    text = hf_config.get_text_config()
+    heads = text.num_attention_heads
+    return Shape(
+        layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
+        total_params=sum(p.numel() for p in model.parameters()), linears=linears,
+        head_params=0 if head is None or tied else head.weight.numel(),
+        gated_mlp=any(re.search(r"gate", l.name) for l in linears),
+    )
+
+
+def read_shape(model_path: str, *, trust_remote_code: bool = False) -> Shape:
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LorafitError(f"{model_path}: cannot read the model's config.json", why=str(exc).splitlines()[0],
+                           fix="point model.path at a folder with config.json") from None
+    return shape_from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)  # peft's rule for a module name in target_modules
+
+
+def adapted_linears(shape: Shape, target_modules) -> tuple[Linear, ...]:
+    if target_modules == "all-linear":  # peft: every linear layer but the output head
+        return shape.linears
+    return tuple(l for l in shape.linears if any(_matches(l.name, t) for t in target_modules))
+
+
+def _saved_params(shape: Shape, modules: list[str]) -> int:
+    """Parameters of the modules_to_save copies; the output head and embeddings are not in ``linears``."""
+    total = sum(l.params for l in shape.linears if any(_matches(l.name, m) for m in modules))
+    if any(m in ("lm_head", "embed_out", "output") for m in modules):
+        total += shape.head_params or shape.vocab * shape.hidden
+    if any("embed" in m and m != "embed_out" for m in modules):
+        total += shape.vocab * shape.hidden
+    return total
+
+
+def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int) -> tuple[int, int]:
+    """(rows, tokens per row) of the largest micro-batch the data makes. Packed batches are one row
+    (data.packing.PackedCollator): bfd bins of max_seq_length, batch_size of them; padding_free, the batch's
+    examples (the worst batch: the longest together). Padded batches are as long as their longest example
+    (length grouping puts the longest ones together)."""
+    kept = sorted(min(n, max_seq_length) for n in lengths) or [max_seq_length]
+    if packing == "bfd":
+        return 1, batch_size * min(max_seq_length, sum(kept))
+    if packing == "padding_free":
+        return 1, sum(kept[-batch_size:])
+    return min(batch_size, len(kept)), kept[-1]
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """Everything the prediction depends on, so a change can be re-planned without re-reading anything."""
+
+    shape: Shape
+    setup: Setup
+    lengths: tuple[int, ...]
+    packing: str
+    batch_size: int
+    grad_accum: int
+    max_seq_length: int
+    target_modules: object = "all-linear"
+    liger_possible: bool = False  # liger-kernel installed: worth proposing when the config does not use it
+
+    def with_batch(self, batch_size: int, grad_accum: int, max_seq_length: int) -> "PlanInput":
+        rows, tokens = micro_batch(list(self.lengths), packing=self.packing, batch_size=batch_size,
+                                   max_seq_length=max_seq_length)
+        return replace(self, setup=replace(self.setup, rows=rows, row_tokens=tokens), batch_size=batch_size,
+                       grad_accum=grad_accum, max_seq_length=max_seq_length)
+
+
+def _resolved_dtype(config: Config) -> str:
+    # A plan is for the GPU the run will use: model.dtype auto is bf16 there (every GPU lorafit supports for
+    # bf16; an older one fails check_precision_supported at run time anyway).
+    return "bf16" if config.model.dtype == "auto" else config.model.dtype
+
+
+def _resolved_attention(config: Config, dtype: str) -> str:
+    if config.model.attn_implementation != "auto":
+        return config.model.attn_implementation
+    import torch
+
+    from lorafit.model.attention import resolve_attention
+    from lorafit.model.loading import DTYPES
+
+    return resolve_attention("auto", DTYPES[dtype]) if torch.cuda.is_available() else "sdpa"
+
+
+def _resolved_liger(config: Config) -> bool:
+    if config.model.kernels != "auto":
+        return config.model.kernels == "liger"
+    import torch
+
+    from lorafit.model.kernels import liger_installed
+
+    return torch.cuda.is_available() and liger_installed()
+
+
+def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> tuple[int, str]:
+    """--nproc/--strategy, else the config's ``distributed:`` section when this lorafit has one."""
+    section = getattr(config, "distributed", None)
+    nproc = nproc or getattr(section, "nproc", None) or getattr(section, "num_processes", None) or 1
+    strategy = strategy or getattr(section, "strategy", None) or "ddp"
+    strategy = {"fsdp_full_shard": "fsdp", "deepspeed_zero3": "zero3", "deepspeed_zero2": "zero2",
+                "deepspeed_zero1": "zero1", "none": "ddp"}.get(str(strategy), str(strategy))
+    if strategy not in STRATEGIES:
+        raise LorafitError(f"--strategy {strategy}: unknown", fix=f"use one of {', '.join(STRATEGIES)}")
+    return int(nproc), strategy
+
+
+def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int = 1, strategy: str = "ddp",
+               device: str = "cuda") -> PlanInput:
+    d, t = config.data, config.train
+    dtype = _resolved_dtype(config)
+    adapted = adapted_linears(shape, config.lora.target_modules)
+    setup = Setup(dtype=dtype, quant_bits=config.quant.bits, double_quant=config.quant.double_quant,
+                  adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
+                  saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
+                  checkpointing=t.gradient_checkpointing, attention=_resolved_attention(config, dtype),
+                  liger=_resolved_liger(config), nproc=nproc, strategy=strategy, device=device,
+                  masked=d.packing == "none")
+    from lorafit.model.kernels import liger_installed
+
+    base = PlanInput(shape, setup, tuple(lengths), d.packing, t.batch_size, t.grad_accum, d.max_seq_length,
+                     config.lora.target_modules, liger_possible=liger_installed())
+    return base.with_batch(t.batch_size, t.grad_accum, d.max_seq_length)
+
+
+def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
+    """Token lengths of the training examples, through the data pipeline (and its cache) a run uses."""
+    from lorafit.data import prepare_data, use_configured_template
+    from lorafit.model.loading import load_tokenizer, resolve_model_path
+
+    if config.objective.needs_triplets:
+        return [config.data.max_seq_length]  # triplet rows are planned at full length (no SFT lengths to read)
+    tokenizer = load_tokenizer(config.model, resolve_model_path(config.model))
+    use_configured_template(tokenizer, config.data)
+    t = config.train
+    prepared = prepare_data(config.data, tokenizer, seed=t.seed, batch_size=t.batch_size,
+                            group_by_length=t.group_by_length, use_cache=use_cache, enforce_audit=False)
+    return [len(e.input_ids) for e in prepared.train_examples]
+
+
+def plan_config(config: Config, *, nproc: int | None = None, strategy: str | None = None,
+                lengths: list[int] | None = None, use_cache: bool = True, device: str = "cuda") -> tuple[PlanInput, Plan]:
+    """The prediction for ``config`` (per device); ``lengths`` are the training examples' token counts (read
+    through the data pipeline when not given)."""
+    from lorafit.model.loading import resolve_model_path
+
+    shape = read_shape(resolve_model_path(config.model), trust_remote_code=config.model.trust_remote_code)
+    nproc, strategy = distributed_of(config, nproc, strategy)
+    lengths = lengths if lengths is not None else token_lengths(config, use_cache=use_cache)
+    inp = plan_input(config, shape, lengths, nproc=nproc, strategy=strategy, device=device)
+    return inp, plan_bytes(inp.shape, inp.setup)
+
+
+def parse_memory(text: str) -> int:
+    """'6GB', '6 GiB', '24G', '8000MB', '6' (GiB) -> bytes. GB is read as GiB: cards are sold in binary units."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
+    if not match:
+        raise LorafitError(f"--gpu-memory {text!r}: not a size", fix="write it like 6GB, 24GiB or 8000MB")
+    value, unit = float(match.group(1)), match.group(2) or "gb"
+    return int(value * (GIB if unit.startswith("g") else 2**20))
+
+
+@dataclass(frozen=True)
+class Change:
+    """A config change the planner tried: its --set overrides, what it costs the run, and the new plan."""
+
+    overrides: tuple[str, ...]
+    cost: float
+    costs: tuple[str, ...]
+    plan: Plan
+
+
+def _variants(inp: PlanInput):
+    """Every combination of the changes a user can make, each with (overrides, cost, cost notes, input)."""
+    s = inp.setup
+    halvings = [h for h in range(8) if inp.batch_size >> h >= 1]
+    cuts = sorted({inp.max_seq_length, *(_quantile(inp.lengths, q) for q in (0.99, 0.95, 0.9, 0.75))}, reverse=True)
+    toggles = [
+        ("train.gradient_checkpointing=true", 3.0, "~30% slower steps", not s.checkpointing,
+         lambda st: replace(st, checkpointing=True)),
+        ("train.optimizer=paged_adamw_8bit", 1.0, "8-bit optimizer states", s.optimizer == "adamw",
+         lambda st: replace(st, optimizer="paged_adamw_8bit")),
+        ("quant.bits=4", 5.0, "4-bit base: slower, small quality loss", s.quant_bits is None,
+         lambda st: replace(st, quant_bits=4)),
+        ("model.kernels=liger", 0.5, "liger's fused kernels (CUDA only)", inp.liger_possible and not s.liger,
+         lambda st: replace(st, liger=True)),
+    ]
+    usable = [t for t in toggles if t[3]]
+    for chosen in itertools.product([False, True], repeat=len(usable)):
+        for h in halvings:
+            for cut in cuts:
+                batch, accum = inp.batch_size >> h, inp.grad_accum << h
+                changed = inp.with_batch(batch, accum, cut)
+                setup, overrides, cost, notes = changed.setup, [], 0.0, []
+                for on, (override, price, note, _, apply) in zip(chosen, usable):
+                    if on:
+                        setup, cost = apply(setup), cost + price
+                        overrides.append(override)
+                        notes.append(note)
+                if h:
+                    overrides += [f"train.batch_size={batch}", f"train.grad_accum={accum}"]
+                    cost += 1.5 * h
+                    notes.append(f"same effective batch, {batch} per step")
+                if cut < inp.max_seq_length:
+                    lost = sum(n > cut for n in inp.lengths)
+                    overrides.append(f"data.max_seq_length={cut}")
+                    cost += 8.0 + 20.0 * lost / max(len(inp.lengths), 1)
+                    notes.append(f"{lost} of {len(inp.lengths)} examples longer than {cut} tokens")
+                yield tuple(overrides), cost, tuple(notes), replace(changed, setup=setup)
+
+
+def _quantile(lengths, q: float) -> int:
+    ordered = sorted(lengths)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1)))] if ordered else 1
+
+
+def cheapest_fit(inp: PlanInput, budget: int) -> Change | None:
+    """The change (or combination) that fits ``budget`` bytes on the card at the least cost; None if the config
+    fits as it is, or if nothing lorafit can change makes it fit."""
+    if plan_bytes(inp.shape, inp.setup).card <= budget:
+        return None
+    best = None
+    for overrides, cost, notes, changed in _variants(inp):
+        if not overrides or (best is not None and cost >= best.cost):
+            continue
+        plan = plan_bytes(changed.shape, changed.setup)
+        if plan.card <= budget:
+            best = Change(overrides, cost, notes, plan)
+    return best

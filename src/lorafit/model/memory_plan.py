@@ -81,13 +81,13 @@ def _saved_params(shape: Shape, modules: list[str]) -> int:
 
 
 def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int) -> tuple[int, int]:
-    """(rows, tokens per row) of the largest micro-batch the data makes. Packed batches are one row
-    (data.packing.PackedCollator): bfd bins of max_seq_length, batch_size of them; padding_free, the batch's
-    examples (the worst batch: the longest together). Padded batches are as long as their longest example
-    (length grouping puts the longest ones together)."""
+    """(rows, tokens per row) of the largest micro-batch the data makes. bfd: batch_size bins of max_seq_length
+    (data.packing.packed_collator: a row per bin; flash-attention gets them joined in one row, the same tokens);
+    padding_free: one row of the batch's examples (the worst batch: the longest together). Padded batches are as
+    long as their longest example (length grouping puts the longest ones together)."""
     kept = sorted(min(n, max_seq_length) for n in lengths) or [max_seq_length]
     if packing == "bfd":
-        return 1, batch_size * min(max_seq_length, sum(kept))
+        return batch_size, min(max_seq_length, sum(kept))
     if packing == "padding_free":
         return 1, sum(kept[-batch_size:])
     return min(batch_size, len(kept)), kept[-1]

@@ -36,7 +36,8 @@ class Objective:
     """The loss interface. Subclass it, set ``data`` and implement ``compute``.
 
     ``data``: the batches it needs: "sft" (``input_ids``, ``attention_mask``, ``labels``, or a packed row) or
-    "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection).
+    "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection) or
+    "preference" (``lorafit.data.preference``: 2n rows, the chosen answers first, then the rejected ones).
     ``compute`` returns the loss (already normalised by ``totals``, see the module docstring) and a dict of
     metric name -> float, each a mean over the batch's examples. Metrics are logged as they are named in
     training and with an ``eval_`` prefix in evaluation.
@@ -179,6 +180,10 @@ def build_objective(objective_config, *, config_dir=None, allow_external_code: b
         return SupervisedObjective()
     if objective_config.type == "contrastive":
         return ContrastiveObjective.from_config(objective_config)
+    if objective_config.type in ("dpo", "orpo"):
+        from lorafit.training.preference import preference_objective
+
+        return preference_objective(objective_config)
     from lorafit.training.plugins import load_plugin
 
     cls = load_plugin(objective_config.type, base=Objective, field="objective.type",
@@ -188,7 +193,7 @@ def build_objective(objective_config, *, config_dir=None, allow_external_code: b
     except TypeError as exc:
         raise LorafitError(f"objective.options: {objective_config.type} does not accept them ({exc})",
                            fix="pass only the keyword arguments its constructor takes") from None
-    if objective.data not in ("sft", "triplets"):
+    if objective.data not in ("sft", "triplets", "preference"):
         raise LorafitError(f"objective.type: {objective_config.type}.data is {objective.data!r}",
-                           fix='set the class attribute data to "sft" or "triplets"')
+                           fix='set the class attribute data to "sft", "triplets" or "preference"')
     return objective

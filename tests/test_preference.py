@@ -296,8 +296,8 @@ class ModelsInMemory(TrainerCallback):
         from transformers import PreTrainedModel
 
         gc.collect()
-        base = model.get_base_model()
-        self.extra.append(sum(isinstance(o, PreTrainedModel) and o is not base for o in gc.get_objects()))
+        own = {id(m) for m in model.modules()}  # the trained model and its inner decoder (also a PreTrainedModel)
+        self.extra.append(sum(isinstance(o, PreTrainedModel) and id(o) not in own for o in gc.get_objects()))
 
 
 def test_dpo_on_the_shipped_set_raises_margin_and_accuracy_and_verifies(tmp_path, tiny_model_dir):
@@ -310,9 +310,9 @@ def test_dpo_on_the_shipped_set_raises_margin_and_accuracy_and_verifies(tmp_path
             [json.loads(l) for l in (shipped / "preference_eval.jsonl").read_text().splitlines()][:16])
     counter = ModelsInMemory()
     config = load_config(_config(tmp_path, tiny_model_dir, rows=rows,
-                                 train_overrides={"max_steps": 24, "batch_size": 8, "learning_rate": 1e-3,
+                                 train_overrides={"max_steps": 16, "batch_size": 8, "learning_rate": 1e-3,
                                                   "log_every": 4, "warmup_steps": 2},
-                                 eval_section={"every": 12, "at_start": True, "generate_samples": 0,
+                                 eval_section={"every": 8, "at_start": True, "generate_samples": 0,
                                                "best": {"metric": "eval_reward_accuracy"}},
                                  objective={"type": "dpo", "beta": 0.1}))
     result = train(config, callbacks=[], extra_callbacks=[counter])

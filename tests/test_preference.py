@@ -397,3 +397,15 @@ def test_a_killed_dpo_run_resumes_to_the_same_adapter_and_history(tmp_path, tiny
 def test_the_shipped_preference_set_is_what_the_script_writes(tmp_path):
     for path in write_sample_preference(tmp_path):
         assert (REPO / "examples" / "preference" / "data" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_data_inspect_and_dry_run_understand_preference_pairs(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir)
+    done = subprocess.run([sys.executable, "-m", "lorafit", "data", "inspect", str(config), "--json"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["format"] == "preference" and report["train_examples"] == 16 and report["eval_examples"] == 8
+    assert report["audit"] == [] and "[[" in report["example"]["chosen"] and "[[" in report["example"]["rejected"]
+    checked = train(load_config(config), dry_run=True).dry_run
+    assert checked is not None and not (tmp_path / "run" / "checkpoints").exists()

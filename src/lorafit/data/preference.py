@@ -282,3 +282,55 @@ def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(PreferenceDataset(mixed.train), PreferenceDataset(mixed.eval), mixed.train, mixed.eval,
                         mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems)
+
+
+def inspect_preference(config, tokenizer) -> dict:
+    """`lorafit data inspect` for preference pairs: per source the counts and both rows' token lengths, the
+    audit, and one pair with each answer's trained tokens marked."""
+    from lorafit.data.inspect import lengths_summary, marked_pieces
+
+    data = config.data
+    prepared = prepare_preference(data, tokenizer, seed=config.train.seed, enforce_audit=False)
+    sources = []
+    for split, split_sources in (("train", data.train), ("eval", data.eval)):
+        for source in split_sources:
+            examples, s, _ = load_preference_source(source, tokenizer, data)
+            sources.append({
+                "split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept, "skipped": s.skipped,
+                "dropped_too_long": s.dropped_too_long, "truncated": s.truncated,
+                "dropped_no_supervision": s.dropped_no_supervision,
+                "tokens": {"chosen": lengths_summary([len(e.input_ids) for e in examples]),
+                           "rejected": lengths_summary([len(e.rejected_ids) for e in examples])},
+            })
+    example = prepared.train_examples[0]
+    marked = {}
+    for name, ids, labels in (("chosen", example.input_ids, example.labels),
+                              ("rejected", example.rejected_ids, example.rejected_labels)):
+        marked[name] = "".join(f"[[{t}]]" if on else t for t, on in marked_pieces(tokenizer, ids, labels))
+    return {"format": "preference", "sources": sources, "train_examples": len(prepared.train_examples),
+            "eval_examples": len(prepared.eval_examples), "train_eval_overlap": prepared.report["train_eval_overlap"],
+            "warnings": [w for w in prepared.warnings if not w.startswith("audit: ")], "audit": prepared.audit,
+            "audit_enforced": data.audit, "example": {"where": example.where, **marked}}
+
+
+def render_preference(report: dict) -> str:
+    lines = []
+    for s in report["sources"]:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
+        lines += [f"{s['split']} source {s['path']} (preference pairs)",
+                  f"  rows {s['rows']}, kept {s['kept']}, skipped {skipped}; dropped too long {s['dropped_too_long']}, "
+                  f"truncated {s['truncated']}, no supervised token {s['dropped_no_supervision']}"]
+        lines += [f"  {row} row tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"
+                  for row, t in s["tokens"].items()]
+    lines.append(f"{report['train_examples']} train pairs, {report['eval_examples']} eval, "
+                 f"{report['train_eval_overlap']} eval pairs identical to training ones")
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    if report["audit"]:
+        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
+        lines += [f"  {problem}" for problem in report["audit"]]
+    else:
+        lines.append("audit: passed")
+    e = report["example"]
+    lines += [f"example ({e['where']}); trained tokens in [[double brackets]]:", "chosen:", e["chosen"],
+              "rejected:", e["rejected"]]
+    return "\n".join(lines)

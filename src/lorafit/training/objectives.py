@@ -94,7 +94,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
 
 
-def _divide(total: torch.Tensor, count, fallback) -> torch.Tensor:
+def divide_by_count(total: torch.Tensor, count, fallback) -> torch.Tensor:
+    """``total`` over the step's ``count`` (``StepTotals``), or over ``fallback``, the batch's own, without one."""
     count = fallback if count is None else count
     if torch.is_tensor(count):
         count = count.to(total.device, total.dtype)
@@ -161,7 +162,7 @@ class ContrastiveObjective(Objective):
         examples = None if totals is None else totals.examples
         tokens = None if totals is None else totals.tokens
         contrast = (-self.lambda_causal * cos_cf + self.lambda_spurious * cos_inj).sum() / self.temperature
-        loss = _divide(contrast, examples, n) + self.lambda_task * _divide(ce_sum, tokens, ce_tokens)
+        loss = divide_by_count(contrast, examples, n) + self.lambda_task * divide_by_count(ce_sum, tokens, ce_tokens)
 
         stability, similarity = cos_cf.mean().item(), cos_inj.mean().item()
         metrics = {

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.errors import LorafitError
-from lorafit.training.objectives import Objective, _divide
+from lorafit.training.objectives import Objective, divide_by_count
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +116,7 @@ class DPOObjective(PreferenceObjective):
         with reference_model(model):
             reference, _ = _forward_logps(model, batch)
         losses = self.pair_losses(policy, reference, tokens)
-        loss = _divide(losses.sum(), None if totals is None else totals.examples, losses.size(0))
+        loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
         rewards = (self.beta * (policy - reference).detach()).chunk(2)
         return loss, self._rewards(*rewards)
 
@@ -130,7 +130,7 @@ class ORPOObjective(PreferenceObjective):
         chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)  # mean log-probability per answer token, (n,)
         log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
         losses = -chosen - self.beta * F.logsigmoid(log_odds)
-        loss = _divide(losses.sum(), None if totals is None else totals.examples, losses.size(0))
+        loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
         metrics = self._rewards(self.beta * chosen.detach(), self.beta * rejected.detach())
         metrics |= {"nll_loss": -chosen.mean().item(), "log_odds_ratio": log_odds.mean().item()}
         return loss, metrics

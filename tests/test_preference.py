@@ -33,7 +33,8 @@ TRL_CONVERSATIONAL = {"prompt": [{"role": "user", "content": PROMPT}],
                       "chosen": [{"role": "assistant", "content": "2 plus 3 is 5."}],
                       "rejected": [{"role": "assistant", "content": "2 plus 3 is 6."}]}
 SHAREGPT = {"conversations": [{"from": "human", "value": PROMPT}],
-            "chosen": {"from": "gpt", "value": "2 plus 3 is 5."}, "rejected": {"from": "gpt", "value": "2 plus 3 is 6."}}
+            "chosen": {"from": "gpt", "value": "2 plus 3 is 5."},
+            "rejected": {"from": "gpt", "value": "2 plus 3 is 6."}}
 
 
 # ------------------------------------------------------------------------------------------------ rows and labels
@@ -72,7 +73,8 @@ def test_each_row_is_labelled_like_sft_on_its_answer_only(tiny_tokenizer):
 
 def test_the_collator_puts_chosen_rows_first_then_rejected(tiny_tokenizer):
     features = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "rejected_ids": [1, 4], "rejected_labels": [-100, 4]},
-                {"input_ids": [5, 6], "labels": [-100, 6], "rejected_ids": [5, 7, 8, 9], "rejected_labels": [-100, 7, 8, 9]}]
+                {"input_ids": [5, 6], "labels": [-100, 6], "rejected_ids": [5, 7, 8, 9],
+                 "rejected_labels": [-100, 7, 8, 9]}]
     batch = PreferenceCollator(pad_token_id=0)(features)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [5, 6, 0, 0], [1, 4, 0, 0], [5, 7, 8, 9]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100], [-100, 6, -100, -100], [-100, 4, -100, -100],
@@ -151,8 +153,10 @@ def _config(folder: Path, model_dir: Path, *, objective=None, train_overrides=No
     ({"data": {"packing": "padding_free"}}, "objective.type: dpo with data.packing: padding_free"),
     ({"objective": {"type": "orpo", "loss_type": "ipo"}}, "loss_type: beta applies to type: dpo or orpo, loss_type"),
     ({"objective": {"type": "sft", "beta": 0.5}}, "beta: beta applies to type: dpo or orpo"),
-    ({"objective": {"type": "dpo"}, "eval": {"best": {"metric": "eval_nll_loss"}}}, "logged only by objective.type: orpo"),
-    ({"objective": {"type": "sft"}, "eval": {"best": {"metric": "eval_reward_margin"}}}, "logged only by objective.type: dpo"),
+    ({"objective": {"type": "dpo"}, "eval": {"best": {"metric": "eval_nll_loss"}}},
+     "logged only by objective.type: orpo"),
+    ({"objective": {"type": "sft"}, "eval": {"best": {"metric": "eval_reward_margin"}}},
+     "logged only by objective.type: dpo"),
     ({"objective": {"type": "sft"}, "data": {"train": [{"path": "t.jsonl", "format": "preference"}]}},
      "only objective.type: dpo or orpo trains on"),
     ({"objective": {"type": "dpo"}, "data": {"train": [{"path": "t.jsonl", "format": "messages"}]}},

@@ -146,6 +146,6 @@ def split_and_mix(data, loaded: dict[str, list[list]], stats: dict[str, list], *
     duplicated = overlap(train, evaluation)
     warnings = [f"{duplicated} of {len(evaluation)} eval {what} are identical to training {what}: eval metrics "
                 "will look better than they are"] if duplicated else []
-    report = {"train": split_stats["train"].as_dict(), "eval": split_stats["eval"].as_dict(), "mix": mix_report.as_dict(),
-              "held_out_for_eval": len(held_out), "train_eval_overlap": duplicated}
+    report = {"train": split_stats["train"].as_dict(), "eval": split_stats["eval"].as_dict(),
+              "mix": mix_report.as_dict(), "held_out_for_eval": len(held_out), "train_eval_overlap": duplicated}
     return SplitExamples(train, evaluation, split_stats["train"], split_stats["eval"], report, warnings)

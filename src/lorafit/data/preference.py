@@ -269,8 +269,9 @@ def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True
     mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
                           {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
                           what="pairs")
-    problems = [p for split in loaded for p in audit_problems([s for _, s, _ in loaded[split]], train_on="last_assistant",
-                                                              max_seq_length=data.max_seq_length, split=split)]
+    problems = [p for split in loaded
+                for p in audit_problems([s for _, s, _ in loaded[split]], train_on="last_assistant",
+                                        max_seq_length=data.max_seq_length, split=split)]
     if problems and enforce_audit and data.audit:
         raise LorafitError("the supervision audit failed before training", details=problems,
                            why="training would run but learn the wrong thing (or nothing)",
@@ -296,7 +297,8 @@ def inspect_preference(config, tokenizer) -> dict:
         for source in split_sources:
             examples, s, _ = load_preference_source(source, tokenizer, data)
             sources.append({
-                "split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept, "skipped": s.skipped,
+                "split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept,
+                "skipped": s.skipped,
                 "dropped_too_long": s.dropped_too_long, "truncated": s.truncated,
                 "dropped_no_supervision": s.dropped_no_supervision,
                 "tokens": {"chosen": lengths_summary([len(e.input_ids) for e in examples]),

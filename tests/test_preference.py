@@ -216,6 +216,7 @@ def _batch(tokenizer, n: int = 3):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_dpo_loss_and_rewards_equal_trl_dpotrainer_on_the_same_batch(tmp_path, tiny_model_dir, tiny_tokenizer,
                                                                      loss_type):
+    pytest.importorskip("trl", reason="TRL is the reference implementation (dev extra)")
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -243,6 +244,7 @@ def test_dpo_loss_and_rewards_equal_trl_dpotrainer_on_the_same_batch(tmp_path, t
 
 
 def test_orpo_odds_ratio_term_equals_trl(tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("trl", reason="TRL is the reference implementation (dev extra)")
     from trl.experimental.orpo import ORPOTrainer
 
     model, batch = _peft_model(tiny_model_dir), _batch(tiny_tokenizer)

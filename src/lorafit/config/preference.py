@@ -34,10 +34,11 @@ def preference_clashes(objective, data, best_metric: str) -> list[str]:
                             "preference (or auto)")
         if objective.type == "dpo" and metric in ORPO_METRICS:
             problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: orpo")
-    else:
+    elif objective.type in ("sft", "contrastive"):  # a plugin objective may train on pairs (its data = "preference")
         if "preference" in formats:
             problems.append(f"data: a source has format: preference, which only objective.type: dpo or orpo trains "
-                            f"on (objective.type is {objective.type!r})")
+                            f"on (or a plugin objective with data = 'preference'); objective.type is "
+                            f"{objective.type!r}")
         if metric in PREFERENCE_METRICS:
             problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: dpo or orpo")
     return problems

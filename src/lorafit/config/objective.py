@@ -10,6 +10,7 @@ be loaded at all.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Literal
 
@@ -86,8 +87,10 @@ class ObjectiveConfig(_FromConfigFolder):
     def _known_type(cls, value: str) -> str:
         if value in BUILTIN_OBJECTIVES or is_dotted_path(value):
             return value
-        raise ValueError(f"{value!r} is neither {' nor '.join(BUILTIN_OBJECTIVES)} nor a dotted path "
-                         "package.module:ClassName (e.g. my_losses:MarginLoss)")
+        close = difflib.get_close_matches(value, BUILTIN_OBJECTIVES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{value!r} is none of {', '.join(BUILTIN_OBJECTIVES)} and not a dotted path "
+                         f"package.module:ClassName (e.g. my_losses:MarginLoss){hint}")
 
     @model_validator(mode="after")
     def _keys_match_type(self):

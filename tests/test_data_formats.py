@@ -229,7 +229,7 @@ def test_preference_rows_are_refused_even_with_on_error_skip(tmp_path, tiny_toke
     with pytest.raises(LorafitError) as info:
         load_source(DataSource(path=str(path), on_error="skip", max_skip_fraction=1.0), tiny_tokenizer, _data(),
                     use_cache=False)
-    assert "preference data" in info.value.render() and "planned" in info.value.render()
+    assert "preference data" in info.value.render() and "objective: {type: dpo}" in info.value.render()
     # Mapping the preferred answer on purpose trains on it as a prompt/completion pair.
     mapped = load_source(DataSource(path=str(path), fields={"completion": "chosen"}), tiny_tokenizer, _data(),
                          use_cache=False)

@@ -110,7 +110,8 @@ def test_wrong_paths_are_clear_errors(plugin_module, spec, message):
 
 
 def test_objective_config_is_strict():
-    with pytest.raises(ValueError, match="neither sft nor contrastive nor a dotted path"):
+    with pytest.raises(ValueError, match="none of sft, contrastive, dpo, orpo and not a dotted path.*did you mean "
+                       "'contrastive'"):
         ObjectiveConfig(type="contrastiv")
     with pytest.raises(ValueError, match="temperature only apply to type: contrastive"):
         ObjectiveConfig(type="sft", temperature=0.1)

@@ -77,7 +77,8 @@ def _load(config: Optional[Path], overrides: Optional[List[str]], *, check_data:
     if check_data:
         from lorafit.data.precheck import check_sources
 
-        check_sources(loaded.data, triplets=loaded.objective.needs_triplets, marker_field=loaded.eval.attack.marker_field)
+        check_sources(loaded.data, triplets=loaded.objective.needs_triplets, marker_field=loaded.eval.attack.marker_field,
+                      preference=loaded.objective.needs_preference)
     return loaded
 
 

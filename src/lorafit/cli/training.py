@@ -146,7 +146,8 @@ def _print_summary(result) -> None:
             typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
     series = m.get("series", {})
     for label, name in (("stability", "eval_causal_stability"), ("separation", "eval_spurious_separation"),
-                        ("task loss", "eval_task_loss")):
+                        ("task loss", "eval_task_loss"), ("reward margin", "eval_reward_margin"),
+                        ("reward acc.", "eval_reward_accuracy")):
         if name in series:
             typer.echo(f"  {label:<14} {series[name]['first']:.3f} -> {series[name]['final']:.3f} ({name})")
     attack = getattr(result, "attack", None) or {}

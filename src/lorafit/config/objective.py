@@ -1,7 +1,8 @@
 """The ``objective:`` and ``plugins:`` sections: what the training loss is, and which outside code may run.
 
 ``objective.type`` is ``sft`` (next-token loss on the supervised tokens, lorafit's default), ``contrastive``
-(the causal contrastive loss on triplets, docs/objectives.md) or a dotted path ``package.module:ClassName`` to a
+(the causal contrastive loss on triplets, docs/objectives.md), ``dpo`` or ``orpo`` (preference pairs,
+config/preference.py) or a dotted path ``package.module:ClassName`` to a
 loss class of your own. A dotted path is code execution: the module is imported and runs with your rights, so
 ``plugins.allow_external_code`` decides whether modules outside installed packages and the config's folder may
 be loaded at all.
@@ -9,12 +10,15 @@ be loaded at all.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-BUILTIN_OBJECTIVES = ("sft", "contrastive")
+from lorafit.config.preference import DPO_LOSS_TYPES, PREFERENCE_KEYS, PREFERENCE_OBJECTIVES, preference_clashes
+
+BUILTIN_OBJECTIVES = ("sft", "contrastive", *PREFERENCE_OBJECTIVES)
 # Only the contrastive objective reads these; setting one with another objective is a mistake worth reporting.
 CONTRASTIVE_KEYS = ("lambda_causal", "lambda_spurious", "lambda_task", "temperature", "layer", "pooling")
 # package.module:ClassName, every part a Python identifier.
@@ -55,8 +59,14 @@ def is_dotted_path(value: str) -> bool:
 
 class ObjectiveConfig(_FromConfigFolder):
     type: str = Field("sft", description="Training loss: sft (next-token loss on supervised tokens), contrastive "
-                      "(causal contrastive loss on triplets, docs/objectives.md) or package.module:ClassName "
+                      "(causal contrastive loss on triplets, docs/objectives.md), dpo or orpo (preference pairs "
+                      "prompt/chosen/rejected) or package.module:ClassName "
                       "(your Objective class; code execution, see plugins.allow_external_code).")
+    beta: float = Field(0.1, gt=0, description="dpo/orpo: dpo: strength of the pull towards the reference (the base "
+                        "model); smaller = the adapter may move further from it. orpo: weight of the odds-ratio term "
+                        "next to the chosen answers' next-token loss.")
+    loss_type: Literal[DPO_LOSS_TYPES] = Field("sigmoid", description="dpo: sigmoid (DPO), ipo (IPO: squared, "
+                                               "length-normalised; resists overfitting) or hinge (SLiC).")
     lambda_causal: float = Field(1.0, ge=0, description="contrastive: weight of -cos(benign, counterfactual) / T "
                                  "(pulls rewordings of one request together).")
     lambda_spurious: float = Field(1.0, ge=0, description="contrastive: weight of cos(benign, injection) / T "
@@ -77,8 +87,10 @@ class ObjectiveConfig(_FromConfigFolder):
     def _known_type(cls, value: str) -> str:
         if value in BUILTIN_OBJECTIVES or is_dotted_path(value):
             return value
-        raise ValueError(f"{value!r} is neither {' nor '.join(BUILTIN_OBJECTIVES)} nor a dotted path "
-                         "package.module:ClassName (e.g. my_losses:MarginLoss)")
+        close = difflib.get_close_matches(value, BUILTIN_OBJECTIVES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{value!r} is none of {', '.join(BUILTIN_OBJECTIVES)} and not a dotted path "
+                         f"package.module:ClassName (e.g. my_losses:MarginLoss){hint}")
 
     @model_validator(mode="after")
     def _keys_match_type(self):
@@ -89,6 +101,12 @@ class ObjectiveConfig(_FromConfigFolder):
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to type: contrastive (type is {self.type!r}); "
                                  "remove them or set type: contrastive")
+        allowed = {"dpo": {"beta", "loss_type"}, "orpo": {"beta"}}.get(self.type, set())
+        stray = sorted(k for k in set(PREFERENCE_KEYS) & self.model_fields_set - allowed
+                       if getattr(self, k) != type(self).model_fields[k].default)
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: beta applies to type: dpo or orpo, loss_type to type: dpo only "
+                             f"(type is {self.type!r}); remove {', '.join(stray)} or change the type")
         if self.options and not is_dotted_path(self.type):
             raise ValueError(f"options are passed to a package.module:ClassName objective; type is {self.type!r}")
         return self
@@ -96,6 +114,10 @@ class ObjectiveConfig(_FromConfigFolder):
     @property
     def needs_triplets(self) -> bool:
         return self.type == "contrastive"
+
+    @property
+    def needs_preference(self) -> bool:
+        return self.type in PREFERENCE_OBJECTIVES
 
 
 class PluginsConfig(_FromConfigFolder):
@@ -151,7 +173,7 @@ def objective_clashes(objective: ObjectiveConfig, data, best_metric: str) -> lis
         metric = best_metric.removeprefix("eval_")
         if metric in CONTRASTIVE_METRICS:
             problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: contrastive")
-    return problems
+    return problems + preference_clashes(objective, data, best_metric)
 
 
 def fits_objective(config):

@@ -21,6 +21,7 @@ from lorafit.config.model_sections import (
     LoraConfig, ModelConfig, QuantConfig, Section, init_fits_quantization, resolve_input_path,
 )
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
+from lorafit.config.preference import PREFERENCE_METRICS
 
 
 # Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
@@ -29,17 +30,18 @@ GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_schema", "fi
                       "citation_coverage", "refusal_correct", "groundedness")
 LOSS_METRICS = ("loss", "perplexity")
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets", "preference")
 # Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
 FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
                "system", "history", "prompt", "completion", "response", "text", "tools", "part_text",
-               "benign", "benign_cf", "injection", "target")  # the last four: triplets (docs/objectives.md)
+               "benign", "benign_cf", "injection", "target",  # triplets (docs/objectives.md)
+               "chosen", "rejected")  # preference pairs (docs/objectives.md)
 
 
 class DataSource(Section):
     path: str = Field(..., description="A data file: .jsonl, .json (array), .csv, .tsv, .parquet or .txt.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets"] = Field(
-        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md); triplets: docs/objectives.md."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets", "preference"] = Field(
+        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md); triplets, preference: docs/objectives.md."
     )
     fields: dict[str, str] = Field(
         default_factory=dict, description="Rename map, canonical name -> your key, e.g. {prompt: question, response: answer}."
@@ -184,9 +186,12 @@ def train_clashes(train: dict) -> list[str]:
 
 
 # Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.evaluate.metrics defines the generation ones).
-TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second", *CONTRASTIVE_METRICS)
-EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS + CONTRASTIVE_METRICS))
-LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity", "task_loss", "eval_task_loss")
+TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second",
+                     *CONTRASTIVE_METRICS, *PREFERENCE_METRICS)
+EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity",
+                    *(f"eval_{name}" for name in GENERATION_METRICS + CONTRASTIVE_METRICS + PREFERENCE_METRICS))
+LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity", "task_loss", "eval_task_loss", "nll_loss",
+                   "eval_nll_loss")
 
 
 class BestConfig(Section):

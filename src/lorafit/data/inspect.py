@@ -37,6 +37,10 @@ def marked_pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tu
 def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
     data, train = config.data, config.train
     use_configured_template(tokenizer, data)
+    if config.objective.needs_preference or any(s.format == "preference" for s in [*data.train, *data.eval]):
+        from lorafit.data.preference import inspect_preference
+
+        return inspect_preference(config, tokenizer)
     if config.objective.needs_triplets or any(s.format == "triplets" for s in [*data.train, *data.eval]):
         from lorafit.data.triplets import inspect_triplets
 
@@ -82,6 +86,10 @@ def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
 def render_text(report: dict, *, colour: bool) -> str:
     import typer
 
+    if report.get("format") == "preference":
+        from lorafit.data.preference import render_preference
+
+        return render_preference(report)
     if report.get("format") == "triplets":
         from lorafit.data.triplets import render_triplets
 

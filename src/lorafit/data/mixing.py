@@ -101,3 +101,51 @@ def overlap(train: list[Example], evaluation: list[Example]) -> int:
     """How many eval examples have a conversation identical to a training one."""
     seen = {e.identity for e in train}
     return sum(e.identity in seen for e in evaluation)
+
+
+@dataclass
+class SplitExamples:
+    """Both splits after hold-out, budgets and mixing, with their counts (``split_and_mix``)."""
+
+    train: list
+    eval: list
+    train_stats: object  # lorafit.data.SplitStats
+    eval_stats: object
+    report: dict  # train/eval counts, mix, held_out_for_eval, train_eval_overlap
+    warnings: list[str]
+
+
+def split_and_mix(data, loaded: dict[str, list[list]], stats: dict[str, list], *, seed: int,
+                  what: str = "examples") -> SplitExamples:
+    """Examples of objectives that read their own rows (triplets, preference pairs), per split and source
+    (``loaded["train"][i]``: source i's examples; ``stats`` the sources' SourceStats alike), through the same
+    hold-out, budgets, weights, order and overlap check as ``prepare_data``. Raises when a split is left empty."""
+    from lorafit.data import SplitStats, add_source, nothing_usable
+
+    per_source, held_out = [], []
+    for i, (source, examples) in enumerate(zip(data.train, loaded["train"])):
+        train_part, eval_part = hold_out(examples, source.eval_fraction, rng_for(seed, "hold_out", i))
+        held_out += eval_part
+        per_source.append(apply_budget(train_part, rng_for(seed, "budget", i), max_examples=source.max_examples,
+                                       max_tokens=source.max_tokens))
+    train, mix_report = mix(per_source, [s.weight for s in data.train], total=data.mix_examples, seed=seed,
+                            order=data.order)
+    evaluation = [e for i, (source, examples) in enumerate(zip(data.eval, loaded["eval"]))
+                  for e in apply_budget(examples, rng_for(seed, "eval_budget", i), max_examples=source.max_examples,
+                                        max_tokens=source.max_tokens)] + held_out
+    split_stats = {}
+    for split, sources in (("train", data.train), ("eval", data.eval)):
+        split_stats[split] = SplitStats(sources=[s.path for s in sources])
+        for source_stats in stats[split]:
+            add_source(split_stats[split], source_stats)
+    split_stats["train"].kept, split_stats["eval"].kept = len(train), len(evaluation)
+    if not train:
+        raise nothing_usable("train", split_stats["train"], data)
+    if data.eval and not evaluation:
+        raise nothing_usable("eval", split_stats["eval"], data)
+    duplicated = overlap(train, evaluation)
+    warnings = [f"{duplicated} of {len(evaluation)} eval {what} are identical to training {what}: eval metrics "
+                "will look better than they are"] if duplicated else []
+    report = {"train": split_stats["train"].as_dict(), "eval": split_stats["eval"].as_dict(),
+              "mix": mix_report.as_dict(), "held_out_for_eval": len(held_out), "train_eval_overlap": duplicated}
+    return SplitExamples(train, evaluation, split_stats["train"], split_stats["eval"], report, warnings)

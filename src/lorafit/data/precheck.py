@@ -12,13 +12,18 @@ from lorafit.config import DataConfig
 from lorafit.data.sources import read_records
 
 
-def check_sources(data: DataConfig, *, triplets: bool = False, marker_field: str | None = "marker") -> None:
+def check_sources(data: DataConfig, *, triplets: bool = False, marker_field: str | None = "marker",
+                  preference: bool = False) -> None:
     """Raise the first source's LorafitError (every bad row of that source listed), or return if all parse.
-    ``triplets``: the objective trains on triplet rows (docs/objectives.md), whatever the sources' format says."""
+    ``triplets``/``preference``: the objective trains on triplet rows or preference pairs (docs/objectives.md),
+    whatever the sources' format says."""
+    from lorafit.data.preference import read_preference
     from lorafit.data.triplet_rows import read_triplets
 
     for source in [*data.train, *data.eval]:
-        if triplets or source.format == "triplets":
+        if preference or source.format == "preference":
+            read_preference(source)
+        elif triplets or source.format == "triplets":
             read_triplets(source, marker_field=marker_field)
         else:
             read_records(source, rank_field=data.curriculum_field)

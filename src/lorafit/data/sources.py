@@ -138,12 +138,12 @@ def _refuse_preference_data(path: Path, rows, fields: FieldMap) -> None:
     found = next((row for row in rows if row.problem is None and preference_keys(row.value, fields)), None)
     if found is not None:
         raise LorafitError(
-            f"{found.where}: this is preference data (the row has \"chosen\" and \"rejected\"), and lorafit trains "
-            "supervised fine-tuning only",
+            f"{found.where}: this is preference data (the row has \"chosen\" and \"rejected\"), and this run's "
+            "objective is supervised",
             why="supervised training learns every answer it is given: it cannot use a chosen/rejected pair, and reading "
             "the row as an ordinary conversation would train the rejected answer or drop the pair unseen",
-            fix="preference training (DPO) is planned but not in lorafit yet: use a supervised source for this run, or "
-            "train on the preferred answers by mapping them explicitly (e.g. fields: {completion: chosen} on a "
+            fix="train on the pairs with objective: {type: dpo} (or orpo; docs/objectives.md), or train on the "
+            "preferred answers by mapping them explicitly (e.g. fields: {completion: chosen} on a "
             "prompt/chosen/rejected file)",
         )
 

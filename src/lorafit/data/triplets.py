@@ -141,45 +141,19 @@ def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) ->
 def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker"):
     """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
     overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
-    from lorafit.data import PreparedData, SplitStats, add_source, nothing_usable
-    from lorafit.data.mixing import apply_budget, hold_out, mix, overlap, rng_for
+    from lorafit.data import PreparedData
+    from lorafit.data.mixing import split_and_mix
 
     loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
               for split, sources in (("train", data.train), ("eval", data.eval))}
-    per_source, held_out = [], []
-    for i, (source, (examples, _, _)) in enumerate(zip(data.train, loaded["train"])):
-        train_part, eval_part = hold_out(examples, source.eval_fraction, rng_for(seed, "hold_out", i))
-        held_out += eval_part
-        per_source.append(apply_budget(train_part, rng_for(seed, "budget", i), max_examples=source.max_examples,
-                                       max_tokens=source.max_tokens))
-    train_examples, mix_report = mix(per_source, [s.weight for s in data.train], total=data.mix_examples, seed=seed,
-                                     order=data.order)
-    eval_examples = [e for i, (source, (examples, _, _)) in enumerate(zip(data.eval, loaded["eval"]))
-                     for e in apply_budget(examples, rng_for(seed, "eval_budget", i), max_examples=source.max_examples,
-                                           max_tokens=source.max_tokens)] + held_out
-    stats = {}
-    for split, sources in (("train", data.train), ("eval", data.eval)):
-        stats[split] = SplitStats(sources=[s.path for s in sources])
-        for _, source_stats, _ in loaded[split]:
-            add_source(stats[split], source_stats)
-    stats["train"].kept, stats["eval"].kept = len(train_examples), len(eval_examples)
-    if not train_examples:
-        raise nothing_usable("train", stats["train"], data)
-    if data.eval and not eval_examples:
-        raise nothing_usable("eval", stats["eval"], data)
-    duplicated = overlap(train_examples, eval_examples)
-    warnings = [f"{duplicated} of {len(eval_examples)} eval triplets are identical to training triplets: eval metrics "
-                "will look better than they are"] if duplicated else []
-    report = {
-        "format": "triplets",
-        "train": stats["train"].as_dict(), "eval": stats["eval"].as_dict(),
-        "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded},
-        "mix": mix_report.as_dict(), "held_out_for_eval": len(held_out), "train_eval_overlap": duplicated,
-        "packing": "none",
-    }
+    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
+                          {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
+                          what="triplets")
+    report = {"format": "triplets", **mixed.report, "packing": "none",
+              "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
-    return PreparedData(TripletDataset(train_examples), TripletDataset(eval_examples), train_examples, eval_examples,
-                        stats["train"], stats["eval"], report, skipped, warnings, [])
+    return PreparedData(TripletDataset(mixed.train), TripletDataset(mixed.eval), mixed.train, mixed.eval,
+                        mixed.train_stats, mixed.eval_stats, report, skipped, mixed.warnings, [])
 
 
 def inspect_triplets(config, tokenizer) -> dict:

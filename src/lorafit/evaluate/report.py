@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from lorafit.config.objective import CONTRASTIVE_METRICS
+from lorafit.config.preference import PREFERENCE_METRICS
 from lorafit.errors import LorafitError
 from lorafit.evaluate.harness import harness_section
 from lorafit.run_folder import RunFolder, write_atomic
@@ -137,8 +138,9 @@ def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str
             line for k in causal for line in (
                 (f"{k} (train)", *_series(history, k), palette[k][0]),
                 (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]), ""))
+    out += preference_plots(history)
     generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
-                              and k.removeprefix("eval_") not in CONTRASTIVE_METRICS})
+                              and k.removeprefix("eval_") not in CONTRASTIVE_METRICS + PREFERENCE_METRICS})
     if generation_keys:
         palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
         out.append(("Generation metrics during training", _figure("Generation metrics on the eval sample", "rate", [
@@ -152,6 +154,22 @@ def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str
         [comparison["base"][n]["value"] for n in names], [comparison["adapter"][n]["value"] for n in names]),
         "no generation comparison (no eval data, or eval.generate_samples: 0)"))
     return out
+
+
+def preference_plots(history: list[dict]) -> list[tuple[str, str | None, str]]:
+    """DPO/ORPO runs: the rewards of chosen and rejected answers and their margin, and the reward accuracy."""
+    if not any(_series(history, k)[0] for k in ("reward_margin", "eval_reward_margin")):
+        return []
+    palette = {"reward_chosen": ("#9FD3AE", "#2E7D46"), "reward_rejected": ("#F0A5A5", "#C44E52"),
+               "reward_margin": ("#9DB4D8", "#4C72B0"), "reward_accuracy": ("#9DB4D8", "#4C72B0")}  # (train, eval)
+
+    def lines(keys):
+        return [line for k in keys for line in ((f"{k} (train)", *_series(history, k), palette[k][0]),
+                                                (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]
+    return [("Preference rewards", _figure("Rewards (preference objective)", "reward",
+                                           lines(("reward_chosen", "reward_rejected", "reward_margin"))), ""),
+            ("Reward accuracy", _figure("Reward accuracy: chosen rewarded above rejected", "fraction of pairs",
+                                        lines(("reward_accuracy",)), unit_range=True), "")]
 
 
 def _fmt(value, digits: int = 4) -> str:

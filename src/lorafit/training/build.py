@@ -10,6 +10,7 @@ from lorafit.config import Config, warmup_steps_for
 from lorafit.data import TokenizedDataset
 from lorafit.data.collate import PadCollator
 from lorafit.data.packing import packed_collator
+from lorafit.data.preference import PreferenceCollator
 from lorafit.data.triplets import TripletCollator
 from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
@@ -120,10 +121,12 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         keep_best=config.train.keep_best, best_metric=b.metric, best_mode=b.resolved_mode,  # one notion of "best"
         steps_per_epoch=per_epoch, identity=identity or {}, forced_resumes=list(forced_resumes),
     )
-    triplets = objective is not None and objective.objective.data == "triplets"
-    per_source = None if triplets else source_losses_for(config, objective is not None and objective.active)
-    if triplets:
+    kind = "sft" if objective is None else objective.objective.data
+    per_source = None if kind != "sft" else source_losses_for(config, objective is not None and objective.active)
+    if kind == "triplets":
         collator = TripletCollator(tokenizer.pad_token_id)
+    elif kind == "preference":
+        collator = PreferenceCollator(tokenizer.pad_token_id)
     else:
         attn = model.config._attn_implementation or "sdpa"
         with_sources = per_source is not None

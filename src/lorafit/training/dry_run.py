@@ -22,6 +22,10 @@ def largest_batch(config: Config, tokenizer, train_data, objective=None, attn: s
 
     if objective is not None and objective.data == "triplets":
         collate = TripletCollator(tokenizer.pad_token_id)
+    elif objective is not None and objective.data == "preference":
+        from lorafit.data.preference import PreferenceCollator
+
+        collate = PreferenceCollator(tokenizer.pad_token_id)
     else:
         collate = (packed_collator(config.data.packing, attn, tokenizer.pad_token_id) if config.data.packing != "none"
                    else PadCollator(tokenizer.pad_token_id))

@@ -116,10 +116,14 @@ def objective_for(config, user_callbacks) -> tuple[ObjectiveRunner, list]:
 
 
 def prepare_run_data(config, tokenizer, runner: ObjectiveRunner, *, use_cache: bool):
-    """SFT rows, or triplets when the objective trains on them."""
+    """SFT rows, or triplets or preference pairs when the objective trains on them."""
     from lorafit.data import prepare_data
     from lorafit.data.triplets import prepare_triplets
 
+    if runner.objective.data == "preference":
+        from lorafit.data.preference import prepare_preference
+
+        return prepare_preference(config.data, tokenizer, seed=config.train.seed)
     if runner.objective.data == "triplets":
         return prepare_triplets(config.data, tokenizer, seed=config.train.seed,
                                 marker_field=config.eval.attack.marker_field)

@@ -36,7 +36,8 @@ class Objective:
     """The loss interface. Subclass it, set ``data`` and implement ``compute``.
 
     ``data``: the batches it needs: "sft" (``input_ids``, ``attention_mask``, ``labels``, or a packed row) or
-    "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection).
+    "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection) or
+    "preference" (``lorafit.data.preference``: 2n rows, the chosen answers first, then the rejected ones).
     ``compute`` returns the loss (already normalised by ``totals``, see the module docstring) and a dict of
     metric name -> float, each a mean over the batch's examples. Metrics are logged as they are named in
     training and with an ``eval_`` prefix in evaluation.
@@ -93,7 +94,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, H)
 
 
-def _divide(total: torch.Tensor, count, fallback) -> torch.Tensor:
+def divide_by_count(total: torch.Tensor, count, fallback) -> torch.Tensor:
+    """``total`` over the step's ``count`` (``StepTotals``), or over ``fallback``, the batch's own, without one."""
     count = fallback if count is None else count
     if torch.is_tensor(count):
         count = count.to(total.device, total.dtype)
@@ -160,7 +162,7 @@ class ContrastiveObjective(Objective):
         examples = None if totals is None else totals.examples
         tokens = None if totals is None else totals.tokens
         contrast = (-self.lambda_causal * cos_cf + self.lambda_spurious * cos_inj).sum() / self.temperature
-        loss = _divide(contrast, examples, n) + self.lambda_task * _divide(ce_sum, tokens, ce_tokens)
+        loss = divide_by_count(contrast, examples, n) + self.lambda_task * divide_by_count(ce_sum, tokens, ce_tokens)
 
         stability, similarity = cos_cf.mean().item(), cos_inj.mean().item()
         metrics = {
@@ -179,6 +181,10 @@ def build_objective(objective_config, *, config_dir=None, allow_external_code: b
         return SupervisedObjective()
     if objective_config.type == "contrastive":
         return ContrastiveObjective.from_config(objective_config)
+    if objective_config.type in ("dpo", "orpo"):
+        from lorafit.training.preference import preference_objective
+
+        return preference_objective(objective_config)
     from lorafit.training.plugins import load_plugin
 
     cls = load_plugin(objective_config.type, base=Objective, field="objective.type",
@@ -188,7 +194,7 @@ def build_objective(objective_config, *, config_dir=None, allow_external_code: b
     except TypeError as exc:
         raise LorafitError(f"objective.options: {objective_config.type} does not accept them ({exc})",
                            fix="pass only the keyword arguments its constructor takes") from None
-    if objective.data not in ("sft", "triplets"):
+    if objective.data not in ("sft", "triplets", "preference"):
         raise LorafitError(f"objective.type: {objective_config.type}.data is {objective.data!r}",
-                           fix='set the class attribute data to "sft" or "triplets"')
+                           fix='set the class attribute data to "sft", "triplets" or "preference"')
     return objective

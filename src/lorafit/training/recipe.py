@@ -159,10 +159,9 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     best = BestMetric(b.metric, b.resolved_mode, patience=b.patience, min_delta=b.min_delta,
                       keep_weights=b.final_adapter == "best")
     stop = StopRequest()
-    # The eval sample answered during training and by base vs adapter; triplet data is checked by the attack
-    # success rate instead (its eval rows are not SFT conversations).
-    triplets = runner.objective.data == "triplets"
-    sample = None if triplets else generation_sample(config, prepared.eval_examples)
+    # The eval sample answered during training and by base vs adapter: SFT rows only. Triplet data is checked by
+    # the attack success rate instead, preference pairs by their rewards on the eval pairs.
+    sample = generation_sample(config, prepared.eval_examples) if runner.objective.data == "sft" else None
     trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run, history, identity=identity,
                             resume_from=resume_from, forced_resumes=forced, best=best, stop=stop,
                             guards=[PackedLayoutGuard()] if config.quant.bits == 4 else [],

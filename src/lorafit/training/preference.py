@@ -1,0 +1,147 @@
+"""Preference objectives: DPO (with its IPO and hinge variants) and ORPO, as lorafit ``Objective``s.
+
+A batch is 2n rows (``lorafit.data.preference.PreferenceCollator``): n prompt + chosen answer rows, then the n
+prompt + rejected answer rows, labelled on the answer tokens only. log p(answer | prompt) is the sum of the answer
+tokens' log-probabilities (the labels say which tokens count, so only the response counts).
+
+DPO  (Rafailov et al. 2023), per pair, with policy pi (base + adapter) and reference pi_ref:
+         delta = [log pi(c) - log pi_ref(c)] - [log pi(r) - log pi_ref(r)]
+         sigmoid: -log sigmoid(beta * delta)     hinge: max(0, 1 - beta * delta)
+         ipo:     (delta_per_token - 1 / (2 beta))^2, each log-ratio divided by its answer's token count
+     The reference is the base model: the same model with the adapter disabled (``PeftModel.disable_adapter``),
+     as TRL's DPOTrainer does for a PEFT model with ``ref_model=None``. No second copy of the weights exists.
+     Rewards (logged): beta * (log pi - log pi_ref) of each answer.
+ORPO (Hong et al. 2024), reference-free, with length-normalised log-probabilities a = log pi / tokens:
+         loss = -a(c) - beta * log sigmoid(log odds(c) - log odds(r)),   log odds(y) = a(y) - log(1 - exp(a(y)))
+     Rewards (logged): beta * a of each answer, as TRL's ORPOTrainer logs them.
+
+The equations, defaults and metric meanings are TRL 1.16's (trl/trainer/dpo_trainer.py, trl/experimental/orpo);
+tests/test_preference.py checks the DPO loss and rewards against TRL's DPOTrainer on the same batch. They are
+written here rather than run through TRL's trainers because those re-tokenise every row with their own chat-template
+call (DPOTrainer._prepare_dataset takes no pre-tokenised pairs), keep their metric accumulators outside
+checkpoints (a resumed run would log different means) and replace the model's forward with a fused LM head; as
+an Objective the loss runs inside LorafitTrainer, so lorafit's labels, checkpoints, exact resume, gradient
+accumulation and metrics history apply unchanged.
+
+Every loss term is per pair: a micro-batch returns sum over its pairs / ``totals.examples`` (the pairs of the whole
+optimizer step), so batch 4 x accumulation 1 and batch 1 x accumulation 4 give the same gradients
+(training/objectives.py). ORPO's NLL term is each chosen answer's mean token loss, averaged over pairs (TRL averages
+over all chosen tokens of a batch, which is not additive across micro-batches).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from lorafit.data.labels import IGNORE_INDEX
+from lorafit.errors import LorafitError
+from lorafit.model.lora_init import base_view
+from lorafit.training.objectives import Objective, divide_by_count
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of the labelled tokens (B,) and how many there are (B,).
+    Position t predicts label t+1, as in ``objectives.token_loss_sum``; logits upcast to float32 at least."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
+    mask = shifted != IGNORE_INDEX  # (B, T)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    picked = logits.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    token_logps = picked - torch.logsumexp(logits, dim=-1)  # (B, T); no (B, T, V) log-softmax kept
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def _forward_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return answer_logps(outputs.logits, batch["labels"])
+
+
+@contextmanager
+def reference_model(model):
+    """The base model inside the block, gradients off, no copy: the adapter switched off, or after a mutating init
+    (PiSSA, OLoRA: the base holds the residual) the step-0 adapter put back (``model.lora_init.base_view``)."""
+    peft_model = getattr(model, "module", model)  # DDP wraps the PeftModel
+    if not hasattr(peft_model, "disable_adapter"):
+        raise LorafitError(f"DPO needs the adapter model to compute the reference; got {type(peft_model).__name__}",
+                           why="the reference is the base model, obtained by switching the adapter off")
+    with torch.no_grad(), base_view(peft_model):
+        yield
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+class PreferenceObjective(Objective):
+    """Shared by DPO and ORPO: 2n rows per batch, one example per pair."""
+
+    data = "preference"
+
+    def __init__(self, *, beta: float = 0.1):
+        self.beta = beta
+
+    def examples_in(self, batch):
+        return int(batch["input_ids"].size(0)) // 2
+
+    @staticmethod
+    def _rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+        return {"reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item(),
+                "reward_margin": (chosen - rejected).mean().item(),
+                "reward_accuracy": (chosen > rejected).float().mean().item()}
+
+
+class DPOObjective(PreferenceObjective):
+    metric_names = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
+
+    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid"):
+        super().__init__(beta=beta)
+        self.loss_type = loss_type
+
+    def pair_losses(self, policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Per pair (n,) from the 2n rows' answer log-probabilities (policy, reference) and token counts."""
+        ratios = (policy - reference).chunk(2)  # chosen (n,), rejected (n,)
+        if self.loss_type == "ipo":
+            chosen_tokens, rejected_tokens = tokens.chunk(2)
+            delta = ratios[0] / chosen_tokens.clamp(min=1) - ratios[1] / rejected_tokens.clamp(min=1)
+            return (delta - 1 / (2 * self.beta)) ** 2
+        delta = ratios[0] - ratios[1]
+        if self.loss_type == "hinge":
+            return torch.relu(1 - self.beta * delta)
+        return -F.logsigmoid(self.beta * delta)
+
+    def compute(self, model, batch, totals=None):
+        # The reference first: after a PiSSA/OLoRA init, base_view writes the step-0 adapter into the parameters
+        # in place, which must not happen while the policy's graph holds them for backward.
+        with reference_model(model):
+            reference, _ = _forward_logps(model, batch)
+        policy, tokens = _forward_logps(model, batch)
+        losses = self.pair_losses(policy, reference, tokens)
+        loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
+        rewards = (self.beta * (policy - reference).detach()).chunk(2)
+        return loss, self._rewards(*rewards)
+
+
+class ORPOObjective(PreferenceObjective):
+    metric_names = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "nll_loss",
+                    "log_odds_ratio")
+
+    def compute(self, model, batch, totals=None):
+        logps, tokens = _forward_logps(model, batch)
+        chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)  # mean log-probability per answer token, (n,)
+        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+        losses = -chosen - self.beta * F.logsigmoid(log_odds)
+        loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
+        metrics = self._rewards(self.beta * chosen.detach(), self.beta * rejected.detach())
+        metrics |= {"nll_loss": -chosen.mean().item(), "log_odds_ratio": log_odds.mean().item()}
+        return loss, metrics
+
+
+def preference_objective(objective_config) -> PreferenceObjective:
+    """The Objective of ``objective.type: dpo | orpo``."""
+    if objective_config.type == "dpo":
+        return DPOObjective(beta=objective_config.beta, loss_type=objective_config.loss_type)
+    return ORPOObjective(beta=objective_config.beta)

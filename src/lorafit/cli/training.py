@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +40,14 @@ def train(
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", min=1, help="Stop after N optimizer steps: --set train.max_steps=N (replacing train.epochs)."
     ),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="Train in N processes on this node (one per GPU) through torchrun; how they "
+        "share the work: distributed.strategy (docs/scaling.md).",
+    ),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="With --nproc: number of nodes (run the same command on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="With --nnodes: this node's index, 0 to nnodes-1."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="With --nnodes: node 0's address."),
+    master_port: int = typer.Option(29500, "--master-port", help="With --nnodes: a free port on node 0."),
 ) -> None:
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model.
 
@@ -50,6 +59,14 @@ def train(
         from lorafit.cli.adapters import verify
 
         verify(artifact_dir, None, False, allow_pickle)
+        return
+    if nproc is not None:
+        from lorafit.cli.launch import Launch, relaunch
+
+        try:
+            relaunch(Launch(nproc, nnodes, node_rank, master_addr, master_port), sys.argv[1:])
+        except LorafitError as error:
+            _fail(error)
         return
     if max_steps is not None:
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
@@ -64,9 +81,11 @@ def train(
     from lorafit.training.recipe import RunStopped
     from lorafit.training.recipe import train as run_training
 
+    main = os.environ.get("RANK", "0") == "0"  # under --nproc/torchrun the main process alone prints the summary
     try:
         verb = "checking (dry run)" if dry_run else "training"
-        typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}")
+        if main:
+            typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}")
         result = run_training(cfg, overwrite=overwrite, progress=Progress(), allow_pickle=allow_pickle,
                               data_cache=not no_cache, resume=resume, force_resume=force_resume, dry_run=dry_run)
     except RunStopped as stopped:
@@ -80,6 +99,8 @@ def train(
         typer.secho("\ninterrupted at once (no checkpoint for the current step)", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume from the last checkpoint with: {resume_command()}", err=True)
         raise typer.Exit(130)
+    if not main:
+        return
     if dry_run:
         _print_dry_run(result)
         return
@@ -105,6 +126,9 @@ def resume_command(argv: Optional[List[str]] = None) -> str:
         if arg == "--overwrite" or arg.startswith("--resume="):
             continue
         kept.append(arg)
+    if os.environ.get("LOCAL_WORLD_SIZE") and not any(a.split("=")[0] == "--nproc" for a in kept):
+        # a process started by --nproc (or torchrun): the resumed run needs the same number of processes
+        kept += ["--nproc", os.environ["LOCAL_WORLD_SIZE"]]
     return shlex.join(["lorafit", *kept, "--resume", "auto"])
 
 

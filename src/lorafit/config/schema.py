@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from lorafit.config.model_sections import (
     LoraConfig, ModelConfig, QuantConfig, Section, resolve_input_path,
 )
+from lorafit.config.distributed import DistributedConfig
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
 
 
@@ -297,6 +298,7 @@ class Config(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="The training loss (docs/objectives.md).")
     plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callbacks; where plugin code may come from.")
     debug: DebugConfig = Field(default_factory=DebugConfig, description="Debugging aids (slow).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several processes (docs/scaling.md).")
     _objective_fits = model_validator(mode="after")(fits_objective)
 
     def to_dict(self) -> dict:

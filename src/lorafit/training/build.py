@@ -15,6 +15,7 @@ from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
 from lorafit.training.callbacks import MetricsHistory, ordered_callbacks
 from lorafit.training.checkpoint import read_meta
+from lorafit.training.distributed import strategy_arguments
 from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
 from lorafit.training.hooks import CheckpointSettings, LorafitTrainer
 
@@ -80,7 +81,7 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
         train_sampling_strategy=_sampling(config),
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+        **strategy_arguments(config),  # ddp_find_unused_parameters=False and the fsdp/deepspeed plugin arguments
         use_cpu=not torch.cuda.is_available(),
         torch_empty_cache_steps=t.empty_cache_every,
     )

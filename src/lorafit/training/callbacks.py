@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from lorafit.evaluate.metrics import GENERATION_METRICS as _GENERATION
 from lorafit.run_folder import RunFolder
 from lorafit.training.checkpoint import checkpoint_name
+from lorafit.training.distributed import sum_across_ranks
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
 _KEYS = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss", "epoch": "epoch"}
@@ -160,7 +161,8 @@ class MetricsHistory(TrainerCallback):
         self._pending: dict | None = None
         self.train_seconds = 0.0
         self._step_started: float | None = None
-        self.supervised_tokens = 0
+        self.supervised_tokens = 0  # over every process (summed at each step's end)
+        self._own_supervised = 0  # this process's count since the last step's end
         self._hook = None
 
     # -- supervised tokens: a forward pre-hook sees the labels of every training micro-batch
@@ -171,10 +173,10 @@ class MetricsHistory(TrainerCallback):
     def _count_supervised(self, module, args, kwargs):
         labels = kwargs.get("labels")
         if module.training and labels is not None:
-            self.supervised_tokens += int((labels[..., 1:] != -100).sum())  # the first label never has a target
+            self._own_supervised += int((labels[..., 1:] != -100).sum())  # the first label never has a target
 
     def add_supervised(self, tokens: int) -> None:
-        self.supervised_tokens += tokens
+        self._own_supervised += tokens
 
     # -- throughput: time inside optimizer steps only
     def on_step_begin(self, args, state, control, **kwargs):
@@ -184,6 +186,9 @@ class MetricsHistory(TrainerCallback):
         if self._step_started is not None:
             self.train_seconds += time.perf_counter() - self._step_started
             self._step_started = None
+        # Each process sees only its shard's labels: the step's count is their sum (one small all-reduce).
+        self.supervised_tokens += sum_across_ranks(self._own_supervised)
+        self._own_supervised = 0
 
     def tokens_per_second(self, state) -> float | None:
         if not self.train_seconds or not state.num_input_tokens_seen:

@@ -242,7 +242,8 @@ def _model_with_adapter(config: Config, model_path: str, allow_pickle: bool):
     """The base model (prepared for k-bit training when quantized) with a freshly initialised LoRA adapter."""
     from transformers import set_seed
 
-    model = load_base_model(config.model, model_path, config.quant, allow_pickle=allow_pickle)
+    model = load_base_model(config.model, model_path, config.quant, allow_pickle=allow_pickle,
+                            sharded=config.distributed.strategy == "fsdp")
     if config.quant.bits is not None:
         model = prepare_for_kbit_training(model)
     set_seed(config.train.seed)  # adapter init draws from the RNG: same seed, same initial adapter

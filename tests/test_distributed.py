@@ -70,8 +70,29 @@ def _launch(config: Path, *extra: str, env_extra: dict | None = None) -> subproc
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(config), "--nproc", "2", *extra],
-                            cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the kill reaches torchrun and workers
+                            cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun starts its workers in sessions of their own, so a
+    process-group kill would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -168,7 +189,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_adapter(ddp_run, tiny_mod
     while not (checkpoints / "step-00000002" / "manifest.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)  # torchrun and both workers at once, as a lost node would
     proc.wait()
     assert not (tmp_path / "run" / "training_summary.json").exists()
 

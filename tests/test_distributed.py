@@ -263,3 +263,15 @@ def test_fsdp_strategy_asks_for_fsdp2_with_one_unit_per_decoder_layer():
 def test_every_distributed_example_loads(path):
     config = load_config(path)
     assert config.distributed.strategy in path.stem or path.stem == "fsdp_qlora"
+
+
+def test_fsdp_that_accelerate_would_drop_is_refused(tmp_path, tiny_model_dir):
+    """On a CPU accelerate ignores the FSDP plugin and trains without it (2 CPU processes with strategy fsdp
+    trained plain DDP before this check): the run must say so instead of training something else."""
+    path = _config(tmp_path, tiny_model_dir, batch_size=2)
+    config = load_config(path, ["distributed.strategy=fsdp"])
+    with pytest.raises(LorafitError) as caught:
+        train(config, progress=False)
+    message = caught.value.render()
+    assert "distributed.strategy: fsdp is not possible in this run (on a CPU)" in message and "--nproc" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -15,7 +15,7 @@ from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
 from lorafit.training.callbacks import MetricsHistory, ordered_callbacks
 from lorafit.training.checkpoint import read_meta
-from lorafit.training.distributed import strategy_arguments
+from lorafit.training.distributed import check_strategy_can_run, require_strategy_active, strategy_arguments
 from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
 from lorafit.training.hooks import CheckpointSettings, LorafitTrainer
 
@@ -47,6 +47,7 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
 
     from lorafit.model.quantization import mixed_precision
 
+    check_strategy_can_run(config)
     t, e = config.train, config.eval
     return TrainingArguments(
         output_dir=str(run.checkpoints),
@@ -126,6 +127,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         data_collator=collator, processing_class=tokenizer, settings=settings, guard=guard, history=history,
         stateful=[best, *([objective] if objective is not None else [])], objective=objective,
     )
+    require_strategy_active(config, trainer)
     # From here on the Trainer's (accelerate's) own view decides which process writes run files.
     run.main_process = trainer.is_world_process_zero()
     # lorafit prints its own progress lines (training/progress.py); Trainer's would duplicate them.

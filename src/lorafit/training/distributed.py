@@ -266,3 +266,35 @@ def unshard_for_outputs(trainer) -> None:
         import deepspeed
 
         deepspeed.zero.GatheredParameters(list(trainer.model.parameters())).__enter__()
+
+
+
+def check_strategy_can_run(config: Config) -> None:
+    """Before Trainer is built: FSDP and DeepSpeed need CUDA GPUs and a launcher (transformers raises a bare
+    ValueError without a launcher; accelerate silently drops them on a CPU, see require_strategy_active)."""
+    wanted = config.distributed.strategy
+    if wanted == "ddp":
+        return
+    if not torch.cuda.is_available():
+        _refuse_strategy(wanted, "on a CPU")
+    if "WORLD_SIZE" not in os.environ:
+        _refuse_strategy(wanted, "without a launcher")
+
+
+def require_strategy_active(config: Config, trainer) -> None:
+    """Refuse a run in which accelerate dropped the asked-for strategy. accelerate applies FSDP and DeepSpeed only
+    to processes on GPUs started by a launcher; elsewhere it trains without them and says nothing (measured with
+    accelerate 1.15: an fsdp run of 2 CPU processes trained with plain DDP)."""
+    wanted, active = config.distributed.strategy, strategy_of(trainer)
+    if wanted == "fsdp" and active != "fsdp" or wanted.startswith("deepspeed") and active != "deepspeed":
+        _refuse_strategy(wanted, f"accelerate set up {'one process' if active == 'single' else active}")
+
+
+def _refuse_strategy(wanted: str, where: str):
+    raise LorafitError(
+        f"distributed.strategy: {wanted} is not possible in this run ({where})",
+        why="accelerate applies FSDP and DeepSpeed only to processes on CUDA GPUs started by a launcher; otherwise "
+        "it trains without them, and the run would not be the one the config asks for",
+        fix="run on CUDA GPUs with lorafit train CONFIG --nproc N (--nproc 1 for one GPU), or set "
+        "distributed.strategy: ddp",
+    )

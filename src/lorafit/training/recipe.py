@@ -32,7 +32,7 @@ from lorafit.training.build import build_trainer
 from lorafit.training.callbacks import MetricsHistory
 from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
                                          read_history, read_meta)
-from lorafit.training.distributed import (barrier, init_processes, main_process_first, require_same_world_size,
+from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first, require_same_world_size,
                                           unshard_for_outputs)
 from lorafit.training.guards import BestMetric, StopRequest
 from lorafit.training.hooks import check_trainer_api
@@ -284,3 +284,4 @@ def _refuse_unsupported(config: Config) -> None:
         require_bitsandbytes(f"quant.bits: {config.quant.bits}")
     check_optimizer_available(config)
     check_precision_supported(config)
+    check_strategy_can_run(config)  # before the data and the model are loaded: FSDP/DeepSpeed need GPUs and a launcher

@@ -32,8 +32,8 @@ from lorafit.training.build import build_trainer
 from lorafit.training.callbacks import MetricsHistory
 from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
                                          read_history, read_meta)
-from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first, require_same_world_size,
-                                          unshard_for_outputs)
+from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first,
+                                          require_same_world_size, unshard_for_outputs)
 from lorafit.training.guards import BestMetric, StopRequest
 from lorafit.training.hooks import check_trainer_api
 from lorafit.training.objective_step import attack_comparison, objective_for, prepare_run_data

@@ -242,9 +242,16 @@ def test_deepspeed_strategy_builds_the_zero_config_trainer_hands_to_accelerate(s
     zero = args["deepspeed"]["zero_optimization"]
     assert zero["stage"] == stage and args["ddp_find_unused_parameters"] is False
     assert zero.get("stage3_gather_16bit_weights_on_model_save", False) is (stage == 3)
-    # Batch, accumulation and clipping come from lorafit's own values through Trainer ("auto"), never twice.
-    assert args["deepspeed"]["train_micro_batch_size_per_gpu"] == "auto"
     assert "fsdp" not in args
+    # Batch, accumulation and clipping are "auto": TrainingArguments fills them from lorafit's own values (the
+    # config DeepSpeed receives through accelerate's plugin), so the two can never disagree.
+    from transformers import TrainingArguments
+
+    built = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                              max_grad_norm=0.7, use_cpu=True, **args).hf_deepspeed_config.config
+    assert built["zero_optimization"]["stage"] == stage
+    assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"],
+            built["gradient_clipping"]) == (3, 2, 0.7)
 
 
 def test_fsdp_strategy_asks_for_fsdp2_with_one_unit_per_decoder_layer():

@@ -282,3 +282,16 @@ def test_fsdp_that_accelerate_would_drop_is_refused(tmp_path, tiny_model_dir):
     message = caught.value.render()
     assert "distributed.strategy: fsdp is not possible in this run (on a CPU)" in message and "--nproc" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_launcher_mistake_on_the_command_line_exits_1_without_a_traceback(monkeypatch):
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", str(REPO / "examples/distributed/ddp.yaml"), "--nproc", "2", "--nnodes", "2"]
+    monkeypatch.setattr(sys, "argv", ["lorafit", *argv])
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1 and "--nnodes 2 needs --master-addr" in result.output
+    assert "Traceback" not in result.output

@@ -12,7 +12,17 @@ import os
 import sys
 from dataclasses import dataclass
 
+import typer
+
 from lorafit.errors import LorafitError
+
+# The launcher options of `lorafit train` (cli/training.py), defined here beside what reads them.
+NprocOption = typer.Option(None, "--nproc", min=1, help="Train in N processes on this node (one per GPU) through "
+                           "torchrun; how they share the work: distributed.strategy (docs/scaling.md).")
+NnodesOption = typer.Option(1, "--nnodes", min=1, help="With --nproc: number of nodes (run the same command on each).")
+NodeRankOption = typer.Option(0, "--node-rank", min=0, help="With --nnodes: this node's index, 0 to nnodes-1.")
+MasterAddrOption = typer.Option(None, "--master-addr", help="With --nnodes: node 0's address.")
+MasterPortOption = typer.Option(29500, "--master-port", help="With --nnodes: a free port on node 0.")
 
 # Flags of `lorafit train` that belong to the launcher; the processes it starts get the command without them.
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
@@ -76,8 +86,14 @@ def launch_command(launch: Launch, argv: list[str]) -> list[str]:
 
 
 def relaunch(launch: Launch, argv: list[str]) -> None:
-    """Replace this process with torchrun running the command in ``launch.nproc`` processes (never returns)."""
-    check_launch(launch)
+    """Replace this process with torchrun running the command in ``launch.nproc`` processes (never returns; a
+    launcher mistake exits 1 with what/why/fix)."""
+    from lorafit.cli.app import _fail
+
+    try:
+        check_launch(launch)
+    except LorafitError as error:
+        _fail(error)
     command = launch_command(launch, argv)
     sys.stdout.flush()
     sys.stderr.flush()

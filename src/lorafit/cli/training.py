@@ -14,6 +14,8 @@ from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
 
 from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _quiet_libraries, app
+from lorafit.cli.launch import (Launch, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
+                                relaunch)
 
 
 @app.command()
@@ -40,14 +42,11 @@ def train(
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", min=1, help="Stop after N optimizer steps: --set train.max_steps=N (replacing train.epochs)."
     ),
-    nproc: Optional[int] = typer.Option(
-        None, "--nproc", min=1, help="Train in N processes on this node (one per GPU) through torchrun; how they "
-        "share the work: distributed.strategy (docs/scaling.md).",
-    ),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="With --nproc: number of nodes (run the same command on each)."),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="With --nnodes: this node's index, 0 to nnodes-1."),
-    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="With --nnodes: node 0's address."),
-    master_port: int = typer.Option(29500, "--master-port", help="With --nnodes: a free port on node 0."),
+    nproc: Optional[int] = NprocOption,
+    nnodes: int = NnodesOption,
+    node_rank: int = NodeRankOption,
+    master_addr: Optional[str] = MasterAddrOption,
+    master_port: int = MasterPortOption,
 ) -> None:
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model.
 
@@ -60,14 +59,8 @@ def train(
 
         verify(artifact_dir, None, False, allow_pickle)
         return
-    if nproc is not None:
-        from lorafit.cli.launch import Launch, relaunch
-
-        try:
-            relaunch(Launch(nproc, nnodes, node_rank, master_addr, master_port), sys.argv[1:])
-        except LorafitError as error:
-            _fail(error)
-        return
+    if nproc is not None:  # the same command in N processes under torchrun; does not return
+        relaunch(Launch(nproc, nnodes, node_rank, master_addr, master_port), sys.argv[1:])
     if max_steps is not None:
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
     try:
@@ -84,8 +77,7 @@ def train(
     main = os.environ.get("RANK", "0") == "0"  # under --nproc/torchrun the main process alone prints the summary
     try:
         verb = "checking (dry run)" if dry_run else "training"
-        if main:
-            typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}")
+        typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}") if main else None
         result = run_training(cfg, overwrite=overwrite, progress=Progress(), allow_pickle=allow_pickle,
                               data_cache=not no_cache, resume=resume, force_resume=force_resume, dry_run=dry_run)
     except RunStopped as stopped:

@@ -99,6 +99,15 @@ def gather_objects(value) -> list:
     return out
 
 
+def broadcast_from_main(value):
+    """The main process's ``value`` on every process (``value`` itself with one process)."""
+    if not _active():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def strategy_arguments(config: Config) -> dict:
     """The TrainingArguments keywords of ``distributed.strategy`` (accelerate builds the plugin from them)."""
     d = config.distributed

@@ -158,7 +158,10 @@ class ReplayableSampler(torch.utils.data.Sampler):
             self.indices = list(self._replay[1])
             self._replay = None
         else:
-            self.indices = list(iter(self.inner))
+            # Under DDP every process draws the order from its own global RNG, which adapter dropout has moved by
+            # different amounts (each process's batches have other shapes): the main process's order is used by
+            # all, so that the processes split one order instead of taking overlapping shares of different ones.
+            self.indices = distributed.broadcast_from_main(list(iter(self.inner)))
         return iter(self.indices)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,6 +14,8 @@ from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
 
 from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _quiet_libraries, app
+from lorafit.cli.launch import (Launch, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
+                                relaunch)
 
 
 @app.command()
@@ -39,6 +42,11 @@ def train(
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", min=1, help="Stop after N optimizer steps: --set train.max_steps=N (replacing train.epochs)."
     ),
+    nproc: Optional[int] = NprocOption,
+    nnodes: int = NnodesOption,
+    node_rank: int = NodeRankOption,
+    master_addr: Optional[str] = MasterAddrOption,
+    master_port: int = MasterPortOption,
 ) -> None:
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model.
 
@@ -51,6 +59,8 @@ def train(
 
         verify(artifact_dir, None, False, allow_pickle, serving=None)
         return
+    if nproc is not None:  # the same command in N processes under torchrun; does not return
+        relaunch(Launch(nproc, nnodes, node_rank, master_addr, master_port), sys.argv[1:])
     if max_steps is not None:
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
     try:
@@ -64,9 +74,10 @@ def train(
     from lorafit.training.recipe import RunStopped
     from lorafit.training.recipe import train as run_training
 
+    main = os.environ.get("RANK", "0") == "0"  # under --nproc/torchrun the main process alone prints the summary
     try:
         verb = "checking (dry run)" if dry_run else "training"
-        typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}")
+        typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}") if main else None
         result = run_training(cfg, overwrite=overwrite, progress=Progress(), allow_pickle=allow_pickle,
                               data_cache=not no_cache, resume=resume, force_resume=force_resume, dry_run=dry_run)
     except RunStopped as stopped:
@@ -80,6 +91,8 @@ def train(
         typer.secho("\ninterrupted at once (no checkpoint for the current step)", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume from the last checkpoint with: {resume_command()}", err=True)
         raise typer.Exit(130)
+    if not main:
+        return
     if dry_run:
         _print_dry_run(result)
         return
@@ -105,6 +118,9 @@ def resume_command(argv: Optional[List[str]] = None) -> str:
         if arg == "--overwrite" or arg.startswith("--resume="):
             continue
         kept.append(arg)
+    if os.environ.get("LOCAL_WORLD_SIZE") and not any(a.split("=")[0] == "--nproc" for a in kept):
+        # a process started by --nproc (or torchrun): the resumed run needs the same number of processes
+        kept += ["--nproc", os.environ["LOCAL_WORLD_SIZE"]]
     return shlex.join(["lorafit", *kept, "--resume", "auto"])
 
 

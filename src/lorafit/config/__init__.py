@@ -22,11 +22,12 @@ from lorafit.config.schema import (
     TrainConfig,
     warmup_steps_for,
 )
+from lorafit.config.distributed import DistributedConfig
 from lorafit.config.objective import AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig
 from lorafit.config.reference import schema_reference
 
 __all__ = [
-    "AttackEvalConfig", "DebugConfig", "ObjectiveConfig", "PluginsConfig",
+    "AttackEvalConfig", "DebugConfig", "DistributedConfig", "ObjectiveConfig", "PluginsConfig",
     "BUILTIN_TINY_MODEL", "EVAL_LOG_METRICS", "GENERATION_METRICS", "LOSS_METRICS", "LOWER_IS_BETTER",
     "TRAIN_LOG_METRICS", "ArtifactConfig", "BestConfig", "Config", "DataConfig", "DataSource", "EvalConfig",
     "LoraConfig", "ModelConfig", "QuantConfig", "TrackingConfig", "TrainConfig", "apply_overrides",

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from lorafit.config.model_sections import (
     LoraConfig, ModelConfig, QuantConfig, Section, init_fits_quantization, resolve_input_path,
 )
+from lorafit.config.distributed import DistributedConfig
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
 from lorafit.config.preference import PREFERENCE_METRICS
 
@@ -306,6 +307,7 @@ class Config(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="The training loss (docs/objectives.md).")
     plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Callbacks; where plugin code may come from.")
     debug: DebugConfig = Field(default_factory=DebugConfig, description="Debugging aids (slow).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several processes (docs/scaling.md).")
     _objective_fits = model_validator(mode="after")(fits_objective)
     _init_fits_quant = model_validator(mode="after")(init_fits_quantization)
 

@@ -113,7 +113,8 @@ def refuse_pickle_weights(folder: Path, *, allow_pickle: bool, what: str = "mode
         )
 
 
-def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = None, *, allow_pickle: bool = False):
+def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = None, *, allow_pickle: bool = False,
+                    sharded: bool = False):
     """The base in ``model.dtype``; with ``quant.bits`` set, its linear layers quantized by bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
@@ -122,7 +123,7 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
     if quant is not None and quant.bits is not None:
         from lorafit.model.quantization import bnb_config
 
-        extra["quantization_config"] = bnb_config(quant)
+        extra["quantization_config"] = bnb_config(quant, sharded=sharded)
     base = load_with_attention(lambda attn: _local_only(
         AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[resolve_dtype(model.dtype)], trust_remote_code=model.trust_remote_code,
         use_safetensors=None if allow_pickle else True, attn_implementation=attn, **extra,

@@ -35,8 +35,10 @@ def require_bitsandbytes(what: str) -> None:
         raise LorafitError(f"{what} needs bitsandbytes, which is not installed", why=str(exc), fix=INSTALL_HINT) from None
 
 
-def bnb_config(quant: QuantConfig):
-    """The transformers BitsAndBytesConfig for ``quant`` (bits 4 or 8)."""
+def bnb_config(quant: QuantConfig, *, sharded: bool = False):
+    """The transformers BitsAndBytesConfig for ``quant`` (bits 4 or 8). ``sharded`` (FSDP): the packed 4-bit
+    weights are stored in the compute dtype, the dtype of every other parameter, so FSDP can shard them with the
+    rest (QLoRA under FSDP, docs/scaling.md); the bits and the arithmetic are the same."""
     from transformers import BitsAndBytesConfig
 
     require_bitsandbytes(f"quant.bits: {quant.bits}")
@@ -47,7 +49,7 @@ def bnb_config(quant: QuantConfig):
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=DTYPES[quant.compute_dtype] if sharded else torch.uint8,
     )
 
 

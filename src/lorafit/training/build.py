@@ -16,6 +16,7 @@ from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
 from lorafit.training.callbacks import MetricsHistory, ordered_callbacks
 from lorafit.training.checkpoint import read_meta
+from lorafit.training.distributed import check_strategy_can_run, require_strategy_active, strategy_arguments
 from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
 from lorafit.training.hooks import CheckpointSettings, LorafitTrainer
 from lorafit.training.optimizer import LearningRates
@@ -49,6 +50,7 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
 
     from lorafit.model.quantization import mixed_precision
 
+    check_strategy_can_run(config)
     t, e = config.train, config.eval
     return TrainingArguments(
         output_dir=str(run.checkpoints),
@@ -86,7 +88,7 @@ def training_arguments(config: Config, run: RunFolder, *, has_eval: bool, total_
         train_sampling_strategy=_sampling(config),
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
+        **strategy_arguments(config),  # ddp_find_unused_parameters=False and the fsdp/deepspeed plugin arguments
         use_cpu=not torch.cuda.is_available(),
         torch_empty_cache_steps=t.empty_cache_every,
     )
@@ -138,6 +140,7 @@ def build_trainer(config: Config, model, tokenizer, train_data: TokenizedDataset
         stateful=[best, *(part for part in (objective, per_source) if part is not None)], objective=objective,
         rates=LearningRates.from_config(config), source_losses=per_source,
     )
+    require_strategy_active(config, trainer)
     # From here on the Trainer's (accelerate's) own view decides which process writes run files.
     run.main_process = trainer.is_world_process_zero()
     # lorafit prints its own progress lines (training/progress.py); Trainer's would duplicate them.

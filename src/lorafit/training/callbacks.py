@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from lorafit.evaluate.metrics import GENERATION_METRICS as _GENERATION
 from lorafit.run_folder import RunFolder
 from lorafit.training.checkpoint import checkpoint_name
+from lorafit.training.distributed import sum_across_ranks, world_size
 from lorafit.training.source_loss import PREFIX as _SOURCE_LOSS
 
 # Trainer's log keys -> the names lorafit writes (short and stable across transformers versions).
@@ -161,8 +162,8 @@ class MetricsHistory(TrainerCallback):
         self._pending: dict | None = None
         self.train_seconds = 0.0
         self._step_started: float | None = None
-        self._supervised_counted = 0
-        self._supervised_on_device = None  # summed on the device; read (one sync) only when a log line needs it
+        self._supervised_counted = 0  # over every process
+        self._supervised_on_device = None  # this process's count not yet read, summed on the device
         self._hook = None
 
     # -- supervised tokens: a forward pre-hook sees the labels of every training micro-batch
@@ -180,7 +181,9 @@ class MetricsHistory(TrainerCallback):
             self._supervised_on_device = count if pending is None else pending + count
 
     def add_supervised(self, tokens: int) -> None:
-        self._supervised_counted += tokens
+        count = torch.as_tensor(tokens)
+        pending = self._supervised_on_device
+        self._supervised_on_device = count if pending is None else pending + count.to(pending.device)
 
     @property
     def supervised_tokens(self) -> int:
@@ -201,6 +204,11 @@ class MetricsHistory(TrainerCallback):
         if self._step_started is not None:
             self.train_seconds += time.perf_counter() - self._step_started
             self._step_started = None
+        if world_size() > 1 and self._supervised_on_device is not None:
+            # Each process sees only its shard's labels: the step's count is their sum, reduced here, where every
+            # process passes at once (a read at logging time could happen on one process only and hang the others).
+            self._supervised_counted += sum_across_ranks(int(self._supervised_on_device))
+            self._supervised_on_device = None
 
     def tokens_per_second(self, state) -> float | None:
         if not self.train_seconds or not state.num_input_tokens_seen:

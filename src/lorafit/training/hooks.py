@@ -39,6 +39,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorafit.errors import LorafitError
 from lorafit.training import checkpoint as ckpt
+from lorafit.training import distributed
 from lorafit.training.guards import NonFiniteGuard
 from lorafit.training.objective_step import ObjectiveRunner
 from lorafit.training.objectives import SupervisedObjective
@@ -163,7 +164,10 @@ class ReplayableSampler(torch.utils.data.Sampler):
             self.indices = list(self._replay[1])
             self._replay = None
         else:
-            self.indices = list(iter(self.inner))
+            # Under DDP every process draws the order from its own global RNG, which adapter dropout has moved by
+            # different amounts (each process's batches have other shapes): the main process's order is used by
+            # all, so that the processes split one order instead of taking overlapping shares of different ones.
+            self.indices = distributed.broadcast_from_main(list(iter(self.inner)))
         return iter(self.indices)
 
 
@@ -249,23 +253,29 @@ class LorafitTrainer(Trainer):
     # -- saving
     def _save_checkpoint(self, model, trial) -> None:
         step = self.state.global_step
-        if self.guard.tripped or self.guard.consecutive or self._saved_step == step or not self.args.should_save:
-            return  # only the state after a good step is saved; an epoch end right after a step save is the same state
+        if self._saved_step == step:
+            return  # an epoch end right after a step's save is the same state
+        # Trainer calls this on every process; what gathers across processes runs on all of them, before the main
+        # process alone decides to write (a collective one process skips would hang the others).
         self.store_flos()
-        files = self._checkpoint_files(step)
-        if not self.guard.weights_finite(files[ckpt.ADAPTER], step):
+        shared = distributed.checkpoint_state(self)
+        self._saved_step = step  # on every process: a second request at this step must skip the gathers everywhere
+        if self.guard.tripped or self.guard.consecutive:
+            return  # only the state after a good step is saved
+        # The adapter is the same on every process, so each takes the same decision to stop.
+        if not self.guard.weights_finite(safetensors_bytes(shared["adapter"]), step):
             self.control.should_training_stop = True
             return
+        if not self.args.should_save:
+            return  # only the main process writes
+        files = self._checkpoint_files(step, shared)
         s = self.settings
         self.last_checkpoint = ckpt.commit_checkpoint(
             s.root, step, files, keep_last=s.keep_last, keep_best=s.keep_best, best_mode=s.best_mode
         )
-        self._saved_step = step
 
-    def _checkpoint_files(self, step: int) -> dict[str, bytes]:
-        from peft import get_peft_model_state_dict
-
-        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+    def _checkpoint_files(self, step: int, shared: dict) -> dict[str, bytes]:
+        adapter = shared["adapter"]
         peft_config = self.model.peft_config["default"].to_dict()
         peft_config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.items()}
 
@@ -273,7 +283,7 @@ class LorafitTrainer(Trainer):
         sampler = self._sampler
         tensors: dict[str, torch.Tensor] = {}
         tree = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": shared["optimizer"],
             "scheduler": self.lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": ckpt.capture_rng(),
@@ -288,6 +298,7 @@ class LorafitTrainer(Trainer):
                 "history": self.history.counters(),
             },
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in [self.guard, *self.stateful]},
+            "ranks": shared["ranks"],  # each process's RNG and loss accumulator (None with one process)
         }
         state_json = ckpt.flatten_state(tree, "state", tensors)
 
@@ -307,6 +318,8 @@ class LorafitTrainer(Trainer):
                 "sampler_epoch": tree["sampler"]["epoch"],
             },
             "max_steps": self.state.max_steps,
+            "world_size": distributed.world_size(),
+            "strategy": shared["strategy"],
             "versions": _versions(),
             "best_metric": metric,
             "best_metric_value": score,
@@ -364,7 +377,7 @@ class LorafitTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         if checkpoint is None:
             return
-        self.optimizer.load_state_dict(self._resume_state["optimizer"])
+        distributed.load_optimizer_state(self, self._resume_state["optimizer"])
         self.lr_scheduler.load_state_dict(self._resume_state["scheduler"])
 
     def _load_scaler(self, checkpoint) -> None:
@@ -378,9 +391,9 @@ class LorafitTrainer(Trainer):
         # averages the same steps as in an uninterrupted run.
         if checkpoint is None:
             return
-        ckpt.restore_rng(self._resume_state["rng"])
-        loop = self._resume_state["loop"]
-        self._tr_loss = loop["tr_loss"].to(self.args.device)
+        loop, mine = self._resume_state["loop"], distributed.own_rank_state(self._resume_state)
+        ckpt.restore_rng(mine["rng"])
+        self._tr_loss = mine["tr_loss"].to(self.args.device)
         self._total_loss_scalar = loop["total_loss_scalar"]
         self._globalstep_last_logged = loop["globalstep_last_logged"]
 

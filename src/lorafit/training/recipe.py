@@ -32,6 +32,8 @@ from lorafit.training.build import build_trainer
 from lorafit.training.callbacks import MetricsHistory
 from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
                                          read_history, read_meta)
+from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first,
+                                          require_same_world_size, unshard_for_outputs)
 from lorafit.training.guards import BestMetric, StopRequest
 from lorafit.training.hooks import check_trainer_api
 from lorafit.training.memory_record import memory_summary, predict_for_run
@@ -78,6 +80,7 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
     from lorafit.training.progress import Progress
 
     started = time.time()
+    init_processes(config)  # under a launcher: join the process group before anything waits on it
     config = with_resolved_dtype(config)  # model.dtype: auto -> bf16 or fp32, once, for every later step
     progress = Progress() if progress is True else (progress or None)
     notes: list[str] = []
@@ -122,7 +125,10 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     check_trainer_api()
     _refuse_unsupported(config)
     runner, user = objective_for(config, user)
-    resume_from = None if dry_run else find_resume_point(run.checkpoints, resume, overwrite=overwrite)
+    with main_process_first():  # it may delete cut-short saves (or, with --overwrite, every checkpoint)
+        resume_from = None if dry_run else find_resume_point(run.checkpoints, resume, overwrite=overwrite)
+    if resume_from is not None:
+        require_same_world_size(resume_from, read_meta(resume_from).get("world_size", 1))
     set_seed(config.train.seed)
 
     model_path = resolve_model_path(config.model)
@@ -131,7 +137,8 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     tokenizer = load_tokenizer(config.model, model_path)
     use_configured_template(tokenizer, config.data)
 
-    prepared = prepare_run_data(config, tokenizer, runner, use_cache=data_cache)
+    with main_process_first():  # the main process fills the data cache, the others read it
+        prepared = prepare_run_data(config, tokenizer, runner, use_cache=data_cache)
     train_data, eval_data = prepared.train, prepared.eval
     write_data_report(run, prepared, say)
     memory = predict_for_run(config, prepared.train_examples, say)
@@ -183,6 +190,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
         if len(eval_data) and not history.evaluated_at(trainer.state.global_step):
             trainer.evaluate()
     history.close()
+    unshard_for_outputs(trainer)  # FSDP/ZeRO-3: every process holds the whole model again for what follows
 
     base_check.finish(model)  # raises, naming the tensors, if any frozen weight changed
     require_adapter_changed(model)
@@ -200,7 +208,8 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
             for split, stats in (("train", prepared.train_stats), ("eval", prepared.eval_stats))}
     parameters = {"trainable": trainable, "total": total}
     metadata = collect_metadata(config, model_path, tokenizer, data, parameters, base_check, started, health=health)
-    if not run.main_process:  # the main process publishes; the others only trained alongside it
+    if not run.main_process:  # the main process publishes; the others only trained alongside it, and wait
+        barrier()
         return TrainResult(run.path, run.artifact_dir(config.artifact.name, config.artifact.version), metrics,
                            data, parameters, health=health, warnings=notes)
     adapter_dir = write_final_artifact(run.path, model, tokenizer, config, metadata, metrics, overwrite=republish)
@@ -225,6 +234,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     }
     write_results_and_report(run, config, summary, comparison)
     run.write_json(run.SUMMARY, summary)
+    barrier()
     return TrainResult(run.path, adapter_dir, metrics, data, parameters, report=Path(summary["report"]),
                        generation=summary.get("generation", {}), best=summary["best"], health=health, warnings=notes,
                        attack=attack or {})
@@ -234,7 +244,8 @@ def _model_with_adapter(config: Config, model_path: str, allow_pickle: bool):
     """The base model (prepared for k-bit training when quantized) with a freshly initialised LoRA adapter."""
     from transformers import set_seed
 
-    model = load_base_model(config.model, model_path, config.quant, allow_pickle=allow_pickle)
+    model = load_base_model(config.model, model_path, config.quant, allow_pickle=allow_pickle,
+                            sharded=config.distributed.strategy == "fsdp")
     if config.quant.bits is not None:
         model = prepare_for_kbit_training(model)
     set_seed(config.train.seed)  # adapter init draws from the RNG: same seed, same initial adapter
@@ -275,3 +286,4 @@ def _refuse_unsupported(config: Config) -> None:
         require_bitsandbytes(f"quant.bits: {config.quant.bits}")
     check_optimizer_available(config)
     check_precision_supported(config)
+    check_strategy_can_run(config)  # before the data and the model are loaded: FSDP/DeepSpeed need GPUs and a launcher

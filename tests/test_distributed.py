@@ -245,6 +245,8 @@ def test_deepspeed_strategy_builds_the_zero_config_trainer_hands_to_accelerate(s
     assert "fsdp" not in args
     # Batch, accumulation and clipping are "auto": TrainingArguments fills them from lorafit's own values (the
     # config DeepSpeed receives through accelerate's plugin), so the two can never disagree.
+    pytest.importorskip("deepspeed", reason="TrainingArguments reads a DeepSpeed config only with deepspeed installed "
+                        "(the `deepspeed` extra; not in dev: its source build would fetch torch)")
     from transformers import TrainingArguments
 
     built = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,

@@ -52,7 +52,7 @@ def _config_file(tmp_path, model_dir, **sections) -> str:
 def test_the_trainer_api_check_passes_on_the_installed_version_and_names_what_is_missing():
     from transformers import Trainer
 
-    from lorafit.training.hooks import TRAINER_METHODS, check_trainer_api, trainer_api_problems
+    from lorafit.training.trainer_api import TRAINER_METHODS, check_trainer_api, trainer_api_problems
 
     assert trainer_api_problems() == []
 

@@ -238,8 +238,8 @@ def _memory_card(memory: dict) -> list[str]:
             f'{memory["predicted_peak_gib"]:.2f} GiB predicted</div><div class="sub">{sub}</div></div>']
 
 
-def render_html(history: list[dict], results: dict) -> str:
-    """The report page as a string (pure: everything comes from the two arguments)."""
+def _cards(results: dict) -> list[str]:
+    """The headline cards: eval loss, headline metrics base -> adapter, best step, speed, memory, attack, steps."""
     m = results.get("metrics") or {}
     best = results.get("best") or {}
     esc = html.escape
@@ -273,6 +273,13 @@ def render_html(history: list[dict], results: dict) -> str:
         card("attack success rate", f"{_fmt(attack['base']['attack_success_rate'], 2)} &rarr; "
              f"{_fmt(attack['adapter']['attack_success_rate'], 2)}", f"base &rarr; adapter, {attack['examples']} injections")
     card("steps", f"{_fmt(m.get('steps'))}", f"{_fmt(m.get('epochs'), 2)} epochs, {_fmt(m.get('train_seconds'), 1)} s training")
+    return cards
+
+
+def render_html(history: list[dict], results: dict) -> str:
+    """The report page as a string (pure: everything comes from the two arguments)."""
+    esc = html.escape
+    cards = _cards(results)
 
     figures = []
     for title, png, note in plots(history, results):
@@ -312,7 +319,7 @@ greedy decoding. Definitions: docs/eval.md.</p>
 <h2>Sample generations</h2>
 <table class="samples"><tr><th>prompt</th><th>reference</th><th>base (no adapter)</th><th>adapter</th></tr>{sample_rows or
 '<tr><td colspan="4" class="muted">no samples (no eval data, or eval.generate_samples: 0)</td></tr>'}</table>
-{_attack_section(attack)}
+{_attack_section(results.get("attack") or {})}
 {harness_section(results.get("harness"))}
 <h2>Data</h2>
 <table><tr><th>split</th><th>rows</th><th>kept</th><th>tokens</th><th>supervised tokens</th><th>sources</th></tr>{data_rows}</table>

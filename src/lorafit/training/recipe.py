@@ -35,7 +35,7 @@ from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fing
 from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first,
                                           require_same_world_size, unshard_for_outputs)
 from lorafit.training.guards import BestMetric, StopRequest
-from lorafit.training.hooks import check_trainer_api
+from lorafit.training.trainer_api import check_trainer_api
 from lorafit.training.memory_record import memory_summary, predict_for_run
 from lorafit.training.objective_step import attack_comparison, objective_for, prepare_run_data
 from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401

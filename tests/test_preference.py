@@ -324,15 +324,23 @@ class ModelsInMemory(TrainerCallback):
 
     def __init__(self):
         self.extra: list[int] = []
+        self.before = 0  # models other tests in this process left alive: not this run's
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    @staticmethod
+    def _others(model) -> int:
         import gc
 
         from transformers import PreTrainedModel
 
         gc.collect()
         own = {id(m) for m in model.modules()}  # the trained model and its inner decoder (also a PreTrainedModel)
-        self.extra.append(sum(isinstance(o, PreTrainedModel) and id(o) not in own for o in gc.get_objects()))
+        return sum(isinstance(o, PreTrainedModel) and id(o) not in own for o in gc.get_objects())
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = self._others(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.extra.append(self._others(model) - self.before)
 
 
 def test_dpo_on_the_shipped_set_raises_margin_and_accuracy_and_verifies(tmp_path, tiny_model_dir):

@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafit.data.collate import ExampleDataset
 from lorafit.data.formats import FieldMap, RowError, _from_sharegpt, check_messages, messages_from_row
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.readers import read_rows
@@ -229,17 +230,8 @@ def load_preference_source(source, tokenizer, data) -> tuple[list[PreferenceExam
     return examples, stats, skipped
 
 
-class PreferenceDataset:
-    """Pairs in the dict form the collator expects (a map-style dataset by protocol, like TokenizedDataset)."""
-
-    def __init__(self, examples: list[PreferenceExample]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index].as_features()
+class PreferenceDataset(ExampleDataset):
+    """Pairs as the features ``PreferenceCollator`` takes."""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ compares bytes.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from lorafit.data.sample import split_generated, write_jsonl_files
 
 OPERATIONS = [("plus", lambda a, b: a + b), ("minus", lambda a, b: a - b), ("times", lambda a, b: a * b)]
 QUESTIONS = ["What is {a} {op} {b}?", "Please compute {a} {op} {b}.", "How much is {a} {op} {b}?"]
@@ -40,28 +41,12 @@ def _pair(rng: random.Random) -> dict:
 
 def generate_pairs(n_train: int = 256, n_eval: int = 32, seed: int = 2024) -> tuple[list[dict], list[dict]]:
     """Deterministic train and eval pairs; no eval prompt repeats a training one."""
-    rng = random.Random(seed)
-    train = [_pair(rng) for _ in range(n_train)]
-    seen = {row["prompt"] for row in train}
-    evaluation: list[dict] = []
-    while len(evaluation) < n_eval:
-        row = _pair(rng)
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            evaluation.append(row)
-    return train, evaluation
+    return split_generated(_pair, lambda row: row["prompt"], n_train, n_eval, seed)
 
 
 def write_sample_preference(folder: Path) -> list[Path]:
     """Write ``preference_train.jsonl`` and ``preference_eval.jsonl`` into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in zip(("preference_train.jsonl", "preference_eval.jsonl"), generate_pairs()):
-        path = folder / name
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_jsonl_files(folder, zip(("preference_train.jsonl", "preference_eval.jsonl"), generate_pairs()))
 
 
 if __name__ == "__main__":  # python -m lorafit.data.sample_preference FOLDER

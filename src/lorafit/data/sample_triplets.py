@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from lorafit.data.sample import TEMPLATES, random_person
+from lorafit.data.sample import TEMPLATES, random_person, split_generated, write_jsonl_files
 
 INSTRUCTIONS = [
     "Extract name, age, city and job from the text. Answer with JSON only.",
@@ -59,28 +59,12 @@ def _triplet(rng: random.Random) -> dict:
 
 def generate_triplets(n_train: int = 400, n_eval: int = 48, seed: int = 4321) -> tuple[list[dict], list[dict]]:
     """Deterministic train and eval triplets; no eval benign request repeats a training one."""
-    rng = random.Random(seed)
-    train = [_triplet(rng) for _ in range(n_train)]
-    seen = {row["benign"] for row in train}
-    evaluation: list[dict] = []
-    while len(evaluation) < n_eval:
-        row = _triplet(rng)
-        if row["benign"] not in seen:
-            seen.add(row["benign"])
-            evaluation.append(row)
-    return train, evaluation
+    return split_generated(_triplet, lambda row: row["benign"], n_train, n_eval, seed)
 
 
 def write_sample_triplets(folder: Path) -> list[Path]:
     """Write ``triplets_train.jsonl`` and ``triplets_eval.jsonl`` into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in zip(("triplets_train.jsonl", "triplets_eval.jsonl"), generate_triplets()):
-        path = folder / name
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return write_jsonl_files(folder, zip(("triplets_train.jsonl", "triplets_eval.jsonl"), generate_triplets()))
 
 
 if __name__ == "__main__":  # python -m lorafit.data.sample_triplets FOLDER

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafit.data.collate import PadCollator
+from lorafit.data.collate import ExampleDataset, PadCollator
 from lorafit.data.labels import IGNORE_INDEX, render, tokenize_conversation
 from lorafit.data.sources import SourceStats
 from lorafit.data.triplet_rows import PARTS, TRIPLET_FIELDS, TripletRecord, normalise_triplet, read_triplets
@@ -94,15 +94,8 @@ def tokenise_triplets(records: list[TripletRecord], tokenizer, *, max_seq_length
     return examples
 
 
-class TripletDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[TripletExample]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index].as_features()
+class TripletDataset(ExampleDataset):
+    """Triplets as the features ``TripletCollator`` takes."""
 
 
 @dataclass(frozen=True)

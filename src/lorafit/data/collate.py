@@ -36,16 +36,3 @@ class PadCollator:
         if self.source_ids:
             batch["source_ids"] = torch.tensor([f.get("source", 0) for f in features], dtype=torch.long)[:, None] * attention_mask
         return batch
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """Examples that turn themselves into collator features (``as_features``): triplets, preference pairs."""
-
-    def __init__(self, examples: list):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index].as_features()

@@ -24,11 +24,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.data.collate import ExampleDataset
 from lorafit.data.formats import FieldMap, RowError, _from_sharegpt, check_messages, messages_from_row
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.readers import read_rows
-from lorafit.data.sources import SourceStats, apply_on_error
+from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
 from lorafit.data.templates import apply_system_turn
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text

@@ -214,3 +214,18 @@ def _tokenise(record: Record, tokenizer, *, train_on: str, system_turn: str) -> 
         return tokenize_text(tokenizer, record.text)
     messages = apply_system_turn(record.messages, system_turn)
     return tokenize_conversation(tokenizer, messages, train_on=train_on, tools=record.tools)
+
+
+class ExampleDataset:
+    """Examples that turn themselves into collator features (``as_features``): triplets, preference pairs. A
+    map-style dataset by protocol (Trainer's DataLoader needs only ``__len__`` and ``__getitem__``), so the
+    torch-free row checks can import the modules that define these."""
+
+    def __init__(self, examples: list):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index].as_features()

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafit.data.collate import ExampleDataset, PadCollator
+from lorafit.data.collate import PadCollator
 from lorafit.data.labels import IGNORE_INDEX, render, tokenize_conversation
-from lorafit.data.sources import SourceStats
+from lorafit.data.sources import ExampleDataset, SourceStats
 from lorafit.data.triplet_rows import PARTS, TRIPLET_FIELDS, TripletRecord, normalise_triplet, read_triplets
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text

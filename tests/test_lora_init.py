@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,6 +180,21 @@ def test_an_unconverted_pissa_adapter_is_wrong_on_the_base_and_verify_and_merge_
     (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": True}))
     plain = PeftModel.from_pretrained(_base(tiny_model_dir), folder).eval()
     assert (_logits(plain) - trained).abs().max() > 0.1
+
+
+def test_an_unconverted_randomised_pissa_adapter_is_refused_by_eval_and_generate(tiny_model_dir, tmp_path):
+    """peft redoes a randomised SVD while loading pissa_niter_N: another residual base, silently another model."""
+    from lorafit.model.adapters import load_adapter_model, resolve_adapter
+
+    model = _adapted(tiny_model_dir, init="pissa_niter_2")
+    _pretend_training(model)
+    folder = tmp_path / "unconverted"
+    model.save_pretrained(folder)
+    with pytest.raises(LorafitError, match="cannot be loaded reproducibly"):
+        load_adapter_model(resolve_adapter(folder, tiny_model_dir))
+    done = subprocess.run([sys.executable, "-m", "lorafit", "generate", "--adapter", str(folder), "--base",
+                           str(tiny_model_dir), "--prompt", "hi"], capture_output=True, text=True)
+    assert done.returncode != 0 and "cannot be loaded reproducibly" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_verify_checks_the_converted_rank_against_metadata(tiny_model_dir, tmp_path):

@@ -142,10 +142,27 @@ def resolve_adapter(path: str | Path, base: str | Path | None = None) -> Resolve
     return ResolvedAdapter(adapter_dir, config, base_path, tokenizer_dir)
 
 
+def refuse_irreproducible_init(adapter: ResolvedAdapter) -> None:
+    """An adapter saved unconverted after a randomised base-rewriting init (pissa_niter_N, LoftQ): peft re-runs that
+    init on the base while loading it, and a new random draw gives another residual base than the one the adapter
+    was trained on, so every answer would silently come from a different model. (Exact PiSSA and OLoRA re-run
+    deterministically; lorafit publishes all of them converted, for the unchanged base.)"""
+    init = adapter.config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa_niter", "loftq")):
+        raise LorafitError(
+            f"{adapter.adapter_dir}: init_lora_weights {init!r}: this adapter cannot be loaded reproducibly",
+            why="peft would redo the randomised initialisation on the base while loading it, giving another base "
+            "than the one the adapter was trained on",
+            fix="convert it to a plain LoRA adapter for the original base (peft: save_pretrained("
+            "path_initial_model_for_weight_conversion=...); lorafit's own artifacts are converted already)",
+        )
+
+
 def load_adapter_model(adapter: ResolvedAdapter, *, dtype: str = "fp32", quant: QuantConfig | None = None):
     """The adapter on its base (``quant``: as trained, else full precision), for inference."""
     from peft import PeftModel
 
+    refuse_irreproducible_init(adapter)
     model = load_base_model(ModelConfig(path=adapter.base_path, dtype=dtype), adapter.base_path, quant)
     return PeftModel.from_pretrained(model, adapter.adapter_dir, is_trainable=False)
 

@@ -23,6 +23,7 @@ from lorafit.config import Config
 from lorafit.data import use_configured_template
 from lorafit.evaluate.run import generation_sample
 from lorafit.hashing import combined_digest
+from lorafit.model.kernels import LIGER_MARK
 from lorafit.model.loading import (attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path,
                                    with_resolved_dtype)
 from lorafit.model.quantization import (PackedLayoutGuard, check_optimizer_available, check_precision_supported,
@@ -144,6 +145,9 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     memory = predict_for_run(config, prepared.train_examples, say)
 
     model = _model_with_adapter(config, model_path, allow_pickle)
+    if len(config.data.train) > 1 and getattr(model, LIGER_MARK, None) == "liger":
+        warn("no loss/<source> per training source: liger's fused loss computes no logits to split "
+             "(model.kernels: none keeps them, at the fused loss's memory cost)")
     trainable, total = count_parameters(model)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if dry_run:

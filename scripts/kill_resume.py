@@ -103,6 +103,15 @@ def newest_step(run_dir: Path) -> int:
     return int(folder.name[5:]) if folder else 0
 
 
+def kill_after_checkpoint(config: Path, run_dir: Path, step: int = 2, timeout: float = 600.0) -> int:
+    """Start the run, SIGKILL it once a verified checkpoint of ``step`` or later exists; the newest verified step."""
+    launch = Launch(config, run_dir.parent)
+    assert launch.wait_until(lambda: newest_step(run_dir) >= step, timeout=timeout)
+    launch.proc.send_signal(signal.SIGKILL)
+    assert launch.finish() == -signal.SIGKILL
+    return newest_step(run_dir)
+
+
 def kill_and_resume(config: Path, run_dir: Path, reference_losses: dict[int, str], *, kills: int, seed: int,
                     max_steps: int, log=print) -> dict:
     """Kill a run ``kills`` times at random moments, resume each time; returns what happened.

@@ -56,3 +56,22 @@ def conversation(user: str, answer: str, system: str | None = None) -> dict:
         {"role": "assistant", "content": answer},
     ]
     return {"messages": messages}
+
+
+SAY_WORDS = "red blue green black".split()
+
+
+def train_said_twice(folder: Path, model_dir: Path, **sections):
+    """An fp32 LoRA taught to answer 'Say X' with 'X X' (40 steps, about 30 s); ``sections`` add config sections."""
+    from lorafit import load_config, train
+
+    data = write_jsonl(folder / "train.jsonl", [conversation(f"Say {w}", f"{w} {w}") for w in SAY_WORDS])
+    return train(load_config({
+        "model": {"path": str(model_dir)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": [{"path": str(data)}], "max_seq_length": 64},
+        "train": {"output_dir": str(folder / "run"), "max_steps": 40, "batch_size": 4, "learning_rate": 3e-3,
+                  "scheduler": "constant", "log_every": 10, "seed": 1},
+        "eval": {"every": None, "at_start": False},
+        **sections,
+    }))

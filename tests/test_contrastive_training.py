@@ -4,7 +4,6 @@ best step, config errors, and an interrupted run resumed to the same adapter."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -152,11 +151,7 @@ def test_a_killed_contrastive_run_resumes_to_the_same_adapter_and_history(tmp_pa
 
     config = _config(tmp_path / "killed", tiny_model_dir, train_overrides=overrides, eval_section=eval_section)
     run_dir = tmp_path / "killed" / "run"
-    launch = kill_resume.Launch(config, tmp_path / "killed")
-    assert launch.wait_until(lambda: kill_resume.newest_step(run_dir) >= 2, timeout=600)
-    launch.proc.send_signal(signal.SIGKILL)
-    assert launch.finish() == -signal.SIGKILL
-    killed_at = kill_resume.newest_step(run_dir)
+    killed_at = kill_resume.kill_after_checkpoint(config, run_dir)
     assert 2 <= killed_at < 8
     resumed = train(load_config(config), resume="auto")
     assert resumed.adapter_dir is not None

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, conversation, write_jsonl
+from conftest import REPO, write_jsonl
+from test_resume import _rows  # the same varied "Repeat: ..." rows the resume tests train on
 from safetensors.torch import load_file
 
 from lorafit import load_config, train
@@ -32,14 +33,6 @@ STEPS = 6
 # adapter weights to ~1e-4 after 6 AdamW steps at lr 1e-2 (AdamW divides by sqrt(v) + eps, so where a gradient
 # is near zero a rounding difference becomes a step of up to lr). Measured worst: 9.5e-5 of weights up to ~0.08.
 TOLERANCE = 5e-4
-
-
-def _rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        words = " ".join(["alpha", "beta", "gamma", "delta"][: 1 + i % 4] * (1 + i % 7))
-        rows.append(conversation(f"Repeat: {words}", words))
-    return rows
 
 
 def _config(folder: Path, model_dir: Path, *, batch_size: int) -> Path:

@@ -8,10 +8,9 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, conversation, write_jsonl
+from conftest import REPO, train_said_twice
 from typer.testing import CliRunner
 
-from lorafit import load_config, train
 from lorafit.cli import app
 from lorafit.errors import LorafitError
 from lorafit.evaluate.harness import harness_eval, require_lm_eval, resolve_tasks
@@ -19,22 +18,12 @@ from lorafit.evaluate.harness import harness_eval, require_lm_eval, resolve_task
 pytest.importorskip("lm_eval")
 
 TASK_DIR = REPO / "tests" / "data" / "harness"
-WORDS = "red blue green black".split()
 
 
 @pytest.fixture(scope="module")
 def said_twice(tmp_path_factory, tiny_model_dir):
     """An adapter taught to answer 'Say X' with 'X X' (the colors task asks which of four answers is likeliest)."""
-    folder = tmp_path_factory.mktemp("harness-lora")
-    data = write_jsonl(folder / "train.jsonl", [conversation(f"Say {w}", f"{w} {w}") for w in WORDS])
-    return train(load_config({
-        "model": {"path": str(tiny_model_dir)},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [{"path": str(data)}], "max_seq_length": 64},
-        "train": {"output_dir": str(folder / "run"), "max_steps": 40, "batch_size": 4, "learning_rate": 3e-3,
-                  "scheduler": "constant", "log_every": 10, "seed": 1},
-        "eval": {"every": None, "at_start": False},
-    }))
+    return train_said_twice(tmp_path_factory.mktemp("harness-lora"), tiny_model_dir)
 
 
 def test_adapter_and_base_on_a_local_task_file(said_twice):

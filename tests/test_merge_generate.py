@@ -7,30 +7,17 @@ import json
 
 import pytest
 import torch
-from conftest import conversation, write_jsonl
+from conftest import train_said_twice, write_jsonl
 from safetensors import safe_open
 from test_cli import lorafit
 
-from lorafit import load_config, train
 from lorafit.errors import LorafitError
-
-WORDS = "red blue green black".split()
 
 
 @pytest.fixture(scope="module")
 def fp32_run(tmp_path_factory, tiny_model_dir):
     """An fp32 LoRA taught to answer 'Say X' with 'X X' and end its turn; artifact.merge writes merged/."""
-    folder = tmp_path_factory.mktemp("fp32-lora")
-    data = write_jsonl(folder / "train.jsonl", [conversation(f"Say {w}", f"{w} {w}") for w in WORDS])
-    return train(load_config({
-        "model": {"path": str(tiny_model_dir)},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [{"path": str(data)}], "max_seq_length": 64},
-        "train": {"output_dir": str(folder / "run"), "max_steps": 40, "batch_size": 4, "learning_rate": 3e-3,
-                  "scheduler": "constant", "log_every": 10, "seed": 1},
-        "eval": {"every": None, "at_start": False},
-        "artifact": {"merge": True},
-    }))
+    return train_said_twice(tmp_path_factory.mktemp("fp32-lora"), tiny_model_dir, artifact={"merge": True})
 
 
 def _probe_logits(model, tokenizer):

@@ -39,14 +39,16 @@ class Objective:
     "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection) or
     "preference" (``lorafit.data.preference``: 2n rows, the chosen answers first, then the rejected ones).
     ``compute`` returns the loss (already normalised by ``totals``, see the module docstring) and a dict of
-    metric name -> float, each a mean over the batch's examples. Metrics are logged as they are named in
+    metric name -> value, each a mean over the batch's examples (``metric_weight``). Return values as 0-d tensors
+    left on the device (no ``.item()``): the training loop reads every metric once, at a logging step, so a step
+    that does not log never waits for the device. Plain floats are accepted too. Metrics are logged as they are named in
     training and with an ``eval_`` prefix in evaluation.
     """
 
     data: str = "sft"
     metric_names: tuple[str, ...] = ()
 
-    def compute(self, model, batch: dict, totals: StepTotals | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute(self, model, batch: dict, totals: StepTotals | None = None) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError(f"{type(self).__name__}.compute(model, batch, totals) is not implemented")
 
     def examples_in(self, batch: dict) -> int:
@@ -164,12 +166,13 @@ class ContrastiveObjective(Objective):
         contrast = (-self.lambda_causal * cos_cf + self.lambda_spurious * cos_inj).sum() / self.temperature
         loss = divide_by_count(contrast, examples, n) + self.lambda_task * divide_by_count(ce_sum, tokens, ce_tokens)
 
-        stability, similarity = cos_cf.mean().item(), cos_inj.mean().item()
+        # Metrics stay on the device (0-d tensors): the loop reads them once, at a logging step.
+        stability, similarity = cos_cf.detach().mean(), cos_inj.detach().mean()
         metrics = {
             "causal_stability": stability,
             "spurious_separation": 1.0 - similarity,
             "causal_discrimination": stability - similarity,
-            "task_loss": (ce_sum / ce_tokens.clamp(min=1)).item(),
+            "task_loss": ce_sum.detach() / ce_tokens.clamp(min=1),
         }
         return loss, metrics
 

@@ -88,10 +88,11 @@ class PreferenceObjective(Objective):
         return int(batch["input_ids"].size(0)) // 2
 
     @staticmethod
-    def _rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-        return {"reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item(),
-                "reward_margin": (chosen - rejected).mean().item(),
-                "reward_accuracy": (chosen > rejected).float().mean().item()}
+    def _rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Means over the batch's pairs, left on the device (the loop reads them at logging steps only)."""
+        return {"reward_chosen": chosen.mean(), "reward_rejected": rejected.mean(),
+                "reward_margin": (chosen - rejected).mean(),
+                "reward_accuracy": (chosen > rejected).float().mean()}
 
 
 class DPOObjective(PreferenceObjective):
@@ -136,7 +137,7 @@ class ORPOObjective(PreferenceObjective):
         losses = -chosen - self.beta * F.logsigmoid(log_odds)
         loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
         metrics = self._rewards(self.beta * chosen.detach(), self.beta * rejected.detach())
-        metrics |= {"nll_loss": -chosen.mean().item(), "log_odds_ratio": log_odds.mean().item()}
+        metrics |= {"nll_loss": -chosen.detach().mean(), "log_odds_ratio": log_odds.detach().mean()}
         return loss, metrics
 
 

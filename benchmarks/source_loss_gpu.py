@@ -2,9 +2,10 @@
 
     python benchmarks/source_loss_gpu.py
 
-Loads lorafit/training/source_loss.py on its own (the GPU image has torch but not lorafit's other dependencies).
-With torch.cuda.set_sync_debug_mode("error") every observe() of a logging window must run without a sync (a sync
-raises); the values read at the log must equal each source's loss computed separately. Then it times observe()
+Loads lorafit/training/source_loss.py and window.py on their own (the GPU image has torch but not lorafit's other
+dependencies). With torch.cuda.set_sync_debug_mode("error") every micro-batch of a logging window (source_sums into
+the loop's MetricSums) must run without a sync (a sync raises); the values read at the log must equal each source's
+loss computed separately. Then it times source_sums
 against the forward + backward of the same batch's output layer (3B-like shape: 4 x 2048 tokens, 128k vocabulary).
 """
 
@@ -28,6 +29,11 @@ spec = importlib.util.spec_from_file_location(
     "source_loss", Path(__file__).resolve().parent.parent / "src/lorafit/training/source_loss.py")
 source_loss = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(source_loss)
+spec = importlib.util.spec_from_file_location(  # window.py imports torch only
+    "window", Path(__file__).resolve().parent.parent / "src/lorafit/training/window.py")
+window_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(window_module)
+MetricSums = window_module.MetricSums
 
 
 def batch(rows: int, length: int, vocab: int, sources: int, device: str, dtype=torch.bfloat16):
@@ -53,14 +59,16 @@ def main() -> None:
     device = "cuda"
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     batches = [batch(2, 512, 32000, 3, device) for _ in range(4)]
-    losses = source_loss.SourceLosses(["s0", "s1", "s2"])
+    window = MetricSums()  # the loop's log window (training/window.py)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     for logits, labels, ids in batches:  # a logging window of 4 micro-batches: any sync raises here
-        losses.observe(logits, labels, ids)
+        sums, counts = source_loss.source_sums(logits, labels, ids, 3)
+        for s in range(3):
+            window.add(f"loss/s{s}", sums[s], counts[s])
     torch.cuda.set_sync_debug_mode("default")
     out["no_sync_between_logs"] = True
-    got = losses.pop()
+    got = window.read()[0]
     want = reference(batches, 3)
     out["max_relative_error"] = max(abs(got[k] - want[k]) / want[k] for k in want)
     assert got.keys() == want.keys() and out["max_relative_error"] < 1e-5, (got, want)
@@ -84,12 +92,14 @@ def main() -> None:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / repeats * 1000
 
-    big = source_loss.SourceLosses(["a", "b", "c", "d"])
-    out["observe_ms_4x2048_v128k"] = round(timed(lambda: big.observe(logits, labels, ids)), 2)
+    def observe():
+        return source_loss.source_sums(logits, labels, ids, 4)
+
+    out["observe_ms_4x2048_v128k"] = round(timed(observe), 2)
     out["output_layer_fwd_bwd_ms_same_shape"] = round(timed(head_step), 2)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    big.observe(logits, labels, ids)
+    observe()
     out["observe_extra_peak_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     print(json.dumps(out, indent=2))
 

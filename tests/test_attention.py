@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import conversation, write_jsonl
-from transformers import TrainerCallback
 
-from lorafit import load_config, train
+from lorafit import LorafitCallback, load_config, train
 from lorafit.config import ModelConfig
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.packing import PackedCollator
@@ -169,7 +168,7 @@ def test_packed_row_equals_examples_one_by_one_on_the_gpu(tiny_model_dir, tiny_t
 # ------------------------------------------------------------------------------------------ the cache rule
 
 
-class PackedForwards(TrainerCallback):
+class PackedForwards(LorafitCallback):
     """Watches every forward of the inner transformer during a real run: for each packed row (one row, positions
     restarting), was a KV cache built? Records (phase, cache_built) pairs."""
 
@@ -178,7 +177,8 @@ class PackedForwards(TrainerCallback):
         self.turn_cache_on = turn_cache_on
         self.phase = "train"
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, loop):
+        model = loop.model
         inner = model.get_base_model().model
         inner.register_forward_hook(self._record, with_kwargs=True)
         if self.turn_cache_on:  # what a regression would do; the probe must notice it
@@ -191,10 +191,10 @@ class PackedForwards(TrainerCallback):
         if batch["position_ids"] is not None and is_packed_row(batch):
             self.seen.append((self.phase, output.past_key_values is not None))
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, step, loop):
         self.phase = "train"
 
-    def on_prediction_step(self, args, state, control, **kwargs):
+    def on_evaluate_begin(self, step, loop):
         self.phase = "eval"
 
 

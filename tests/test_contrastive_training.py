@@ -10,9 +10,8 @@ import pytest
 import torch
 import yaml
 from conftest import write_jsonl
-from transformers import TrainerCallback
 
-from lorafit import load_config, train
+from lorafit import LorafitCallback, load_config, train
 from lorafit.data.sample_triplets import generate_triplets
 from lorafit.errors import LorafitError
 
@@ -43,13 +42,13 @@ def _config(folder: Path, model_dir: Path, *, objective=None, train_overrides=No
     return path
 
 
-class FirstGrads(TrainerCallback):
+class FirstGrads(LorafitCallback):
     def __init__(self):
         self.grads: dict[str, torch.Tensor] = {}
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_before_optimizer_step(self, step, loop):
         if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -160,14 +159,17 @@ def test_a_killed_contrastive_run_resumes_to_the_same_adapter_and_history(tmp_pa
     assert kill_resume.history(run_dir) == ref_history
 
 
-class AnomalyMode(TrainerCallback):
+class AnomalyMode(LorafitCallback):
     def __init__(self):
         self.during: list[bool] = []
         self.empty_cache_steps = None
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_train_begin(self, loop):
+        self.settings = loop.settings
+
+    def on_step_end(self, step, logs):
         self.during.append(torch.is_anomaly_enabled())
-        self.empty_cache_steps = args.torch_empty_cache_steps
+        self.empty_cache_steps = self.settings.empty_cache_every
 
 
 def test_debug_detect_anomaly_and_empty_cache_every_reach_the_training_loop(tmp_path, tiny_model_dir):

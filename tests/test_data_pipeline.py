@@ -176,11 +176,11 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
     assert "skipped 1 invalid rows" in result.output
 
 
-def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_curriculum_order_reaches_the_loop_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):
     from lorafit.model.loading import load_base_model
-    from lorafit.run_folder import RunFolder
-    from lorafit.training.build import build_trainer
-    from lorafit.training.callbacks import MetricsHistory
+    from lorafit.training import batches as plans
+    from lorafit.training.objectives import SupervisedObjective
+    from lorafit.training.run_setup import collator_for
 
     rows = [conversation("q " * (1 + (7 * i) % 13), "a " * (1 + i % 3)) for i in range(12)]
     write_jsonl(tmp_path / "t.jsonl", rows)
@@ -190,9 +190,13 @@ def test_curriculum_order_reaches_the_trainer_unshuffled(tmp_path, tiny_model_di
                           "train": {"output_dir": str(tmp_path / "run"), "batch_size": 3, "max_steps": 1}})
     prepared = prepare_data(config.data, tiny_tokenizer, seed=0, batch_size=3, group_by_length=True, use_cache=False)
     model = load_base_model(config.model, str(tiny_model_dir))
-    history = MetricsHistory(RunFolder(tmp_path))
-    trainer = build_trainer(config, model, tiny_tokenizer, prepared.train, prepared.eval, RunFolder(tmp_path / "run"), history)
-    rows_seen = [len(batch["input_ids"][0]) for batch in trainer.get_train_dataloader()]
+    objective = SupervisedObjective()
+    # the loop's own path: its epoch plan for data.order curriculum, through its loader and the run's collator
+    order = plans.epoch_order([0] * len(prepared.train), seed=0, epoch=0, kind=plans.order_kind(config), global_batch=3)
+    plan = plans.epoch_plan(order, batch_size=3, grad_accum=1)
+    collate = plans.CountingCollator(collator_for(config, objective, tiny_tokenizer, model), objective)
+    loaded = plans.loader(prepared.train, [b for step in plan.steps for b in step], collate)
+    rows_seen = [len(batch["input_ids"][0]) for batch, _ in loaded]
     expected = [len(e.input_ids) for e in prepared.train_examples]
     assert expected == sorted(expected)
     assert rows_seen == [sum(expected[i : i + 3]) for i in range(0, 12, 3)]  # in order, 3 examples per packed row

@@ -225,40 +225,36 @@ def test_launcher_mistakes_are_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_strategy_builds_the_zero_config_trainer_hands_to_accelerate(stage, tmp_path):
+def test_deepspeed_strategy_builds_the_zero_config_from_the_lorafit_config(stage):
     from lorafit.config import validate_config
-    from lorafit.training.distributed import strategy_arguments
+    from lorafit.training.distributed import deepspeed_config
 
     config = validate_config({"data": {"train": [{"path": str(REPO / "examples/data/quickstart_train.jsonl")}]},
+                              "train": {"batch_size": 3, "grad_accum": 2, "max_grad_norm": 0.7},
                               "distributed": {"strategy": f"deepspeed_zero{stage}"}}, base_dir=None, source="test")
-    args = strategy_arguments(config)
-    zero = args["deepspeed"]["zero_optimization"]
-    assert zero["stage"] == stage and args["ddp_find_unused_parameters"] is False
+    built = deepspeed_config(stage, config)
+    zero = built["zero_optimization"]
+    assert zero["stage"] == stage
     assert zero.get("stage3_gather_16bit_weights_on_model_save", False) is (stage == 3)
-    assert "fsdp" not in args
-    # Batch, accumulation and clipping are "auto": TrainingArguments fills them from lorafit's own values (the
-    # config DeepSpeed receives through accelerate's plugin), so the two can never disagree.
-    pytest.importorskip("deepspeed", reason="TrainingArguments reads a DeepSpeed config only with deepspeed installed "
-                        "(the `deepspeed` extra; not in dev: its source build would fetch torch)")
-    from transformers import TrainingArguments
-
-    built = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,
-                              max_grad_norm=0.7, use_cpu=True, **args).hf_deepspeed_config.config
-    assert built["zero_optimization"]["stage"] == stage
+    # Batch, accumulation and clipping come from lorafit's own values, so the two can never disagree.
     assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"],
             built["gradient_clipping"]) == (3, 2, 0.7)
 
 
 def test_fsdp_strategy_asks_for_fsdp2_with_one_unit_per_decoder_layer():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
     from lorafit.config import validate_config
-    from lorafit.training.distributed import strategy_arguments
+    from lorafit.training.distributed import fsdp_plugin
 
     config = validate_config({"data": {"train": [{"path": str(REPO / "examples/data/quickstart_train.jsonl")}]},
                               "distributed": {"strategy": "fsdp", "fsdp_cpu_offload": True}}, base_dir=None, source="test")
-    args = strategy_arguments(config)
-    assert args["fsdp"] is True and "deepspeed" not in args
-    assert args["fsdp_config"]["version"] == 2 and args["fsdp_config"]["cpu_offload"] is True
-    assert args["fsdp_config"]["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    plugin = fsdp_plugin(config)
+    assert isinstance(plugin, FullyShardedDataParallelPlugin) and plugin.fsdp_version == 2
+    assert isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"  # a unit per _no_split_modules class
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples" / "distributed").glob("*.yaml")), ids=lambda p: p.stem)

@@ -38,14 +38,16 @@ def _losses(result):
 
 def test_qlora_nf4_bf16_compute_trains_on_the_gpu(tmp_path, tiny_model_dir):
     import bitsandbytes as bnb
-    from transformers import TrainerCallback
+
+    from lorafit import LorafitCallback
 
     seen = {}
 
-    class Inspect(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            layer = model.base_model.model.model.layers[0].mlp.down_proj.base_layer
-            seen.update(kind=type(layer), device=layer.weight.device.type, compute=layer.compute_dtype, bf16=args.bf16)
+    class Inspect(LorafitCallback):
+        def on_train_begin(self, loop):
+            layer = loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer
+            seen.update(kind=type(layer), device=layer.weight.device.type, compute=layer.compute_dtype,
+                        bf16=loop.accelerator.mixed_precision == "bf16")
 
     config = _config(tmp_path, tiny_model_dir, {"bits": 4, "compute_dtype": "bf16"}, optimizer="paged_adamw_8bit",
                      gradient_checkpointing=True)

@@ -149,3 +149,53 @@ def test_the_design_doc_layout_matches_the_tree():
     actual -= {p for p in actual if p.endswith("/__init__.py") and p not in documented}  # package docstrings say enough
     assert documented == actual, f"missing from docs/design.md: {sorted(actual - documented)}; " \
                                  f"documented but absent: {sorted(documented - actual)}"
+
+
+# Private attributes of other libraries lorafit reads, each with its reason; anything else private it reads must
+# be lorafit's own. (transformers' Trainer internals lorafit once overrode are gone: training/loop.py.)
+FOREIGN_PRIVATE = {
+    "_attn_implementation": "transformers config property; no public getter (model/attention.py: attention_of)",
+    "_reset_state": "accelerate keeps one state per process; no public reset (training/distributed.py)",
+}
+
+
+def _own_names() -> set[str]:
+    names = set()
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return names
+
+
+def test_no_module_subclasses_transformers_trainer_or_touches_its_private_api():
+    """The training step is lorafit's own loop (training/loop.py): nothing subclasses or imports transformers'
+    Trainer, TrainingArguments or TrainerCallback, and the only private attributes of other libraries lorafit reads
+    are the few named in FOREIGN_PRIVATE, so any transformers 5.x minor can be installed beside lorafit."""
+    forbidden = {"Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl", "Seq2SeqTrainer"}
+    own = _own_names()
+    found = []
+    for path in MODULES:
+        where = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "transformers":
+                names = {alias.name for alias in node.names}
+                if names & forbidden or "trainer" in node.module.split("."):
+                    found.append(f"{where}:{node.lineno} from {node.module} import {sorted(names)}")
+                found += [f"{where}:{node.lineno} imports private {n}" for n in names if n.startswith("_")]
+            elif isinstance(node, ast.ClassDef):
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if bases & forbidden:
+                    found.append(f"{where}:{node.lineno} class {node.name}({sorted(bases & forbidden)})")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if node.attr not in own and node.attr not in FOREIGN_PRIVATE:
+                    found.append(f"{where}:{node.lineno} reads another library's private .{node.attr}")
+    assert not found, "lorafit must not depend on transformers' Trainer or other private APIs: " + "; ".join(found)

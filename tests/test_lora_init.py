@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 from conftest import conversation, write_jsonl
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
-from lorafit import load_config, train
+from lorafit import LorafitCallback, load_config, train
 from lorafit.artifact.verify import verify_artifact
 from lorafit.config.model_sections import LoraConfig
 from lorafit.errors import LorafitError
@@ -292,12 +292,13 @@ def _config(out, model_dir, data, lora=None, **train_section):
     })
 
 
-class Inspect(TrainerCallback):
+class Inspect(LorafitCallback):
     """The optimizer and model the run really built."""
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, loop):
         from lorafit.training.optimizer import group_rates
 
+        model, optimizer = loop.model, loop.optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
         self.rates = group_rates(inner)
         self.groups = {g.get("name", str(i)): [id(p) for p in g["params"]] for i, g in enumerate(inner.param_groups)}
@@ -374,11 +375,11 @@ def test_a_pissa_run_publishes_an_adapter_for_the_original_base_that_merges_to_t
         torch.testing.assert_close(_logits(seen.model), _logits(_base(tiny_model_dir)), atol=1e-4, rtol=0)
 
 
-class CtrlC(TrainerCallback):
+class CtrlC(LorafitCallback):
     """Ctrl-C during step 3: the run saves at the step boundary and stops (training/guards.py)."""
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == 2:
+    def on_step_begin(self, step, loop):
+        if step == 3:
             import os
             import signal
 

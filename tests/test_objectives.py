@@ -181,26 +181,26 @@ def test_supervised_objective_is_the_models_own_loss(lora_model, tiny_tokenizer,
 
 
 def test_metric_means_are_weighted_by_examples_and_survive_a_checkpoint():
-    from lorafit.training.objective_step import MetricMeans, ObjectiveRunner
+    from lorafit.training.window import LogWindow, MetricSums
 
-    means = MetricMeans()
-    means.add({"causal_stability": 1.0}, weight=3)
+    means = MetricSums()
+    means.add_means({"causal_stability": torch.tensor(1.0)}, lambda name: 3)
     saved = means.state_dict()
-    restored = MetricMeans()
+    restored = MetricSums()
     restored.load_state_dict(saved)
     for m in (means, restored):
-        m.add({"causal_stability": 0.0}, weight=1)
-        assert m.pop("eval_") == {"eval_causal_stability": 0.75}
-        assert m.pop() == {}
-    runner = ObjectiveRunner(ContrastiveObjective())
-    assert runner.active and not ObjectiveRunner(SupervisedObjective()).active
-    runner.train_metrics.add({"task_loss": 2.0}, 1)
-    eval_logs = {"eval_loss": 1.0}
-    runner.add_to_logs(eval_logs)
-    assert eval_logs == {"eval_loss": 1.0}  # an evaluation log does not take the training means
-    logs = {"loss": 1.0}
-    runner.add_to_logs(logs)
-    assert logs == {"loss": 1.0, "task_loss": 2.0}
+        m.add_means({"causal_stability": 0.0}, lambda name: 1)
+        assert m.read()[0] == {"causal_stability": 0.75}
+        assert m.read()[0] == {}
+    # a (sum, weight) pair is taken as it is: the contrastive task loss is a mean over tokens, not examples
+    means.add_means({"task_loss": (torch.tensor(6.0), torch.tensor(3.0))}, lambda name: 99)
+    assert means.read()[0] == {"task_loss": 2.0}
+    window = LogWindow()
+    window.add_step(torch.tensor(2.0))
+    window.metrics.add_means({"task_loss": 2.0}, lambda name: 1)
+    window.add_step(torch.tensor(4.0))
+    assert window.read()[0] == {"task_loss": 2.0, "loss": 3.0}  # the mean of the window's step losses
+    assert window.read()[0] == {}  # the window restarts after each log
 
 
 def test_gradient_checkpointing_gives_the_same_contrastive_gradients(tiny_model_dir, triplets, tiny_tokenizer):

@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_jsonl
-from transformers import TrainerCallback
 
-from lorafit import load_config, train
+from lorafit import LorafitCallback, load_config, train
 from lorafit.config import DataSource
 from lorafit.data.formats import FieldMap
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
@@ -317,7 +316,7 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics_history.jsonl").read_text().splitlines()]
 
 
-class ModelsInMemory(TrainerCallback):
+class ModelsInMemory(LorafitCallback):
     """Every transformers model alive at each step: a reference copy (TRL's default without PEFT) would be one
     more than the trained model's own base."""
 
@@ -335,11 +334,12 @@ class ModelsInMemory(TrainerCallback):
         own = {id(m) for m in model.modules()}  # the trained model and its inner decoder (also a PreTrainedModel)
         return sum(isinstance(o, PreTrainedModel) and id(o) not in own for o in gc.get_objects())
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.before = self._others(model)
+    def on_train_begin(self, loop):
+        self.model = loop.model
+        self.before = self._others(loop.model)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.extra.append(self._others(model) - self.before)
+    def on_step_end(self, step, logs):
+        self.extra.append(self._others(self.model) - self.before)
 
 
 def test_dpo_on_the_shipped_set_raises_margin_and_accuracy_and_verifies(tmp_path, tiny_model_dir):
@@ -385,13 +385,13 @@ def test_orpo_trains_its_loss_and_nll_decrease(tmp_path, tiny_model_dir):
     assert sum(r["nll_loss"] for r in history[-3:]) / 3 < first["nll_loss"] - 0.5
 
 
-class FirstGrads(TrainerCallback):
+class FirstGrads(LorafitCallback):
     def __init__(self):
         self.grads: dict[str, torch.Tensor] = {}
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_before_optimizer_step(self, step, loop):
         if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("objective", [{"type": "dpo", "loss_type": "ipo"}, {"type": "orpo"}])

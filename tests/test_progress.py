@@ -1,5 +1,5 @@
 """What a person watching a run sees: plain lines off a terminal, a live bar (step, ETA, loss, tokens/s, memory)
-on one. Driven through the real Trainer callback interface (TrainerState objects) and by a real short run."""
+on one. Driven through the calls the training loop makes, and by a real short run."""
 
 from __future__ import annotations
 
@@ -8,28 +8,24 @@ import json
 
 from conftest import REPO, write_jsonl
 from rich.console import Console
-from transformers import TrainerControl, TrainerState
 
 from lorafit.training.progress import Progress
 
 STEP = {"loss": 1.23456, "learning_rate": 2e-4, "grad_norm": 0.5, "tokens_per_second": 9876.4, "peak_rss_mb": 812.3}
 EVAL = {"eval_loss": 0.98765, "eval_perplexity": 2.685}
-SUMMARY = {"train_runtime": 3.2, "train_loss": 1.1}  # Trainer's end-of-training log: not a step
 
 
 def _drive(progress: Progress, *, main_process: bool = True) -> None:
-    """Events in the order Trainer sends them for 4 steps, logging at 2 and 4, evaluating at 4."""
-    state, control = TrainerState(max_steps=4, is_world_process_zero=main_process), TrainerControl()
-    progress.on_train_begin(None, state, control)
+    """Calls in the order the loop makes them for 4 steps, logging at 2 and 4, evaluating at 4."""
+    progress.start(4, 0, main_process=main_process)
     progress.info("trainable parameters: 10 of 100 (10.00%)")
     for step in range(1, 5):
-        state.global_step = step
-        progress.on_step_end(None, state, control)
         if step % 2 == 0:
-            progress.on_log(None, state, control, logs=dict(STEP))
-    progress.on_log(None, state, control, logs=dict(EVAL))
-    progress.on_log(None, state, control, logs=dict(SUMMARY))
-    progress.on_train_end(None, state, control)
+            progress.log(step, dict(STEP))
+        if step == 4:
+            progress.evaluated(step, dict(EVAL))
+        progress.advance(step)
+    progress.close()
 
 
 def test_off_a_terminal_each_log_step_and_evaluation_is_one_plain_line():
@@ -81,7 +77,7 @@ def test_a_real_run_draws_the_bar_with_its_derived_values(tmp_path, tiny_model_d
         "data": {"train": [{"path": str(data)}], "eval": [{"path": str(data)}]},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 8, "log_every": 2},
         "eval": {"every": 4, "at_start": False, "generate_samples": 0},
-    }), extra_callbacks=[progress])
+    }), progress=progress)
     screen = out.getvalue()
     assert "4/4" in screen and "tok/s" in screen and "RSS" in screen  # values MetricsHistory derived
     assert "step     4/4  eval_loss" in screen

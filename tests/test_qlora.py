@@ -161,13 +161,15 @@ def test_8bit_base_loads_and_trains_with_paged_adamw_8bit(tmp_path, tiny_model_d
 
     seen = {}
 
-    from transformers import TrainerCallback
+    from lorafit import LorafitCallback
 
-    class Inspect(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            seen["linear"] = type(model.base_model.model.model.layers[0].mlp.down_proj.base_layer)
+    class Inspect(LorafitCallback):
+        def on_train_begin(self, loop):
+            seen["linear"] = type(loop.model.base_model.model.model.layers[0].mlp.down_proj.base_layer)
+            self.optimizer = loop.optimizer
 
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        def on_step_end(self, step, logs):
+            optimizer = self.optimizer
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
             seen["optimizer"] = (type(inner), inner.is_paged, inner.args.optim_bits)
 
@@ -200,8 +202,8 @@ def test_gradient_checkpointing_recomputes_without_changing_the_gradients(tmp_pa
     from test_training import CaptureGrads
 
     class CaptureMode(CaptureGrads):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.checkpointing = model.base_model.model.model.gradient_checkpointing
+        def on_train_begin(self, loop):
+            self.checkpointing = loop.model.base_model.model.model.gradient_checkpointing
 
     captured = []
     for checkpointing in (False, True):

@@ -17,10 +17,8 @@ import pytest
 import torch
 from conftest import REPO, conversation, write_jsonl
 from safetensors.torch import load_file
-from transformers import TrainerCallback
-
+from lorafit import LorafitCallback, load_config, train
 from lorafit.training import checkpoint as ckpt
-from lorafit import load_config, train
 from lorafit.errors import LorafitError
 from lorafit.training.recipe import RunStopped
 
@@ -224,13 +222,16 @@ def test_a_folder_without_a_valid_manifest_is_never_resumed(tmp_path, reference)
         ckpt.find_resume_point(root, str(newest), overwrite=False)
 
 
-class PoisonAdapter(TrainerCallback):
+class PoisonAdapter(LorafitCallback):
     """Test hook: a NaN in one LoRA weight after step 5, as a diverging run would produce."""
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 5:
+    def on_train_begin(self, loop):
+        self.model = loop.model
+
+    def on_step_end(self, step, logs):
+        if step == 5:
             with torch.no_grad():
-                next(p for n, p in model.named_parameters() if "lora_A" in n)[0, 0] = float("nan")
+                next(p for n, p in self.model.named_parameters() if "lora_A" in n)[0, 0] = float("nan")
 
 
 def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, tiny_model_dir):
@@ -246,14 +247,14 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tmp_path, tin
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-class SendSigint(TrainerCallback):
+class SendSigint(LorafitCallback):
     """Test hook: Ctrl-C (once or twice) in the middle of step 3, as a user at the terminal would."""
 
     def __init__(self, times: int):
         self.times = times
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == 2:
+    def on_step_begin(self, step, loop):
+        if step == 3:
             import os
 
             for _ in range(self.times):
@@ -294,7 +295,7 @@ def test_the_printed_resume_command_keeps_the_users_arguments():
     assert resume_command(argv) == "lorafit train 'my run.yaml' --set train.seed=3 --resume auto"
 
 
-class TransientNan(TrainerCallback):
+class TransientNan(LorafitCallback):
     """Test hook: step 5's forward sees a NaN weight (as from one bad batch); the weight is put back before the
     optimizer step. Records the adapter before and after that step."""
 
@@ -306,24 +307,25 @@ class TransientNan(TrainerCallback):
     def _lora(self, model):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 4:
-            self.before = self._lora(model)
-            param = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    def on_step_begin(self, step, loop):
+        if step == 5:
+            self.model = loop.model
+            self.before = self._lora(loop.model)
+            param = next(p for n, p in loop.model.named_parameters() if "lora_A" in n)
             self._saved = (param, param[0, 0].item())
             with torch.no_grad():
                 param[0, 0] = float("nan")
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_before_optimizer_step(self, step, loop):
         if self._saved is not None:
             param, value = self._saved
             with torch.no_grad():
                 param[0, 0] = value
             self._saved = None
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 5:
-            self.after = self._lora(model)
+    def on_step_end(self, step, logs):
+        if step == 5:
+            self.after = self._lora(self.model)
 
 
 def test_a_bad_step_within_nan_patience_is_skipped_without_touching_the_adapter(tmp_path, tiny_model_dir):

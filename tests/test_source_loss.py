@@ -1,5 +1,8 @@
 """Training loss per data source (training/source_loss.py): equal, token by token, to each source's loss computed on
-its own (padded, packed, accumulated over micro-batches), summed across processes, and logged by a real run."""
+its own (padded, packed, accumulated over micro-batches), summed across processes, and logged by a real run.
+
+The per-source values take the production path: SupervisedObjective.compute returns (sum, count) pairs, the loop's
+log window (training/window.py, MetricSums) adds them on the device and reads them at a logging step."""
 
 from __future__ import annotations
 
@@ -21,7 +24,27 @@ from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation, tokenize_te
 from lorafit.data.packing import PackedBins, PackedCollator
 from lorafit.data.sources import Example
 from lorafit.training import source_loss
-from lorafit.training.source_loss import SourceLosses, source_names
+from lorafit.training.objectives import SupervisedObjective
+from lorafit.training.source_loss import source_names, source_sums
+from lorafit.training.window import MetricSums
+
+
+class Window:
+    """The loop's log window for the per-source sums, fed as the loop feeds it."""
+
+    def __init__(self, names):
+        self.names, self.sums = list(names), MetricSums()
+
+    def observe(self, logits, labels, source_ids) -> None:
+        """Synthetic logits straight to the sums (None: a fused loss gave no logits, nothing to attribute)."""
+        if logits is None:
+            return
+        sums, counts = source_sums(logits, labels, source_ids, len(self.names))
+        for i, name in enumerate(self.names):
+            self.sums.add(f"loss/{name}", sums[i], counts[i])
+
+    def pop(self, reduce=None) -> dict:
+        return self.sums.read(reduce)[0]
 
 
 def _examples(tokenizer) -> list[Example]:
@@ -55,11 +78,15 @@ def _reference(model, examples) -> dict[str, float]:
     return {"loss/a": sums[0] / counts[0], "loss/b": sums[1] / counts[1]}
 
 
-def _observe(model, losses: SourceLosses, batch: dict) -> None:
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    losses.observe(logits, batch["labels"], batch["source_ids"])
+def _observe(model, losses: Window, batch: dict) -> None:
+    """One training micro-batch through the supervised objective (what the loop calls), its metrics into the window."""
+    model.train()  # the objective attributes losses of training batches only
+    try:
+        with torch.no_grad():
+            _, metrics = SupervisedObjective(losses.names).compute(model, batch)
+    finally:
+        model.eval()
+    losses.sums.add_means(metrics, lambda name: 1.0)
 
 
 @pytest.mark.parametrize("layout", ["padded", "padding_free", "bfd", "padded_micro_batches"])
@@ -82,7 +109,7 @@ def test_each_sources_loss_equals_its_loss_computed_alone(model, tiny_tokenizer,
         collate = PadCollator(tiny_tokenizer.pad_token_id, source_ids=True)
         batches = [collate(features[:4]), collate(features[4:])]
 
-    losses = SourceLosses(["a", "b"])
+    losses = Window(["a", "b"])
     for batch in batches:
         _observe(model, losses, batch)
     got = losses.pop()
@@ -112,10 +139,10 @@ def test_partial_window_survives_a_checkpoint_and_absent_sources_are_not_logged(
     logits = torch.randn(1, 5, 11)
     labels = torch.tensor([[IGNORE_INDEX, 3, 4, IGNORE_INDEX, 7]])
     only_b = torch.ones(1, 5, dtype=torch.long)
-    first = SourceLosses(["a", "b"])
+    first = Window(["a", "b"])
     first.observe(logits, labels, only_b)
-    resumed = SourceLosses(["a", "b"])
-    resumed.load_state_dict(first.state_dict())
+    resumed = Window(["a", "b"])
+    resumed.sums.load_state_dict(first.sums.state_dict())
     resumed.observe(logits, labels, only_b)
     first.observe(logits, labels, only_b)
     assert resumed.pop() == pytest.approx(first.pop())
@@ -142,7 +169,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(rank)
-    losses = SourceLosses(["a", "b"])
+    losses = Window(["a", "b"])
     logits = torch.randn(2, 6, 9)
     labels = torch.randint(0, 9, (2, 6))
     sources = torch.tensor([[rank] * 6, [1] * 6])  # rank 0 sees source a in row 0; rank 1 only source b
@@ -150,7 +177,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")  # (2, 5)
     own = {"a": [float(nll[sources[:, 1:] == 0].sum()), int((sources[:, 1:] == 0).sum())],
            "b": [float(nll[sources[:, 1:] == 1].sum()), int((sources[:, 1:] == 1).sum())]}
-    Path(out, f"{rank}.json").write_text(json.dumps({"own": own, "logged": losses.pop(accelerator)}))
+    Path(out, f"{rank}.json").write_text(json.dumps({"own": own, "logged": losses.pop(lambda t: accelerator.reduce(t, reduction="sum"))}))
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
 
@@ -197,7 +224,7 @@ def test_a_run_logs_each_sources_loss_easy_below_random(tmp_path, tiny_model_dir
     first, last = both[0], both[-1]
     assert last["loss/easy.jsonl"] < first["loss/easy.jsonl"] - 0.5  # the constant text is being learned
     assert last["loss/easy.jsonl"] < last["loss/noisy.jsonl"] - 0.5  # ... random characters cannot be
-    for r in steps:  # one step per log: Trainer's loss is a token-weighted mix of the sources in the step
+    for r in steps:  # one step per log: the run's loss is a token-weighted mix of the sources in the step
         present = [r[k] for k in names if k in r]
         assert present, r
         if len(present) == 1:  # a step that drew one source only (the epoch's last, partial one): its loss exactly

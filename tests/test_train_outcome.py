@@ -1,6 +1,6 @@
 """What a run tells its watcher and leaves behind: the public callback interface, progress, the health of a run
 (a diverged run is not a success), the output folder's rules, file modes, --dry-run and --max-steps, and the
-start-up check of the Trainer internals lorafit relies on."""
+refusal of callbacks written for transformers' Trainer."""
 
 from __future__ import annotations
 
@@ -46,27 +46,23 @@ def _config_file(tmp_path, model_dir, **sections) -> str:
     return str(path)
 
 
-# ---------------------------------------------------------------------------------------------- Trainer internals
+# ---------------------------------------------------------------------------------------------- old callbacks
 
 
-def test_the_trainer_api_check_passes_on_the_installed_version_and_names_what_is_missing():
-    from transformers import Trainer
+def test_a_transformers_trainer_callback_is_refused_naming_the_replacement(tmp_path, tiny_model_dir):
+    """lorafit no longer runs transformers' Trainer: a TrainerCallback would silently never be called."""
+    from transformers import TrainerCallback
 
-    from lorafit.training.trainer_api import TRAINER_METHODS, check_trainer_api, trainer_api_problems
-
-    assert trainer_api_problems() == []
-
-    class Renamed(Trainer):
-        def _load_scaler(self, checkpoint_path):  # a newer Trainer renaming a parameter lorafit passes by position
+    class OldStyle(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
             pass
 
-    problems = trainer_api_problems(Renamed)
-    assert problems == ["Trainer._load_scaler('self', 'checkpoint_path'): expected parameters starting with "
-                        "('self', 'checkpoint')"]
-    with pytest.raises(LorafitError, match="5.23") as caught:
-        check_trainer_api(methods={**TRAINER_METHODS, "_lorafit_pretend_hook": ("self",)})
-    assert "Trainer._lorafit_pretend_hook: missing" in caught.value.details
-    assert "transformers>=5.23,<5.24" in caught.value.fix
+    with pytest.raises(LorafitError) as caught:
+        train(load_config(_config_dict(tmp_path, tiny_model_dir)), callbacks=[OldStyle()], progress=False)
+    message = caught.value.render()
+    assert "OldStyle is not a lorafit.LorafitCallback" in message and "on_before_optimizer_step" in message
+    assert "TrainerCallback events" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything trained
 
 
 # ---------------------------------------------------------------------------------------------- callbacks, progress

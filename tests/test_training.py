@@ -8,9 +8,7 @@ import pytest
 import torch
 from conftest import conversation, write_jsonl
 from safetensors.torch import load_file
-from transformers import TrainerCallback
-
-from lorafit import load_config, train
+from lorafit import LorafitCallback, load_config, train
 from lorafit.errors import LorafitError
 
 
@@ -35,19 +33,19 @@ def _config(tmp_path, model_dir, data, **train_overrides):
     })
 
 
-class CaptureGrads(TrainerCallback):
+class CaptureGrads(LorafitCallback):
     """Adapter gradients just before the first optimizer step, and every logged train loss."""
 
     def __init__(self):
         self.grads: dict[str, torch.Tensor] = {}
         self.losses: list[float] = []
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_before_optimizer_step(self, step, loop):
         if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
+    def on_step_end(self, step, logs):
+        if "loss" in logs:
             self.losses.append(logs["loss"])
 
 
@@ -73,12 +71,12 @@ def _base_digests_from_file(model_dir) -> dict[str, bytes]:
     return {name: t.contiguous().view(torch.uint8).numpy().tobytes() for name, t in load_file(model_dir / "model.safetensors").items()}
 
 
-class FrozenAtEnd(TrainerCallback):
+class FrozenAtEnd(LorafitCallback):
     def __init__(self):
         self.frozen: dict[str, bytes] = {}
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        for name, param in model.named_parameters():
+    def on_train_end(self, step, loop):
+        for name, param in loop.model.named_parameters():
             if not param.requires_grad:
                 # peft names: base_model.model.<hf name> with .base_layer. inside adapted layers
                 hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
@@ -98,13 +96,16 @@ def test_every_frozen_base_tensor_is_bit_identical_after_training(tmp_path, tiny
     assert summary["base_weights_unchanged"] is True
 
 
-class PerturbBase(TrainerCallback):
+class PerturbBase(LorafitCallback):
     """Test-only hook: change one frozen weight mid-training, as a buggy optimizer setup would."""
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 2:
+    def on_train_begin(self, loop):
+        self.model = loop.model
+
+    def on_step_end(self, step, logs):
+        if step == 2:
             with torch.no_grad():
-                dict(model.named_parameters())["base_model.model.model.layers.1.mlp.up_proj.base_layer.weight"][0, 0] += 1.0
+                dict(self.model.named_parameters())["base_model.model.model.layers.1.mlp.up_proj.base_layer.weight"][0, 0] += 1.0
 
 
 def test_a_changed_base_weight_fails_the_run_naming_the_tensor(tmp_path, tiny_model_dir):

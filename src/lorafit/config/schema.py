@@ -157,6 +157,8 @@ class TrainConfig(Section):
         0, ge=0, description="Consecutive steps with a NaN/Inf loss or gradient tolerated (their updates are skipped) "
         "before the run stops; 0 = stop at the first.",
     )
+    loader_workers: int | None = Field(None, ge=0, description="Processes that build batches (tensors, pinned memory) "
+                                       "while the GPU trains; null = 2 with a GPU, 0 on a CPU.")
     empty_cache_every: int | None = Field(None, gt=0, description="Release the GPU allocator's cached memory every N steps (less fragmentation, a little slower); null = never.")
 
     @model_validator(mode="after")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import TrainerCallback
 
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
@@ -19,7 +18,7 @@ from lorafit.evaluate.loss import LossSettings
 from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
 from lorafit.model.lora_init import base_view
 
-__all__ = ["GenerationEval", "GenerationSettings", "compare_base_and_adapter", "format_eval", "read_examples",
+__all__ = ["GenerationSettings", "compare_base_and_adapter", "format_eval", "read_examples",
            "run_eval", "generation_sample", "spread_sample"]
 
 
@@ -89,33 +88,12 @@ def run_eval(*, adapter: Path | None, model: Path | None, data: list, metrics: t
 # ---------------------------------------------------------------------------------------------- during training
 
 
-class GenerationEval(TrainerCallback):
-    """Every ``every`` evaluations, generate answers for a fixed eval sample and log ``eval_<metric>`` values.
-
-    The values go through ``trainer.log`` so metrics_history.jsonl, TensorBoard/MLflow/W&B and best-step
-    selection all see them like eval_loss.
-    """
-
-    def __init__(self, trainer, tokenizer, examples: list[EvalExample], settings: GenerationSettings, every: int):
-        self.trainer, self.tokenizer, self.examples, self.settings, self.every = trainer, tokenizer, examples, settings, every
-        self.evaluations = 0
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        self.evaluations += 1
-        if not self.examples or self.evaluations % self.every:
-            return
-        aggregated, _ = generation_metrics(model, self.tokenizer, self.examples, self.settings)
-        values = {f"eval_{name}": v["value"] for name, v in aggregated.items() if v["value"] is not None}
-        if values:
-            self.trainer.log(values)
-
-
 def generation_sample(config, eval_split) -> tuple[list[EvalExample], GenerationSettings] | None:
     """The fixed eval sample answered for generation metrics (``data.eval`` sources with their format, fields and
     task_prefix, and the rows ``data.eval_fraction`` held out), and how to answer it; None when nothing is answered.
 
-    ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``). The training stage wraps the sample
-    in a ``GenerationEval`` callback (every ``eval.generate_every`` evaluations) and compares base and adapter on it.
+    ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``). The training loop answers the sample
+    every ``eval.generate_every`` evaluations (``generation_metrics``), and the recipe compares base and adapter on it.
     """
     e = config.eval
     if not eval_split or not e.generate_samples:

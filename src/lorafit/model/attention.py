@@ -114,6 +114,12 @@ def load_with_attention(load, requested: str, dtype: torch.dtype, machine: Machi
         ) from None
 
 
+def attention_of(model) -> str:
+    """The attention implementation a loaded model runs. transformers keeps it in the config's
+    ``_attn_implementation`` property and offers no public getter (5.x): read it here only."""
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
 def is_packed_row(batch: dict) -> bool:
     """True for a batch in lorafit's packed layout: positions restarting inside a row, no attention mask."""
     positions = batch.get("position_ids")

@@ -7,7 +7,7 @@ The 4-bit CPU guard (see docs/design.md, "QLoRA on CPU"): bitsandbytes 0.50's ``
 layer's weights to a packed AVX512-BF16 inference layout the first time it runs in eval mode on a no-grad input
 (any evaluation). The packed path then computes with ``gemv_4bit``, an op with no autograd kernel, so once the
 layer is back in train mode the gradient through the frozen base is silently dropped and every LoRA gradient
-below it is wrong. ``keep_4bit_training_layout`` turns that conversion off per layer; ``PackedLayoutGuard``
+below it is wrong. ``keep_4bit_training_layout`` turns that conversion off per layer; ``check_training_layout``
 fails the run if any layer is found packed anyway (a bitsandbytes version that converts by another route).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.metadata
 
 import torch
-from transformers import TrainerCallback
 
 from lorafit.config import Config, QuantConfig
 from lorafit.errors import LorafitError
@@ -114,28 +113,20 @@ def bitsandbytes_version() -> tuple[int, int] | None:
         return None
 
 
-class PackedLayoutGuard(TrainerCallback):
-    """Fails the run the moment a 4-bit layer is found in the packed inference layout during training.
+def check_training_layout(model, when: str) -> None:
+    """Fail the run the moment a 4-bit layer is found in the packed inference layout during training.
 
-    Checked before every optimizer step and after every evaluation: cheap (a flag per layer), and it turns the
+    The loop calls it before every step and after every evaluation: cheap (a flag per layer), and it turns the
     silent wrong-gradient failure into an error if a bitsandbytes version bypasses ``keep_4bit_training_layout``.
     """
-
-    def _check(self, model, when: str) -> None:
-        packed = packed_4bit_layers(model) if model is not None else []
-        if packed:
-            raise RuntimeError(
-                f"{when}: {len(packed)} 4-bit layers switched to bitsandbytes' packed CPU inference layout "
-                f"({', '.join(packed[:3])}, ...); LoRA gradients would be wrong from here on. bitsandbytes "
-                f"{bitsandbytes_version()} is outside the version lorafit guards and pins ({TESTED_BITSANDBYTES}): "
-                "please report it."
-            )
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._check(model, f"step {state.global_step + 1}")
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        self._check(model, f"evaluation at step {state.global_step}")
+    packed = packed_4bit_layers(model) if model is not None else []
+    if packed:
+        raise RuntimeError(
+            f"{when}: {len(packed)} 4-bit layers switched to bitsandbytes' packed CPU inference layout "
+            f"({', '.join(packed[:3])}, ...); LoRA gradients would be wrong from here on. bitsandbytes "
+            f"{bitsandbytes_version()} is outside the version lorafit guards and pins ({TESTED_BITSANDBYTES}): "
+            "please report it."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- mixed precision

@@ -3,9 +3,10 @@
 A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNNN/``:
 
     adapter_model.safetensors  adapter_config.json   the adapter at that step (a loadable peft adapter folder)
-    training_state.safetensors training_state.json   optimizer, scheduler, scaler, RNG, sampler, loop counters:
-                                                     tensors in safetensors, everything else in JSON (no pickle)
-    trainer_state.json                               transformers' TrainerState (JSON)
+    training_state.safetensors training_state.json   optimizer, scheduler, scaler, the loop's position and
+                                                     counters, guard, best step, objective, and each process's
+                                                     RNG and log window: tensors in safetensors, everything else
+                                                     in JSON (no pickle)
     metrics_history.jsonl                            the run's metrics up to that step
     checkpoint.json                                  data position, config + resume_config_sha256,
                                                      fingerprints, versions
@@ -40,10 +41,11 @@ META = "checkpoint.json"
 ADAPTER = "adapter_model.safetensors"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
-TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: Trainer reads it by this name
 HISTORY = RunFolder.HISTORY
-REQUIRED = (ADAPTER, STATE_TENSORS, STATE_JSON, TRAINER_STATE, META)
-FORMAT_VERSION = 1
+REQUIRED = (ADAPTER, STATE_TENSORS, STATE_JSON, META)
+# 2: lorafit's own loop (training/loop.py). 1 was written inside transformers' Trainer (with trainer_state.json):
+# its loop counters and sampler state mean nothing to this loop, so it is refused with the reason (require_format).
+FORMAT_VERSION = 2
 
 _NAME = re.compile(r"^step-(\d{8})$")
 # Test-only: seconds to sleep after each file of a save, so a test can SIGKILL the process mid-save.
@@ -110,34 +112,6 @@ def unflatten_state(tree, tensors: dict[str, torch.Tensor]):
             return {k: unflatten_state(v, tensors) for k, v in tree["__items__"]}
         return {k: unflatten_state(v, tensors) for k, v in tree.items()}
     return tree
-
-
-def capture_rng() -> dict:
-    """Every RNG a training step can draw from: python, numpy, torch CPU, and each accelerator device."""
-    import random
-
-    import numpy as np
-
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch_cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        states["torch_cuda"] = torch.cuda.get_rng_state_all()  # one per visible device
-    if hasattr(torch, "mps") and torch.backends.mps.is_available():
-        states["torch_mps"] = torch.mps.get_rng_state()
-    return states
-
-
-def restore_rng(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.random.set_rng_state(states["torch_cpu"])
-    if "torch_cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch_cuda"])
-    if "torch_mps" in states and hasattr(torch, "mps") and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(states["torch_mps"])
 
 
 # ---------------------------------------------------------------------------------------------- commit
@@ -361,6 +335,19 @@ def find_resume_point(root: Path, resume: str | None, *, overwrite: bool) -> Pat
             fix=f"use --resume auto to take the newest verified checkpoint in {root}",
         )
     return folder
+
+
+def require_format(folder: Path) -> None:
+    """Refuse a checkpoint of another format before anything is loaded, naming what to do instead."""
+    found = read_meta(folder).get("format")
+    if found != FORMAT_VERSION:
+        raise LorafitError(
+            f"cannot resume from {folder}: it is a format-{found} checkpoint, this lorafit reads format {FORMAT_VERSION}",
+            why="format-1 checkpoints were written inside transformers' Trainer (trainer_state.json); lorafit now runs "
+            "its own training loop, whose position and counters they do not hold, so a resume would not be exact",
+            fix="finish that run with the lorafit version that started it, or start a new run (--overwrite, or another "
+            "train.output_dir); its adapter_model.safetensors is a complete peft adapter you can load meanwhile",
+        )
 
 
 def check_resume(folder: Path, identity: dict, *, force: bool) -> list[str]:

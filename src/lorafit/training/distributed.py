@@ -1,15 +1,16 @@
-"""Several processes, one run: who is who, where they wait for each other, what they reduce, and the
-TrainingArguments each strategy needs (docs/scaling.md).
+"""Several processes, one run: who is who, where they wait for each other, what they reduce, the accelerate
+plugins of each strategy, and the state that is sharded or per process (docs/scaling.md).
 
 A launcher (torchrun, or ``lorafit train --nproc N``, which re-runs the command under torchrun) starts every
-process with RANK/WORLD_SIZE/LOCAL_RANK set; each runs the same recipe. transformers' Trainer and accelerate do
-the distributed training itself (DDP, FSDP2, DeepSpeed ZeRO): lorafit adds only
+process with RANK/WORLD_SIZE/LOCAL_RANK set; each runs the same recipe. accelerate does the distributed training
+itself (DDP, FSDP2, DeepSpeed ZeRO: ``make_accelerator``); lorafit adds only
 
     init_processes     the process group, before the data is read (the main process tokenises and caches first)
     barrier            the others wait while the main process writes run files, checkpoints and the artifact
-    sum_across_ranks   supervised-token counts (each process counts its own shard's labels)
-    gather_objects     each process's RNG state and loss accumulator, for the checkpoint the main process writes
-    strategy_arguments the TrainingArguments of distributed.strategy
+    sum_on_host        host integers summed over processes (step token counts, stop requests) on the CPU group
+    gather_objects     each process's RNG state and loss window, for the checkpoint the main process writes
+    adapter_state,     the full adapter and optimizer state on the CPU for a checkpoint (FSDP2 through
+    optimizer_state    torch.distributed.checkpoint.state_dict), and their inverse on resume
     require_same_world_size   a checkpoint resumes only with the world size that wrote it
 
 With one process every function here is a no-op, and no process group is created.
@@ -78,18 +79,6 @@ def main_process_first():
             barrier()
 
 
-def sum_across_ranks(value: int) -> int:
-    """Sum of ``value`` over every process (each counts its own shard); ``value`` itself with one process."""
-    if not _active():
-        return value
-    # A "cuda:nccl,cpu:gloo" group (init_processes) reduces a CPU tensor with gloo; a pure nccl group, made by
-    # someone else before lorafit, needs it on the GPU.
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
-
-
 def gather_objects(value) -> list:
     """Every process's ``value``, in rank order (a one-element list with one process)."""
     if not _active():
@@ -108,31 +97,74 @@ def broadcast_from_main(value):
     return box[0]
 
 
-def strategy_arguments(config: Config) -> dict:
-    """The TrainingArguments keywords of ``distributed.strategy`` (accelerate builds the plugin from them)."""
+def sum_on_host(values: list[int]) -> list[int]:
+    """Sum of each integer over every process (``values`` itself with one process). Runs on the CPU group (gloo
+    beside nccl, ``init_processes``): a host-side collective that never waits for a GPU."""
+    if not _active():
+        return list(values)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # a pure nccl group, made by another
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def make_accelerator(config: Config):
+    """The accelerate ``Accelerator`` of a run: device, mixed precision, and the strategy's plugin.
+
+    Gradient accumulation is lorafit's (training/loop.py): the accelerator's own count stays 1 (its ``backward``
+    would otherwise divide every loss again) and the loop says which micro-batch ends a step (``sync_gradients``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from lorafit.model.quantization import mixed_precision
+
+    check_strategy_can_run(config)
+    _forget_previous_accelerator()
     d = config.distributed
-    args = {"ddp_find_unused_parameters": False, "ddp_timeout": d.timeout_minutes * 60}
+    plugins = {}
     if d.strategy == "fsdp":
-        args["fsdp"] = True
-        args["fsdp_config"] = {
-            "version": 2,
-            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one shard unit per decoder layer (the model's _no_split_modules)
-            "reshard_after_forward": True,
-            "cpu_offload": d.fsdp_cpu_offload,
-            # the main process reads the weights, the others get them from it: one copy in CPU memory, not N
-            "cpu_ram_efficient_loading": False,
-            "state_dict_type": "FULL_STATE_DICT",
-        }
+        plugins["fsdp_plugin"] = fsdp_plugin(config)
     elif d.strategy.startswith("deepspeed_zero"):
-        args["deepspeed"] = deepspeed_config(int(d.strategy[-1]), config)
-    return args
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugins["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(int(d.strategy[-1]), config))
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config) or "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)], **plugins)
+    require_strategy_active(config, accelerator)
+    return accelerator
+
+
+def _forget_previous_accelerator() -> None:
+    """accelerate keeps one accelerator state per Python process: a second run in the same process (the Python API,
+    a notebook, the tests) with another precision or strategy would be refused ("AcceleratorState has already been
+    initialized"). Forget it, as transformers' TrainingArguments does before each Trainer; the process group
+    (PartialState) is kept. accelerate has no public reset (checked on accelerate 1.15): if ``_reset_state`` goes,
+    this fails loudly at the first run, in the tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def fsdp_plugin(config: Config):
+    """FSDP2, one shard unit per decoder layer (the model's ``_no_split_modules``), full state dicts on save."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        cpu_offload=config.distributed.fsdp_cpu_offload, state_dict_type="FULL_STATE_DICT",
+        # the main process reads the weights, the others get them from it: one copy in CPU memory, not N
+        cpu_ram_efficient_loading=False)
 
 
 def deepspeed_config(stage: int, config: Config) -> dict:
-    """A DeepSpeed config whose batch, precision and clipping values are "auto": Trainer fills them from its own
-    arguments, so the config file cannot disagree with the lorafit config."""
+    """The DeepSpeed config of ``distributed.strategy: deepspeed_zero{2,3}``, filled from the lorafit config (so the
+    two cannot disagree). DeepSpeed clips (``train.max_grad_norm``) and steps inside accelerate's backward; the loop
+    tells it which micro-batch ends a step, and its loss is already normalised (``scale_wrt_gas=False``)."""
     from lorafit.model.quantization import mixed_precision
 
+    t = config.train
     precision = mixed_precision(config)
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     if stage == 3:
@@ -142,10 +174,10 @@ def deepspeed_config(stage: int, config: Config) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size(),
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm or 0.0,
     }
 
 
@@ -169,113 +201,120 @@ def require_same_world_size(folder: Path, saved: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 # A checkpoint is written by the main process, but some of what it holds lives on every process: the adapter and
-# optimizer shards under FSDP/ZeRO-3, and each process's RNG and loss accumulator under any strategy.
+# optimizer shards under FSDP2/ZeRO-3, and each process's RNG and loss window under any strategy.
 
 
-def strategy_of(trainer) -> str:
-    if trainer.is_fsdp_enabled:
+def strategy_of(accelerator) -> str:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp"
-    if trainer.is_deepspeed_enabled:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return "deepspeed"
-    return "ddp" if world_size() > 1 else "single"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def checkpoint_state(trainer) -> dict:
-    """What every process contributes to a checkpoint; call it on every process (it gathers)."""
-    from lorafit.training.checkpoint import capture_rng
-
-    strategy = strategy_of(trainer)
-    own = {"rng": capture_rng(), "tr_loss": trainer._tr_loss.detach().cpu()}
-    return {
-        "strategy": strategy,
-        "adapter": adapter_tensors(trainer),
-        "optimizer": _optimizer_state(trainer, strategy),
-        "ranks": gather_objects(own) if world_size() > 1 else None,
-    }
-
-
-def adapter_tensors(trainer) -> dict[str, torch.Tensor]:
-    """The full adapter on the CPU. Under FSDP2 each parameter is a DTensor shard: ``full_tensor`` gathers it
-    (every process, same order); under ZeRO-3 DeepSpeed gathers the adapter parameters (only those, not the base)."""
+def adapter_state(model, accelerator) -> dict[str, torch.Tensor]:
+    """The full adapter on the CPU; call it on every process (it gathers). Under FSDP2 each parameter is a DTensor
+    shard: ``full_tensor`` gathers only the adapter's (same order on every process); under ZeRO-3 DeepSpeed gathers
+    the trainable parameters (only those, not the base)."""
     from peft import get_peft_model_state_dict
 
-    model = trainer.model
-    if trainer.is_deepspeed_enabled and _zero_stage(trainer) == 3:
+    model = accelerator.unwrap_model(model)
+    if strategy_of(accelerator) == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3:
         import deepspeed
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(trainable):
+        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
             return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    state = get_peft_model_state_dict(model)
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-            for k, v in state.items()}
+            for k, v in get_peft_model_state_dict(model).items()}
 
 
-def _zero_stage(trainer) -> int:
-    return trainer.accelerator.state.deepspeed_plugin.zero_stage
+def load_adapter_state(model, accelerator, weights: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's adapter back, before the first resumed step. Under FSDP2 each process keeps its shard of
+    the full tensors (``set_model_state_dict``, which takes module names); otherwise peft loads them directly."""
+    inner = accelerator.unwrap_model(model)
+    if strategy_of(accelerator) == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(inner, by_module_name(inner, weights),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(inner, weights)
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint adapter has tensors the model lacks: {result.unexpected_keys[:5]}")
 
 
-def _raw_optimizer(trainer):
-    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's AcceleratedOptimizer wraps it
+def by_module_name(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft adapter tensors (names without the adapter name, as saved) keyed by the model's own state-dict names.
+    peft's ``get_peft_model_state_dict`` picks and renames entries of the state dict it is given, so the same
+    tensor objects tell which module name each saved name stands for."""
+    from peft import get_peft_model_state_dict
+
+    state = model.state_dict()
+    name_of = {id(tensor): name for name, tensor in state.items()}
+    return {name_of[id(tensor)]: weights[saved]
+            for saved, tensor in get_peft_model_state_dict(model, state_dict=state).items() if saved in weights}
 
 
-def _optimizer_state(trainer, strategy: str):
+def optimizer_state(model, optimizer, accelerator):
+    """The optimizer state for a checkpoint: under FSDP2 the unsharded state keyed by parameter name, on the main
+    process (``get_optimizer_state_dict``); None under DeepSpeed (ZeRO keeps it in its own partitioned format)."""
+    strategy = strategy_of(accelerator)
     if strategy == "deepspeed":
-        return None  # ZeRO partitions it in its own format: these checkpoints do not resume (load_optimizer_state)
+        return None
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        # The unsharded state, keyed by parameter name, on the main process (the others get an empty dict).
-        return get_optimizer_state_dict(trainer.model, _raw_optimizer(trainer),
+        return get_optimizer_state_dict(accelerator.unwrap_model(model), optimizer.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return trainer.optimizer.state_dict()
+    return optimizer.state_dict()
 
 
-def load_optimizer_state(trainer, state) -> None:
-    if state is None:
+def load_optimizer_state(model, optimizer, accelerator, state) -> None:
+    if strategy_of(accelerator) == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # Every process reads the same file, so each takes its own shard of the full state.
+        set_optimizer_state_dict(accelerator.unwrap_model(model), optimizer.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
+
+
+def refuse_deepspeed_resume(folder: Path, strategy: str) -> None:
+    """Before anything trains: a DeepSpeed checkpoint holds the adapter, not the optimizer state."""
+    if strategy == "deepspeed":
         raise LorafitError(
-            "this checkpoint was written by a DeepSpeed run: it holds the adapter but not the optimizer state",
+            f"cannot resume from {folder}: it was written by a DeepSpeed run and holds the adapter but not the "
+            "optimizer state",
             why="ZeRO partitions the optimizer state in DeepSpeed's own format, which lorafit does not save (it "
             "would need pickle); resuming without it would not continue the same run",
             fix="train resumable runs with distributed.strategy: ddp or fsdp; to continue from this adapter, "
             "start a new run from it",
         )
-    if trainer.is_fsdp_enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        # Every process reads the same file, so each takes its own shard of the full state.
-        set_optimizer_state_dict(trainer.model, _raw_optimizer(trainer), state,
-                                 options=StateDictOptions(full_state_dict=True))
-        return
-    trainer.optimizer.load_state_dict(state)
 
 
-def own_rank_state(state: dict) -> dict:
-    """This process's RNG state and loss accumulator from a checkpoint's training state."""
-    ranks = state.get("ranks")
-    if ranks:
-        return ranks[rank()]
-    return {"rng": state["rng"], "tr_loss": state["loop"]["tr_loss"]}
-
-
-def unshard_for_outputs(trainer) -> None:
+def unshard_for_outputs(model, accelerator) -> None:
     """After the last step, give every process the whole (adapter and base) weights back, for what the recipe
     does with the trained model: the frozen-weights check, generation, the best-adapter restore and the artifact.
 
     Under FSDP2 the parameters are DTensor shards; ``unshard`` all-gathers them into plain tensors. Under ZeRO-3
     DeepSpeed gathers them while its context is open; it is left open, as nothing trains after this point. This
     costs one full copy of the model per process at the end of the run: the same as DDP holds throughout."""
-    if trainer.is_fsdp_enabled:
+    strategy = strategy_of(accelerator)
+    if strategy == "fsdp":
         from torch.distributed.fsdp import FSDPModule
 
-        for module in trainer.model.modules():
+        for module in accelerator.unwrap_model(model).modules():
             if isinstance(module, FSDPModule):
                 module.unshard()
-    elif trainer.is_deepspeed_enabled and _zero_stage(trainer) == 3:
+    elif strategy == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3:
         import deepspeed
 
-        deepspeed.zero.GatheredParameters(list(trainer.model.parameters())).__enter__()
-
+        deepspeed.zero.GatheredParameters(list(model.parameters())).__enter__()
 
 
 def check_strategy_can_run(config: Config) -> None:
@@ -290,11 +329,11 @@ def check_strategy_can_run(config: Config) -> None:
         _refuse_strategy(wanted, "without a launcher")
 
 
-def require_strategy_active(config: Config, trainer) -> None:
+def require_strategy_active(config: Config, accelerator) -> None:
     """Refuse a run in which accelerate dropped the asked-for strategy. accelerate applies FSDP and DeepSpeed only
     to processes on GPUs started by a launcher; elsewhere it trains without them and says nothing (measured with
     accelerate 1.15: an fsdp run of 2 CPU processes trained with plain DDP)."""
-    wanted, active = config.distributed.strategy, strategy_of(trainer)
+    wanted, active = config.distributed.strategy, strategy_of(accelerator)
     if wanted == "fsdp" and active != "fsdp" or wanted.startswith("deepspeed") and active != "deepspeed":
         _refuse_strategy(wanted, f"accelerate set up {'one process' if active == 'single' else active}")
 

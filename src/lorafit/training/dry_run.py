@@ -14,15 +14,15 @@ from lorafit.config import Config
 from lorafit.training.callbacks import peak_memory
 
 
-def largest_batch(config: Config, tokenizer, train_data, objective=None, attn: str = "sdpa") -> dict[str, torch.Tensor]:
+def largest_batch(config: Config, tokenizer, train_data, objective, attn: str = "sdpa") -> dict[str, torch.Tensor]:
     """The ``batch_size`` longest examples, collated as training would: an upper bound on any batch's memory."""
     from lorafit.data.collate import PadCollator
     from lorafit.data.packing import packed_collator
     from lorafit.data.triplets import TripletCollator
 
-    if objective is not None and objective.data == "triplets":
+    if objective.data == "triplets":
         collate = TripletCollator(tokenizer.pad_token_id)
-    elif objective is not None and objective.data == "preference":
+    elif objective.data == "preference":
         from lorafit.data.preference import PreferenceCollator
 
         collate = PreferenceCollator(tokenizer.pad_token_id)
@@ -33,27 +33,28 @@ def largest_batch(config: Config, tokenizer, train_data, objective=None, attn: s
     return collate([train_data[i] for i in order[: config.train.batch_size]])
 
 
-def largest_batch_step(config: Config, model, tokenizer, train_data, objective=None) -> dict:
+def largest_batch_step(config: Config, model, tokenizer, train_data, objective) -> dict:
     """Forward and backward on the largest batch (no optimizer step: the adapter is unchanged); returns what was
     measured. Gradients are dropped afterwards."""
+    from lorafit.model.attention import attention_of
     from lorafit.model.quantization import mixed_precision
 
     device = next(p for p in model.parameters() if p.requires_grad).device
     if torch.cuda.is_available() and device.type == "cpu" and config.quant.bits is None:
-        model.to("cuda")  # where Trainer would put it
+        model.to("cuda")  # where the loop's accelerator would put it
         device = torch.device("cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = {k: v.to(device) for k, v in largest_batch(config, tokenizer, train_data, objective,
-                                                            model.config._attn_implementation or "sdpa").items()}
+                                                            attention_of(model)).items()}
     precision = mixed_precision(config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
     model.train()
     begun = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        loss = objective.compute(model, batch)[0] if objective is not None else model(**batch).loss
+        loss = objective.compute(model, batch)[0]
     loss.backward()
     seconds = time.perf_counter() - begun
     model.zero_grad(set_to_none=True)

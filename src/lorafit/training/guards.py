@@ -2,8 +2,9 @@
 checkpoint), SIGINT/SIGTERM (checkpoint at the next step boundary, then stop), and ``eval.best`` (best-step
 selection and early stopping on any logged metric).
 
-Each is a Trainer callback whose state travels in checkpoints (``state_dict``/``load_state_dict``), so a resumed
-run stops, skips and selects exactly as an uninterrupted one.
+Each keeps its state in plain values that travel in checkpoints (``state_dict``/``load_state_dict``), so a resumed
+run stops, skips and selects exactly as an uninterrupted one. Every decision that changes what the processes do
+next is taken from values that are the same on every process (reduced, or logged after reduction).
 """
 
 from __future__ import annotations
@@ -13,64 +14,88 @@ import sys
 import threading
 
 import torch
-from transformers import TrainerCallback
 
-class NonFiniteGuard(TrainerCallback):
-    """Skips the update of a step whose loss or gradient is not finite; stops the run after ``patience``
-    consecutive such steps. Once tripped, no checkpoint is written (the trainer asks ``tripped``), so the last
-    checkpoint on disk is the last good one.
 
-    Skipping works by dropping every gradient (``grad = None``): torch optimizers leave such parameters and their
-    moments untouched, whereas a zero gradient would still move Adam's weights through its momentum.
+class NonFiniteGuard:
+    """Skips the update of a step whose loss or gradient norm is not finite on any process; stops the run after
+    more than ``patience`` such steps in a row. Once tripped, no checkpoint is written, so the last checkpoint on
+    disk is the last good one.
+
+    The check runs on the device: ``step_flag`` returns a 0-d tensor the optimizer step reads on the device (torch's
+    fused optimizers skip their update, moments and step count included, when it is set: the mechanism GradScaler
+    uses for overflowed steps). The host learns what happened only when ``read`` is called, at steps that log,
+    evaluate or save, in one transfer. The consecutive count and the trip are also kept on the device, so a trip
+    between two reads blocks every later update until the loop reads it and stops.
     """
 
     def __init__(self, patience: int):
         self.patience = patience
-        self.consecutive = 0
+        self.consecutive = 0  # as of the last read
         self.skipped_steps: list[int] = []
         self.tripped_at: int | None = None
         self.reason = ""
-        self._bad_loss: torch.Tensor | None = None
+        self.last_bad = False  # the newest step read was skipped
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, [bad loss, bad gradient]) since the last read
+        self._run: torch.Tensor | None = None  # consecutive bad steps, on the device
+        self._blocked: torch.Tensor | None = None  # tripped, on the device
 
     @property
     def tripped(self) -> bool:
         return self.tripped_at is not None
 
-    def observe_loss(self, loss: torch.Tensor) -> None:
-        """Called by the trainer for each micro-batch; kept on the device until the step ends (no sync per batch)."""
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+    def step_flag(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, reduce_max=None) -> torch.Tensor:
+        """The device flag that skips step ``step``'s update: its loss or gradient norm is not finite on some process
+        (``reduce_max`` takes the maximum over processes), or the guard tripped since the last read."""
+        flags = torch.stack([~torch.isfinite(loss.detach()).all(), ~torch.isfinite(grad_norm.detach()).all()])
+        if reduce_max is not None:
+            flags = reduce_max(flags.to(torch.uint8)).bool()
+        bad = flags.any()
+        if self._run is None:
+            # torch.full, not torch.tensor: a fill on the device, no host-to-device copy that would wait for it
+            self._run = torch.full((), self.consecutive, device=bad.device)
+            self._blocked = torch.full((), self.tripped, device=bad.device)
+        self._run = torch.where(bad, self._run + 1, torch.zeros_like(self._run))
+        self._blocked = self._blocked | (self._run > self.patience)
+        self._pending.append((step, flags))
+        return bad | self._blocked
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        # One device read per optimizer step for both checks (each bool() of a GPU tensor waits for the GPU).
-        flags = torch.zeros(2, dtype=torch.bool, device=grads[0].device if grads else "cpu")
-        if grads:
-            flags[0] = ~torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).all()
-        if self._bad_loss is not None:
-            flags[1] = self._bad_loss.to(flags.device)
-        bad_grad, bad_loss = flags.tolist()
-        self._bad_loss = None
-        if not (bad_loss or bad_grad):
-            self.consecutive = 0
-            return
-        step = state.global_step + 1  # the step being taken
-        self.consecutive += 1
-        self.skipped_steps.append(step)
-        for param in model.parameters():
-            param.grad = None
-        if self.consecutive > self.patience:
-            self.tripped_at = step
-            self.reason = "loss" if bad_loss else "gradient"
-            if bad_loss and bad_grad:
-                self.reason = "loss and gradient"
-            control.should_training_stop = True
+    def pending_flags(self) -> torch.Tensor | None:
+        """The flags of the steps since the last read, (n, 2), still on the device (for a caller that reads them
+        together with other values: ``apply`` then takes the host values)."""
+        return torch.stack([f for _, f in self._pending]) if self._pending else None
 
-    def weights_finite(self, adapter_safetensors: bytes, step: int) -> bool:
+    def read(self) -> None:
+        """Bring the flags of the steps since the last read to the host (one transfer) and update the counts."""
+        flags = self.pending_flags()
+        self.apply(flags.reshape(-1).tolist() if flags is not None else [])
+
+    def apply(self, flat_flags: list) -> None:
+        """Update the counts from the pending steps' flags read on the host (``pending_flags``, flattened)."""
+        steps = [step for step, _ in self._pending]
+        self._pending = []
+        self.last_bad = False
+        for i, step in enumerate(steps):
+            bad_loss, bad_grad = bool(flat_flags[2 * i]), bool(flat_flags[2 * i + 1])
+            if self.tripped:
+                break
+            self.last_bad = bad_loss or bad_grad
+            if not self.last_bad:
+                self.consecutive = 0
+                continue
+            self.consecutive += 1
+            self.skipped_steps.append(step)
+            if self.consecutive > self.patience:
+                self.tripped_at = step
+                self.reason = "loss and gradient" if bad_loss and bad_grad else "loss" if bad_loss else "gradient"
+
+    @property
+    def clean(self) -> bool:
+        """The last step read was good and the guard has not tripped: the state may be checkpointed."""
+        return not self.tripped and self.consecutive == 0
+
+    def weights_finite(self, adapter: dict[str, torch.Tensor], step: int) -> bool:
         """Last check before a checkpoint: an update with a finite gradient can still overflow a weight."""
-        from safetensors.torch import load
-
-        if all(torch.isfinite(t).all() for t in load(adapter_safetensors).values()):
+        if all(torch.isfinite(t).all() for t in adapter.values()):
             return True
         self.tripped_at, self.reason = step, "adapter weight"
         return False
@@ -81,6 +106,7 @@ class NonFiniteGuard(TrainerCallback):
     def load_state_dict(self, state: dict) -> None:
         self.consecutive = state["consecutive"]
         self.skipped_steps = list(state["skipped_steps"])
+        self._run = self._blocked = None
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -88,9 +114,10 @@ class NonFiniteGuard(TrainerCallback):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class StopRequest(TrainerCallback):
-    """Installs the handlers while training runs (main thread only) and, at the first step end after a signal,
-    asks Trainer to save a checkpoint and stop. ``signal`` holds the first signal received, or None."""
+class StopRequest:
+    """Installs the handlers while training runs (main thread only). A signal is recorded whenever it arrives (in
+    a forward, an evaluation or in the middle of a checkpoint save) and never dropped: the loop checks ``signal`` at
+    every step boundary, saves a checkpoint and stops. A second signal stops at once."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -125,16 +152,10 @@ class StopRequest(TrainerCallback):
         """The shell convention for a process ended by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
         return 128 + (self.signal or 0)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.signal is not None:
-            control.should_save = True
-            control.should_training_stop = True
-
 
 # ---------------------------------------------------------------------------------------------- best step
-# transformers' EarlyStoppingCallback only watches metrics passed to ``on_evaluate`` and needs checkpoints saved
-# for ``load_best_model_at_end``; lorafit's generation metrics arrive through ``on_log``, so this callback watches
-# the log and keeps the best adapter weights in memory (a LoRA adapter is a few MB, unlike a full model).
+# Generation metrics and training losses are logged like eval_loss, so best-step selection watches every logged
+# value; the best adapter is kept in memory (a LoRA adapter is a few MB, unlike a full model).
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     """True if ``value`` beats ``best`` by more than ``min_delta`` in the direction ``mode``.
@@ -147,11 +168,12 @@ def improved(value: float, best: float | None, mode: str, min_delta: float) -> b
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-class BestMetric(TrainerCallback):
-    """Tracks the best value of ``metric``; stops training after ``patience`` values without improvement.
+class BestMetric:
+    """Tracks the best value of ``metric``; asks to stop after ``patience`` values without improvement.
 
     With ``keep_weights``, the trainable (adapter) tensors of the best step are copied to CPU memory each time
-    the metric improves; ``restore`` puts them back into the model before the final adapter is written.
+    the metric improves; ``restore`` puts them back into the model before the final adapter is written. The values
+    it sees are the logged ones, reduced over processes, so every process takes the same decision.
     """
 
     def __init__(self, metric: str, mode: str, *, patience: int | None = None, min_delta: float = 0.0,
@@ -163,25 +185,21 @@ class BestMetric(TrainerCallback):
         self.stale = 0
         self.stopped_at: int | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
-        self._model = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._model = model
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        value = (logs or {}).get(self.metric)
+    def observe(self, step: int, values: dict, model=None) -> None:
+        """Look at one step's logged values (train and evaluation merged)."""
+        value = values.get(self.metric)
         if value is None:
             return
         if improved(value, self.best, self.mode, self.min_delta):
-            self.best, self.best_step, self.stale = value, state.global_step, 0
-            if self.keep_weights and self._model is not None:
-                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in self._model.named_parameters()
+            self.best, self.best_step, self.stale = value, step, 0
+            if self.keep_weights and model is not None:
+                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                                      if p.requires_grad}
             return
         self.stale += 1
         if self.patience is not None and self.stale >= self.patience and self.stopped_at is None:
-            self.stopped_at = state.global_step
-            control.should_training_stop = True
+            self.stopped_at = step
 
     @torch.no_grad()
     def restore(self, model) -> bool:
@@ -193,8 +211,7 @@ class BestMetric(TrainerCallback):
             params[name].copy_(tensor)
         return True
 
-    # Checkpoints carry this state (lorafit's callback interface, docs/resume.md), so early stopping and the best
-    # adapter survive a resume exactly.
+    # Checkpoints carry this state, so early stopping and the best adapter survive a resume exactly.
     def state_dict(self) -> dict:
         state = {"best": self.best, "best_step": self.best_step, "stale": self.stale, "stopped_at": self.stopped_at}
         if self.best_weights:

@@ -1,16 +1,18 @@
 """Training objectives: what the loss of a batch is, and which metrics come with it.
 
-An ``Objective`` is given the model and one micro-batch and returns ``(loss, metrics)``. The Trainer hook calls
-it for every training micro-batch and every evaluation batch; a class of your own (``objective.type:
-package.module:ClassName``) plugs in the same way.
+An ``Objective`` is given the model and one micro-batch and returns ``(loss, metrics)``. The training loop
+(training/loop.py) calls it for every training micro-batch and every evaluation batch: supervised fine-tuning,
+DPO, ORPO, the contrastive loss and a class of your own (``objective.type: package.module:ClassName``) all take the
+same path.
 
 Gradient accumulation. The loss a micro-batch returns is its share of the optimizer step's loss, so that the
 gradients summed over the step's micro-batches equal those of one big batch. ``StepTotals`` carries what the
-step holds in total (Trainer counts it before the first micro-batch of the step): ``tokens``, the supervised
-tokens (Trainer's ``num_items_in_batch``), and ``examples``, the examples (triplets) of the step. A per-token
-term is divided by ``tokens``, a per-example term by ``examples``; with batch 4 x accumulation 1 and batch 1 x
-accumulation 4 over the same examples, both sums are the same sums over the same divisors. Without totals
-(evaluation) each batch is normalised by its own counts.
+step holds in total over all its micro-batches and processes (the loop counts it on the host before the first
+micro-batch of the step): ``tokens``, the supervised tokens (``tokens_in``), and ``examples``, the examples
+(rows, pairs, triplets: ``examples_in``). A per-token term is divided by ``tokens``, a per-example term by
+``examples``; with batch 4 x accumulation 1 and batch 1 x accumulation 4 over the same examples, both sums are the
+same sums over the same divisors. An evaluation passes the totals of the whole eval set, so the batches' losses add
+up to its mean. Without totals each batch is normalised by its own counts.
 """
 
 from __future__ import annotations
@@ -52,24 +54,60 @@ class Objective:
         raise NotImplementedError(f"{type(self).__name__}.compute(model, batch, totals) is not implemented")
 
     def examples_in(self, batch: dict) -> int:
-        """How many examples a batch holds (for ``StepTotals.examples``): one per row by default."""
+        """How many examples a batch holds (for ``StepTotals.examples``): one per row by default. Called with the
+        CPU batch: counting never waits for the device."""
         return int(batch["input_ids"].size(0))
 
+    def tokens_in(self, batch: dict) -> int:
+        """The supervised tokens of a batch (for ``StepTotals.tokens``): labels with a target (the first label of a
+        row never has one). Called with the CPU batch."""
+        if "labels" not in batch:
+            return 0
+        return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
     def metric_weight(self, name: str, batch: dict) -> float:
-        """What a metric's batch mean is a mean over, to average it across batches exactly: examples by default."""
+        """What a metric's batch mean is a mean over, to average it across batches exactly: examples by default.
+        Called with the CPU batch."""
         return self.examples_in(batch)
+
+    def prepare_step(self, model, batches: list[dict], step: int) -> list[dict]:
+        """Called with the micro-batches of optimizer step ``step`` before its totals are counted; returns the
+        batches to train on. An objective that makes its batches during training (generation) overrides it."""
+        return batches
+
+    def state_dict(self) -> dict:
+        """What the objective carries from step to step, for checkpoints (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what ``state_dict`` returned (a resumed run)."""
 
 
 class SupervisedObjective(Objective):
-    """Next-token loss on the supervised tokens, summed and divided by the step's supervised token count (what
-    Trainer and the model do with ``num_items_in_batch``), so it is unchanged from lorafit's default."""
+    """Next-token loss on the supervised tokens, summed and divided by the step's supervised token count (the
+    model's own loss with ``num_items_in_batch``, so fused kernels such as liger's apply).
+
+    With ``sources`` (the names of several training sources), a training batch carries ``source_ids`` and the
+    objective also returns each source's summed token loss and count as ``loss/<source>`` metrics
+    (training/source_loss.py)."""
+
+    def __init__(self, sources: list[str] | None = None):
+        self.sources = list(sources or [])
 
     def compute(self, model, batch, totals=None):
+        from lorafit.training.source_loss import PREFIX, source_sums, split_source_ids
+
+        batch, source_ids = split_source_ids(batch)  # per-token sources are not a model input
         kwargs = {}
         if totals is not None and totals.tokens is not None:
             kwargs["num_items_in_batch"] = totals.tokens
         outputs = model(**batch, **kwargs)
-        return outputs.loss, {}
+        metrics = {}
+        logits = outputs.get("logits")
+        if source_ids is not None and self.sources and model.training and logits is not None:
+            sums, counts = source_sums(logits, batch["labels"], source_ids, len(self.sources))
+            metrics = {f"{PREFIX}{name}": (sums[i], counts[i]) for i, name in enumerate(self.sources)}
+        return outputs.loss, metrics
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

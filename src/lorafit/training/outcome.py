@@ -25,22 +25,24 @@ DIVERGED_EXIT_CODE = 3
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def summarise_metrics(history: MetricsHistory, trainer, train_stats: SplitStats) -> dict:
+def summarise_metrics(history: MetricsHistory, loop, train_stats: SplitStats) -> dict:
     records = history.records
     train_losses = [r["loss"] for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    state = loop.state
+    seconds = state.train_seconds
     metrics: dict = {
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "steps": state.step,
+        "epochs": round(state.epoch + state.step_in_epoch / loop.steps_per_epoch, 4),
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_final": train_losses[-1] if train_losses else None,
-        "train_seconds": round(history.train_seconds, 2),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": round(history.tokens_per_second(trainer.state) or 0.0, 1),
+        "train_seconds": round(seconds, 2),
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": round(state.tokens_seen / seconds, 1) if seconds else 0.0,
     }
-    if history.supervised_tokens_per_second():
-        metrics["supervised_tokens_per_second"] = round(history.supervised_tokens_per_second(), 1)
-    metrics["supervised_tokens_seen"] = history.supervised_tokens
+    if seconds and state.supervised_seen:
+        metrics["supervised_tokens_per_second"] = round(state.supervised_seen / seconds, 1)
+    metrics["supervised_tokens_seen"] = state.supervised_seen
     metrics.update(peak_memory())
     if evals:
         best_step, best = min(evals, key=lambda item: item[1])
@@ -184,8 +186,8 @@ class RunStopped(LorafitError):
         self.checkpoint = checkpoint
 
 
-def raise_if_stopped(trainer, stop: StopRequest, run: RunFolder) -> None:
-    guard = trainer.guard
+def raise_if_stopped(loop, stop: StopRequest, run: RunFolder) -> None:
+    guard = loop.parts.guard
     newest = newest_verified(run.checkpoints)
     kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written before it"
     if guard.tripped:
@@ -203,9 +205,9 @@ def raise_if_stopped(trainer, stop: StopRequest, run: RunFolder) -> None:
         import signal
 
         raise RunStopped(
-            f"stopped by {signal.Signals(stop.signal).name} at step {trainer.state.global_step}",
+            f"stopped by {signal.Signals(stop.signal).name} at step {loop.state.step}",
             exit_code=stop.exit_code,
-            checkpoint=trainer.last_checkpoint or newest,
-            why=f"checkpoint saved: {trainer.last_checkpoint or newest}",
+            checkpoint=loop.last_checkpoint or newest,
+            why=f"checkpoint saved: {loop.last_checkpoint or newest}",
             fix="run the same command with --resume auto to continue exactly where it stopped",
         )

@@ -4,9 +4,9 @@ On a terminal: a live rich progress bar (step, ETA, loss, tokens/s, peak memory)
 lines printed above it. Anywhere else (a log file, CI, a pipe): one plain line per log step and per evaluation,
 the format ``grep`` and people reading logs rely on; a bar's redraws would fill a log with control codes.
 
-``Progress`` is a Trainer callback. It must be registered after ``MetricsHistory``, which adds the derived values
-(tokens/s, perplexity, memory) to the log dict that later callbacks receive. ``info`` prints a message line (above
-the bar while one is shown). Only the main process prints, so a multi-process run shows one bar.
+The training loop drives it (``start``, ``advance``, ``log``, ``evaluated``, ``close``) with the values it logged,
+derived ones included (tokens/s, perplexity, memory). ``info`` prints a message line (above the bar while one is
+shown). Only the main process prints, so a multi-process run shows one bar.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import atexit
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
-from transformers import TrainerCallback
 
 from lorafit.config import GENERATION_METRICS
 
 
-class Progress(TrainerCallback):
+class Progress:
     """``Progress()`` picks the display from stdout: a bar on a terminal, plain lines otherwise.
 
     ``stream``: where output goes (default: sys.stdout at the time of printing). ``console``: a rich Console to
@@ -33,6 +32,8 @@ class Progress(TrainerCallback):
         self.console = console or Console(file=stream, highlight=False)
         self._bar: RichProgress | None = None
         self._task = None
+        self.max_steps = 0
+        self.main_process = True
 
     @property
     def live(self) -> bool:
@@ -52,9 +53,11 @@ class Progress(TrainerCallback):
             self._bar = None
             atexit.unregister(self.close)
 
-    # -- Trainer callback events
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not (self.live and state.is_world_process_zero):
+    # -- what the training loop tells it
+    def start(self, max_steps: int, step: int, *, main_process: bool = True) -> None:
+        """Training starts (a resumed run at its checkpoint's step)."""
+        self.main_process, self.max_steps = main_process, max_steps
+        if not (self.live and main_process):
             return
         self.close()
         self._bar = RichProgress(
@@ -62,31 +65,28 @@ class Progress(TrainerCallback):
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[values]}"),
             console=self.console,
         )
-        # A resumed run starts part-way: the bar starts at the checkpoint's step, not at 0.
-        self._task = self._bar.add_task("training", total=state.max_steps, completed=state.global_step, values="")
+        self._task = self._bar.add_task("training", total=max_steps, completed=step, values="")
         self._bar.start()
-        # Trainer sends no event when training raises: the caller should close() in a finally; this is the backstop
-        # that gives the terminal its cursor back at exit.
+        # If training raises, the caller's finally should close(); this backstop gives the terminal its cursor back.
         atexit.register(self.close)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def advance(self, step: int) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=state.global_step)
+            self._bar.update(self._task, completed=step)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        values = logs or {}
-        is_eval = any(k in values for k in ("eval_loss", *(f"eval_{m}" for m in GENERATION_METRICS)))
-        if not state.is_world_process_zero or not (is_eval or "loss" in values):
-            return  # another process's copy, or the end-of-training summary log (not a step)
+    def log(self, step: int, values: dict) -> None:
+        """A training log line (loss, learning rate, ...): a plain line, or the bar's values on a terminal."""
+        if not getattr(self, "main_process", True):
+            return
         if self._bar is None:
-            self.info(format_values(state.global_step, state.max_steps, values))
-        elif is_eval:  # evaluations are few and worth keeping on screen: a line above the bar
-            self.info(format_values(state.global_step, state.max_steps, values))
+            self.info(format_values(step, self.max_steps, values))
         else:
-            self._bar.update(self._task, completed=state.global_step, values=bar_values(values))
+            self._bar.update(self._task, completed=step, values=bar_values(values))
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.close()
+    def evaluated(self, step: int, values: dict) -> None:
+        """An evaluation: always a line (above the bar on a terminal), they are few and worth keeping on screen."""
+        if getattr(self, "main_process", True):
+            self.info(format_values(step, self.max_steps, values))
 
 
 def bar_values(values: dict) -> str:

@@ -1,12 +1,11 @@
 """The training recipe: one run, read top to bottom.
 
-    claim run folder -> check the installed Trainer -> tokenizer -> data -> base model (4/8-bit if asked) -> LoRA
-    -> fingerprint the base -> Trainer (training/build.py) -> train -> final eval -> check the base did not change
-    -> best adapter -> health -> publish the artifact (-> merged model) -> results + report -> summary (last)
+    claim run folder -> objective -> tokenizer -> data -> base model (4/8-bit if asked) -> LoRA -> fingerprint the
+    base -> the loop (training/loop.py) -> train -> final eval -> check the base did not change -> best adapter
+    -> health -> publish the artifact (-> merged model) -> results + report -> summary (last)
 
-transformers' Trainer does the loop (schedules, accumulation, clipping, evaluation, trackers); what lorafit
-changes about a step is in training/hooks.py, the callbacks and their order in training/callbacks.py, what the run
-leaves behind in training/outcome.py. docs/design.md says why Trainer and not TRL's SFTTrainer.
+Every optimizer step is in training/loop.py (lorafit's own loop on accelerate); what the run leaves behind is in
+training/outcome.py. docs/design.md says why the loop is lorafit's and not transformers' Trainer.
 """
 
 from __future__ import annotations
@@ -26,22 +25,20 @@ from lorafit.hashing import combined_digest
 from lorafit.model.kernels import LIGER_MARK
 from lorafit.model.loading import (attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path,
                                    with_resolved_dtype)
-from lorafit.model.quantization import (PackedLayoutGuard, check_optimizer_available, check_precision_supported,
-                                        optimizer_note, prepare_for_kbit_training, require_bitsandbytes)
+from lorafit.model.quantization import (check_optimizer_available, check_precision_supported, optimizer_note,
+                                        prepare_for_kbit_training, require_bitsandbytes)
 from lorafit.run_folder import RunFolder
-from lorafit.training.build import build_trainer
 from lorafit.training.callbacks import MetricsHistory
 from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
-                                         read_history, read_meta)
+                                         read_meta, require_format)
 from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first,
                                           require_same_world_size, unshard_for_outputs)
-from lorafit.training.guards import BestMetric, StopRequest
-from lorafit.training.trainer_api import check_trainer_api
+from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
 from lorafit.training.memory_record import memory_summary, predict_for_run
-from lorafit.training.objective_step import attack_comparison, objective_for, prepare_run_data
 from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
                                       merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
                                       write_results_and_report)  # RunStopped: raised here, caught by callers
+from lorafit.training.run_setup import attack_comparison, build_loop, objective_for, prepare_run_data
 from lorafit.training.tracking import offline_tracking_env
 
 
@@ -70,8 +67,8 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
     """Fine-tune ``config.model`` with a LoRA adapter on ``config.data``; returns where the artifact is.
 
     ``progress``: True prints one line per log step (a ``Progress``), False is silent, or pass your own Progress.
-    ``callbacks``: ``LorafitCallback`` instances (training/callbacks.py) that see every step, evaluation and save;
-    Trainer callbacks are accepted too (``extra_callbacks`` is the older name for those).
+    ``callbacks``: ``LorafitCallback`` instances (training/callbacks.py) that see every step, evaluation and save
+    (``extra_callbacks`` is the older name, kept).
     ``resume``: None (fresh run), "auto" (newest verified checkpoint in the run folder, fresh if none) or a
     checkpoint folder. Raises ``RunStopped`` when a signal or the non-finite guard stopped the run early.
     ``dry_run``: every check up to the first optimizer step, then stop; no artifact, no checkpoint.
@@ -101,7 +98,7 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
         raise
     finally:
         if progress is not None:
-            progress.close()  # Trainer sends no event when training raises: give the terminal back here
+            progress.close()  # also when training raised: give the terminal back here
     if not dry_run:
         result.result = completed_result(job_id, config, result)
         run.write_json(run.RESULT, result.result)
@@ -123,12 +120,12 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
 
     for note in list(notes):  # from claiming the run folder
         say(f"warning: {note}")
-    check_trainer_api()
     _refuse_unsupported(config)
-    runner, user = objective_for(config, user)
+    objective, user = objective_for(config, user)
     with main_process_first():  # it may delete cut-short saves (or, with --overwrite, every checkpoint)
         resume_from = None if dry_run else find_resume_point(run.checkpoints, resume, overwrite=overwrite)
     if resume_from is not None:
+        require_format(resume_from)
         require_same_world_size(resume_from, read_meta(resume_from).get("world_size", 1))
     set_seed(config.train.seed)
 
@@ -139,7 +136,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     use_configured_template(tokenizer, config.data)
 
     with main_process_first():  # the main process fills the data cache, the others read it
-        prepared = prepare_run_data(config, tokenizer, runner, use_cache=data_cache)
+        prepared = prepare_run_data(config, tokenizer, objective, use_cache=data_cache)
     train_data, eval_data = prepared.train, prepared.eval
     write_data_report(run, prepared, say)
     memory = predict_for_run(config, prepared.train_examples, say)
@@ -153,8 +150,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     if dry_run:
         from lorafit.training.dry_run import largest_batch_step
 
-        checked = largest_batch_step(config, model, tokenizer, train_data,
-                                     runner.objective if runner.active else None)
+        checked = largest_batch_step(config, model, tokenizer, train_data, objective)
         return TrainResult(run.path, None, {}, parameters={"trainable": trainable, "total": total},
                            warnings=notes, dry_run=checked)
     base_check = BaseWeightCheck.start(model)
@@ -164,45 +160,40 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     if optimizer_note(config):
         say(optimizer_note(config))
 
-    history = MetricsHistory(run, runner.names if runner.active else None,
-                             perplexity_of="eval_task_loss" if runner.active else "eval_loss", count_forward=not runner.active)
+    history = MetricsHistory(run, perplexity_of="eval_loss" if objective.data == "sft" else "eval_task_loss")
     b = config.eval.best
     best = BestMetric(b.metric, b.resolved_mode, patience=b.patience, min_delta=b.min_delta,
                       keep_weights=b.final_adapter == "best")
     stop = StopRequest()
     # The eval sample answered during training and by base vs adapter: SFT rows only. Triplet data is checked by
     # the attack success rate instead, preference pairs by their rewards on the eval pairs.
-    sample = generation_sample(config, prepared.eval_examples) if runner.objective.data == "sft" else None
-    trainer = build_trainer(config, model, tokenizer, train_data, eval_data, run, history, identity=identity,
-                            resume_from=resume_from, forced_resumes=forced, best=best, stop=stop,
-                            guards=[PackedLayoutGuard()] if config.quant.bits == 4 else [],
-                            progress=progress, user_callbacks=user, generation=sample, objective=runner)
+    sample = generation_sample(config, prepared.eval_examples) if objective.data == "sft" else None
+    loop = build_loop(config, model, tokenizer, objective, prepared, run, history=history, best=best, stop=stop,
+                      guard=NonFiniteGuard(config.train.nan_patience), callbacks=user, progress=progress,
+                      generation=sample, identity=identity, forced_resumes=forced, resume_from=resume_from)
     if resume_from is not None:
-        trainer.prepare_resume(resume_from)
-        history.restore(read_history(resume_from), trainer.resumed_history_counters())
-        say(f"resuming from {resume_from} (step {read_meta(resume_from)['step']})")
-    with offline_tracking_env(config, run):
-        with stop:
-            if resume_from is not None and trainer.checkpoint_is_final(resume_from):
-                trainer.restore_final(resume_from)  # killed after its last step: only the outputs are left to write
-            else:
-                from torch.autograd import set_detect_anomaly  # a context manager; restores the mode afterwards
+        say(f"resuming from {resume_from} (step {loop.state.step})")
+    from torch.autograd import set_detect_anomaly  # a context manager; restores the mode afterwards
 
-                with set_detect_anomaly(config.debug.detect_anomaly, check_nan=True):
-                    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        raise_if_stopped(trainer, stop, run)
-        if len(eval_data) and not history.evaluated_at(trainer.state.global_step):
-            trainer.evaluate()
+    with offline_tracking_env(config, run):
+        try:
+            with stop, set_detect_anomaly(config.debug.detect_anomaly, check_nan=True):
+                loop.fit(evaluate_at_start=config.eval.at_start and resume_from is None)
+            raise_if_stopped(loop, stop, run)
+            if len(eval_data) and not history.evaluated_at(loop.state.step):
+                loop.evaluate()
+        finally:
+            loop.parts.trackers.close()
     history.close()
-    unshard_for_outputs(trainer)  # FSDP/ZeRO-3: every process holds the whole model again for what follows
+    unshard_for_outputs(loop.wrapped, loop.accelerator)  # FSDP/ZeRO-3: every process holds the whole model again
 
     base_check.finish(model)  # raises, naming the tensors, if any frozen weight changed
     require_adapter_changed(model)
 
     restored_best = best.restore(model) if b.final_adapter == "best" else False
     comparison = compare_generation(model, tokenizer, sample)
-    attack = attack_comparison(config, model, tokenizer, runner, prepared.eval_examples)
-    metrics = summarise_metrics(history, trainer, prepared.train_stats)
+    attack = attack_comparison(config, model, tokenizer, objective, prepared.eval_examples)
+    metrics = summarise_metrics(history, loop, prepared.train_stats)
     health = assess_health(history.records, getattr(model.config, "vocab_size", None))
     metrics["health"] = health["status"]
     if health["status"] != "ok":

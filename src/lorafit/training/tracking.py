@@ -1,4 +1,10 @@
-"""Experiment trackers: which are installed, their Trainer callbacks, and the offline environment they run in."""
+"""Experiment trackers (TensorBoard, MLflow, W&B): each receives every logged step's values, derived ones
+included, and the resolved config; and the offline environment they run in.
+
+Written here rather than taken from transformers' integrations because those are Trainer callbacks (they read
+TrainingArguments and TrainerState); what a tracker needs from a run is three calls: start with the config, log
+values at a step, finish.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,95 @@ from lorafit.config import Config
 from lorafit.run_folder import RunFolder
 
 
-def tracker_callbacks(config: Config, run: RunFolder, *, purge_step: int | None) -> list:
-    """One Trainer callback per tracker in tracking.report_to. lorafit creates them (TrainingArguments gets
-    report_to="none") so they sit after MetricsHistory in the callback order and log its derived values."""
-    names = list(config.tracking.report_to)
-    callbacks = []
-    others = [n for n in names if n != "tensorboard"]
-    if others:
-        from transformers.integrations import get_reporting_integration_callbacks
+class Trackers:
+    """The trackers of ``tracking.report_to``; only the main process reports (``run.main_process``)."""
 
-        callbacks += [cls() for cls in get_reporting_integration_callbacks(others)]
-    if "tensorboard" in names and run.main_process:  # the writer creates its event file at once
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
+    def __init__(self, config: Config, run: RunFolder, *, purge_step: int | None):
+        self.writers = []
+        if not run.main_process:
+            return
+        names = config.tracking.report_to
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run drops the events the killed run logged after its checkpoint
-        writer = SummaryWriter(log_dir=str(run / run.TENSORBOARD), purge_step=purge_step)
-        callbacks.append(TensorBoardCallback(writer))
-    return callbacks
+            # purge_step: a resumed run drops the events the killed run logged after its checkpoint
+            writer = SummaryWriter(log_dir=str(run / run.TENSORBOARD), purge_step=purge_step)
+            self.writers.append(_TensorBoard(writer))
+        if "mlflow" in names:
+            self.writers.append(_MLflow(config))
+        if "wandb" in names:
+            self.writers.append(_WandB(config))
+
+    def log(self, step: int, values: dict) -> None:
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for writer in self.writers:
+            writer.log(step, numbers)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
+
+
+def _flat_config(config: Config) -> dict[str, str]:
+    out = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = str(value)[:500]  # MLflow caps a parameter value at 500 characters
+
+    walk(config.to_dict(), "")
+    return out
+
+
+class _TensorBoard:
+    def __init__(self, writer):
+        self.writer = writer
+
+    def log(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            # eval_loss -> eval/loss, loss -> train/loss: the layout transformers' TensorBoard callback used
+            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _MLflow:
+    def __init__(self, config: Config):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", config.artifact.name))
+        mlflow.start_run()
+        params = _flat_config(config)
+        names = list(params)
+        for i in range(0, len(names), 100):  # MLflow takes at most 100 parameters per call
+            mlflow.log_params({k: params[k] for k in names[i : i + 100]})
+
+    def log(self, step: int, values: dict) -> None:
+        self.mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+class _WandB:
+    def __init__(self, config: Config):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", config.artifact.name), config=config.to_dict())
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class offline_tracking_env:

@@ -35,7 +35,7 @@ import torch
 from lorafit.training import batches as plans
 from lorafit.training.callbacks import dispatch, peak_memory
 from lorafit.training.distributed import adapter_state, barrier, make_accelerator, strategy_of, sum_on_host
-from lorafit.training.objectives import StepTotals
+from lorafit.training.objectives import Objective, StepTotals
 from lorafit.training.optimizer import build_optimizer, build_scheduler, skips_on_device
 from lorafit.training.window import LogWindow
 
@@ -196,7 +196,7 @@ class TrainingLoop:
     def _prepared(self, micro_batches: list, step: int) -> list:
         """Objectives that make their batches during the step (GRPO generates its completions) do it here, before
         the totals are counted; the counts then come from what they return."""
-        if type(self.objective).prepare_step is type(self.objective).__mro__[-2].prepare_step:
+        if type(self.objective).prepare_step is Objective.prepare_step:
             return micro_batches  # the default: the batches as loaded
         made = self.objective.prepare_step(self.model, [batch for batch, _ in micro_batches], step)
         return [(batch, plans.Counts(0, int(self.objective.tokens_in(batch)), int(self.objective.examples_in(batch))))

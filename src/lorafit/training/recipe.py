@@ -168,14 +168,15 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     # The eval sample answered during training and by base vs adapter: SFT rows only. Triplet data is checked by
     # the attack success rate instead, preference pairs by their rewards on the eval pairs.
     sample = generation_sample(config, prepared.eval_examples) if objective.data == "sft" else None
-    loop = build_loop(config, model, tokenizer, objective, prepared, run, history=history, best=best, stop=stop,
-                      guard=NonFiniteGuard(config.train.nan_patience), callbacks=user, progress=progress,
-                      generation=sample, identity=identity, forced_resumes=forced, resume_from=resume_from)
-    if resume_from is not None:
-        say(f"resuming from {resume_from} (step {loop.state.step})")
     from torch.autograd import set_detect_anomaly  # a context manager; restores the mode afterwards
 
+    # The trackers read MLFLOW_*/WANDB_* when they are built: the run-folder defaults must be in place first.
     with offline_tracking_env(config, run):
+        loop = build_loop(config, model, tokenizer, objective, prepared, run, history=history, best=best, stop=stop,
+                          guard=NonFiniteGuard(config.train.nan_patience), callbacks=user, progress=progress,
+                          generation=sample, identity=identity, forced_resumes=forced, resume_from=resume_from)
+        if resume_from is not None:
+            say(f"resuming from {resume_from} (step {loop.state.step})")
         try:
             with stop, set_detect_anomaly(config.debug.detect_anomaly, check_nan=True):
                 loop.fit(evaluate_at_start=config.eval.at_start and resume_from is None)

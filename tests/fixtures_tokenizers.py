@@ -96,6 +96,56 @@ CHATML_FILE = """{% for message in messages %}
 {% endif %}
 """
 
+# Raw template files in the layout of the published `mistral-instruct.jinja` and `llama-2-chat.jinja` (written here,
+# not copied): indented, one statement per line, no `-` trimming and no `add_generation_prompt` block, so the
+# generation prompt ends after `[/INST]` and its newline while the conversation goes on with the answer line's
+# indentation and the `' '` before the answer. Rendered, every answer follows `\n` + 8 spaces + ' '.
+MISTRAL_RAW_FILE = """{% if messages[0]['role'] == 'system' %}
+    {% set turns = messages[1:] %}
+    {% set preamble = messages[0]['content'].strip() + '\\n\\n' %}
+{% else %}
+    {% set turns = messages %}
+    {% set preamble = '' %}
+{% endif %}
+
+{{ bos_token }}
+{% for message in turns %}
+    {% set text = (preamble if loop.first else '') + message['content'] %}
+    {% if message['role'] == 'user' %}
+        {{ '[INST] ' + text.strip() + ' [/INST]' }}
+    {% elif message['role'] == 'assistant' %}
+        {{ ' ' + text.strip() + ' ' + eos_token }}
+    {% endif %}
+{% endfor %}
+"""
+
+LLAMA2_RAW_FILE = """{% if messages[0]['role'] == 'system' %}
+    {% set turns = messages[1:] %}
+    {% set preamble = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}
+{% else %}
+    {% set turns = messages %}
+    {% set preamble = '' %}
+{% endif %}
+{% for message in turns %}
+    {% set text = (preamble if loop.first else '') + message['content'] %}
+    {% if message['role'] == 'user' %}
+        {{ bos_token + '[INST] ' + text.strip() + ' [/INST]' }}
+    {% elif message['role'] == 'assistant' %}
+        {{ ' ' + text.strip() + ' ' + eos_token }}
+    {% endif %}
+{% endfor %}
+"""
+
+# Llama-2-chat's template as the model's tokenizer_config.json ships it (one line, no layout whitespace): the answer
+# follows `[/INST]` after one space, which the answer's first token absorbs (`▁Lisbon`).
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set turns = messages[1:] %}{% set preamble = '<<SYS>>\n' + "
+    "messages[0]['content'] + '\n<</SYS>>\n\n' %}{% else %}{% set turns = messages %}{% set preamble = '' %}"
+    "{% endif %}{% for message in turns %}{% set text = (preamble if loop.first else '') + message['content'] %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + text.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + text.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
     "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"

@@ -251,7 +251,7 @@ class PreferenceCollator:
 def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True):
     """Both splits of preference data: the same hold-out, budgets, weights, order, overlap check and supervision
     audit as ``prepare_data``, in a ``PreparedData``."""
-    from lorafit.data import PreparedData
+    from lorafit.data import PreparedData, length_notes
     from lorafit.data.audit import audit_problems, audit_warnings
     from lorafit.data.mixing import split_and_mix
 
@@ -273,7 +273,8 @@ def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(PreferenceDataset(mixed.train), PreferenceDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems)
+                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems,
+                        length_notes(report["sources"], data.max_seq_length))
 
 
 def inspect_preference(config, tokenizer) -> dict:

@@ -134,7 +134,7 @@ def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) ->
 def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker"):
     """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
     overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
-    from lorafit.data import PreparedData
+    from lorafit.data import PreparedData, length_notes
     from lorafit.data.mixing import split_and_mix
 
     loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
@@ -146,7 +146,8 @@ def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(TripletDataset(mixed.train), TripletDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, mixed.warnings, [])
+                        mixed.train_stats, mixed.eval_stats, report, skipped, mixed.warnings, [],
+                        length_notes(report["sources"], data.max_seq_length))
 
 
 def inspect_triplets(config, tokenizer) -> dict:

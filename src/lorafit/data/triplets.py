@@ -9,7 +9,9 @@ A row (JSONL, JSON array or Parquet; the source's ``fields:`` map renames any ke
      "target": "{\"name\": \"Ana\", ...}"}                # the benign answer (an assistant turn)
 
 ``target`` may instead be the final assistant turn of a ``benign`` messages list. ``benign_cf`` and
-``injection`` end with the user turn: the model answers them, they carry no answer.
+``injection`` end with the user turn: the model answers them, they carry no answer. Triplets stored as three whole
+conversations ending with the same (target) answer are accepted: that final turn is dropped from the variants; a
+variant ending with a different answer is refused.
 
 Tokenised with the chat template like every conversation (``lorafit.data.labels``): the benign row carries
 labels on the target turn only (earlier turns of a multi-turn benign are context), the other two none. Each

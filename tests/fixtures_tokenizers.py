@@ -80,6 +80,25 @@ CHATML_TOOLS = """{%- if tools %}
 {%- endif %}
 """
 
+# ChatML with a reasoning field, as reasoning models' templates have (Qwen3's, abridged and written here): an
+# assistant turn after the last user message renders `reasoning_content` in a <think> block before its answer;
+# earlier turns lose their reasoning (what the model sees of its past turns at inference).
+CHATML_REASONING = """{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+    {%- if m.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if m.reasoning_content and loop.index0 > ns.last_user %}
+            {{- '<think>\\n' + m.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- m.content + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
 # Plain ChatML with no tool support: it renders `content` only.
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

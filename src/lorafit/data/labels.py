@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorafit.data.formats import RowError
-from lorafit.data.templates import check_tools_rendered, has_tool_parts, render
+from lorafit.data.templates import (check_reasoning_field, check_reasoning_rendered, check_tools_rendered, has_reasoning,
+                                    has_tool_parts, render)
 from lorafit.errors import LorafitError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -169,7 +170,13 @@ def supervised_spans(tokenizer, messages, *, train_on: str = "all_assistant", to
     full = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     if has_tool_parts(messages, tools):
         check_tools_rendered(full, messages, tools)
+    reasoning = has_reasoning(messages)
+    if reasoning:
+        check_reasoning_field(tokenizer, messages)
     if train_on == "all":
+        if reasoning:  # the final answer's reasoning at least (templates drop it from earlier turns)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            check_reasoning_rendered(full, messages[last], last)
         return full, [Span(0, len(full), "")]
     specials = special_token_strings(tokenizer)
     end_of_turn = end_of_turn_token(tokenizer, specials)
@@ -184,10 +191,14 @@ def supervised_spans(tokenizer, messages, *, train_on: str = "all_assistant", to
         end = start + _end_of_answer(upto[start:], messages[i]["content"], specials, end_of_turn) if start >= 0 else -1
         if start < 0 or full[:end] != upto[:end] or (spans and start < spans[-1].end):
             detail = _divergence(prompt, upto) if start < 0 else "the earlier turns change once later ones follow"
+            if reasoning and start >= 0:
+                detail += "; reasoning templates drop the reasoning of earlier turns: data.train_on: last_assistant trains the final one"
             raise RowError("template_history", f"the chat template renders assistant turn {i} differently from the "
                            f"generation prompt for it ({detail}): response-only labels would not match what the model "
                            "sees at inference; fix: use a template without history-dependent rendering, or set "
                            "data.train_on: all")
+        if reasoning:
+            check_reasoning_rendered(upto[start:end], messages[i], i)
         spans.append(Span(start, end, prompt, exact, layout > 0))
     return full, spans
 

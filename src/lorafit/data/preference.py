@@ -29,6 +29,7 @@ from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
 from lorafit.data.templates import apply_system_turn
+from lorafit.data.variables import fill_rows
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
 
@@ -125,6 +126,7 @@ def read_preference(source) -> tuple[list[PreferenceRecord], SourceStats, list[d
     rows = read_rows(Path(source.path))
     fields = FieldMap(source.fields)
     stats = SourceStats(path=str(source.path), format="preference", rows=len(rows))
+    rows = fill_rows(rows, source.vars, stats)
     records, problems, skipped = [], [], []
     for row in rows:
         if row.problem is not None:

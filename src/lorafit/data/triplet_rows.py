@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from lorafit.data.formats import FieldMap, RowError, check_messages, messages_from_row
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import MAX_LISTED, SourceStats
+from lorafit.data.variables import fill_rows
 from lorafit.errors import LorafitError
 
 PARTS = ("benign", "benign_cf", "injection")
@@ -126,6 +127,7 @@ def read_triplets(source, *, marker_field: str | None = "marker") -> tuple[list[
     rows = read_rows(source.path)
     fields = FieldMap(source.fields)
     stats = SourceStats(path=str(source.path), format="triplets", rows=len(rows))
+    rows = fill_rows(rows, source.vars, stats)
     records, problems = [], []
     for row in rows:
         if row.problem is not None:

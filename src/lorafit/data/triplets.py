@@ -138,17 +138,19 @@ def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "
     overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
     from lorafit.data import PreparedData, length_notes
     from lorafit.data.mixing import split_and_mix
+    from lorafit.data.variables import placeholder_warnings
 
     loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
               for split, sources in (("train", data.train), ("eval", data.eval))}
     mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
                           {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
                           what="triplets")
+    warnings = mixed.warnings + placeholder_warnings([s for split in loaded for _, s, _ in loaded[split]])
     report = {"format": "triplets", **mixed.report, "packing": "none",
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(TripletDataset(mixed.train), TripletDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, mixed.warnings, [],
+                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, [],
                         length_notes(report["sources"], data.max_seq_length))
 
 

@@ -225,6 +225,16 @@ def test_one_line_llama2_template_is_exact_and_unwarned():
     assert (example.prompt_mismatch_turns, example.prompt_whitespace_turns) == (0, 0)
 
 
+def test_an_answers_own_leading_whitespace_is_still_trained():
+    """Only template layout is skipped: indentation that is part of the answer (code) is trained as before."""
+    tokenizer = with_template("chatml", CHATML)
+    example = tokenize_conversation(tokenizer, [{"role": "user", "content": "Code?"},
+                                                {"role": "assistant", "content": "    return 1"}])
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(supervised) == "    return 1<|im_end|>"
+    assert (example.prompt_mismatch_turns, example.prompt_whitespace_turns) == (0, 0)
+
+
 def test_a_template_that_rewrites_earlier_turns_is_still_refused():
     """Earlier answers rendered differently once the conversation goes on (as templates that cut reasoning from
     past turns do): the labels of turn 1 would not match the whole conversation."""

@@ -147,11 +147,13 @@ def _past_layout(segment: str, content: str) -> int:
     10
     >>> _past_layout('Answer: Lisbon.', 'Lisbon.')
     0
+    >>> _past_layout('  indented<|end|>', '  indented')   # the answer's own leading spaces are the answer
+    0
     """
     for probe in (content, content.strip()):
         found = segment.find(probe) if probe.strip() else -1
-        if found > 0 and segment[:found].isspace():
-            return found
+        if found >= 0:  # the first probe found decides: the content as written before its stripped form
+            return found if found > 0 and segment[:found].isspace() else 0
     return 0
 
 
@@ -192,7 +194,8 @@ def supervised_spans(tokenizer, messages, *, train_on: str = "all_assistant", to
         if start < 0 or full[:end] != upto[:end] or (spans and start < spans[-1].end):
             detail = _divergence(prompt, upto) if start < 0 else "the earlier turns change once later ones follow"
             if reasoning and start >= 0:
-                detail += "; reasoning templates drop the reasoning of earlier turns: data.train_on: last_assistant trains the final one"
+                detail += ("; reasoning templates drop the reasoning of earlier turns: data.train_on: last_assistant "
+                           "trains the final one")
             raise RowError("template_history", f"the chat template renders assistant turn {i} differently from the "
                            f"generation prompt for it ({detail}): response-only labels would not match what the model "
                            "sees at inference; fix: use a template without history-dependent rendering, or set "

@@ -80,6 +80,25 @@ CHATML_TOOLS = """{%- if tools %}
 {%- endif %}
 """
 
+# ChatML with a reasoning field, as reasoning models' templates have (Qwen3's, abridged and written here): an
+# assistant turn after the last user message renders `reasoning_content` in a <think> block before its answer;
+# earlier turns lose their reasoning (what the model sees of its past turns at inference).
+CHATML_REASONING = """{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+    {%- if m.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if m.reasoning_content and loop.index0 > ns.last_user %}
+            {{- '<think>\\n' + m.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- m.content + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
 # Plain ChatML with no tool support: it renders `content` only.
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -95,6 +114,56 @@ CHATML_FILE = """{% for message in messages %}
 {{ '<|im_start|>assistant\\n' }}
 {% endif %}
 """
+
+# Raw template files in the layout of the published `mistral-instruct.jinja` and `llama-2-chat.jinja` (written here,
+# not copied): indented, one statement per line, no `-` trimming and no `add_generation_prompt` block, so the
+# generation prompt ends after `[/INST]` and its newline while the conversation goes on with the answer line's
+# indentation and the `' '` before the answer. Rendered, every answer follows `\n` + 8 spaces + ' '.
+MISTRAL_RAW_FILE = """{% if messages[0]['role'] == 'system' %}
+    {% set turns = messages[1:] %}
+    {% set preamble = messages[0]['content'].strip() + '\\n\\n' %}
+{% else %}
+    {% set turns = messages %}
+    {% set preamble = '' %}
+{% endif %}
+
+{{ bos_token }}
+{% for message in turns %}
+    {% set text = (preamble if loop.first else '') + message['content'] %}
+    {% if message['role'] == 'user' %}
+        {{ '[INST] ' + text.strip() + ' [/INST]' }}
+    {% elif message['role'] == 'assistant' %}
+        {{ ' ' + text.strip() + ' ' + eos_token }}
+    {% endif %}
+{% endfor %}
+"""
+
+LLAMA2_RAW_FILE = """{% if messages[0]['role'] == 'system' %}
+    {% set turns = messages[1:] %}
+    {% set preamble = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}
+{% else %}
+    {% set turns = messages %}
+    {% set preamble = '' %}
+{% endif %}
+{% for message in turns %}
+    {% set text = (preamble if loop.first else '') + message['content'] %}
+    {% if message['role'] == 'user' %}
+        {{ bos_token + '[INST] ' + text.strip() + ' [/INST]' }}
+    {% elif message['role'] == 'assistant' %}
+        {{ ' ' + text.strip() + ' ' + eos_token }}
+    {% endif %}
+{% endfor %}
+"""
+
+# Llama-2-chat's template as the model's tokenizer_config.json ships it (one line, no layout whitespace): the answer
+# follows `[/INST]` after one space, which the answer's first token absorbs (`▁Lisbon`).
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set turns = messages[1:] %}{% set preamble = '<<SYS>>\n' + "
+    "messages[0]['content'] + '\n<</SYS>>\n\n' %}{% else %}{% set turns = messages %}{% set preamble = '' %}"
+    "{% endif %}{% for message in turns %}{% set text = (preamble if loop.first else '') + message['content'] %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + text.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + text.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

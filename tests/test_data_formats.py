@@ -157,6 +157,8 @@ BROKEN_CASES = {
     "part_text_key.jsonl": 'part_text_key.jsonl:1: messages[0].content[0] is a text part without a string "text" key '
                            "(keys: type, value); set fields: {part_text: value} on this source",
     "preference.jsonl": 'preference.jsonl:1: this is preference data (the row has "chosen" and "rejected")',
+    "fake.parquet": "fake.parquet: not a Parquet file (it holds JSON text; a Parquet file starts with the bytes PAR1)\n"
+                    "  fix: rename it to .jsonl (one object per line) or .json (an array), or re-export it as Parquet",
 }
 runner = CliRunner()
 
@@ -174,6 +176,41 @@ def test_broken_file_names_file_and_line_through_the_cli(tmp_path, tiny_model_di
 
 def test_broken_folder_has_one_case_per_file():
     assert sorted(p.name for p in BROKEN.iterdir()) == sorted(BROKEN_CASES)
+
+
+def test_unreadable_parquet_files_say_what_they_are_and_how_to_fix_them(tmp_path):
+    """Issue 23 item 12: not the raw Arrow message ("Parquet magic bytes not found in footer", "Couldn't deserialize
+    thrift"), but what the file is, told from its bytes, with a fix line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorafit.data.readers import read_rows
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": f"row {i} " * 20} for i in range(40)]), good)
+    raw = good.read_bytes()
+    files = {"empty": b"", "csv": b"prompt,completion\nHi,Hello\n", "cut": raw[: len(raw) // 2],
+             "damaged": raw[:4] + bytes(len(raw) - 8) + raw[-4:]}
+    expected = {
+        "empty": ("the file is empty (0 bytes), not a Parquet file", "point the source at a file with data"),
+        "csv": ("not a Parquet file (it holds text, starting 'prompt,completion'; a Parquet file starts with the bytes "
+                "PAR1)", "extension of its real format (.jsonl, .json, .csv"),
+        "cut": (f"a Parquet file cut short ({len(raw) // 2:,} bytes: it starts as Parquet but has no footer)",
+                "copy or download the file again"),
+        "damaged": ("a damaged Parquet file (its start and end markers are there", "copy or download the file again"),
+    }
+    for name, content in files.items():
+        path = tmp_path / f"{name}.parquet"
+        path.write_bytes(content)
+        with pytest.raises(LorafitError) as info:
+            read_rows(path)
+        what, fix = expected[name]
+        assert info.value.what.startswith(f"{path}: {what}"), info.value.what
+        assert fix in info.value.fix
+        message = info.value.render()
+        for raw_words in ("magic bytes", "thrift", "Arrow", "Could not open"):
+            assert raw_words not in message, message
+    assert [row.value for row in read_rows(good)][:1] == [{"text": "row 0 " * 20}]
 
 
 def test_on_error_skip_counts_by_reason_and_respects_max_skip_fraction(tmp_path, tiny_tokenizer):

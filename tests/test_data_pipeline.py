@@ -125,6 +125,34 @@ def test_audit_fails_fast_with_a_clear_message(tmp_path, tiny_tokenizer):
                      group_by_length=False, use_cache=False)
 
 
+def test_rows_dropped_for_length_are_announced_per_source(tmp_path, tiny_tokenizer):
+    """Issue 23 item 8: `train` prints rows left out for length (per source) where it prints skipped rows
+    (training.outcome.write_data_report); before, they were only in data_report.json."""
+    from lorafit.run_folder import RunFolder
+    from lorafit.training.outcome import write_data_report
+
+    a = write_jsonl(tmp_path / "a.jsonl", _rows("a", 8) + [conversation("word " * 80, "ok")] * 2)
+    b = write_jsonl(tmp_path / "b.jsonl", _rows("b", 6) + [conversation("word " * 80, "ok")])
+    c = write_jsonl(tmp_path / "c.jsonl", _rows("c", 4))
+    data = DataConfig(train=[DataSource(path=str(a)), DataSource(path=str(c))], eval=[DataSource(path=str(b))],
+                      max_seq_length=60)
+    prepared = prepare_data(data, tiny_tokenizer, seed=0, batch_size=2, group_by_length=False, use_cache=False)
+    said: list[str] = []
+    (tmp_path / "run").mkdir()
+    write_data_report(RunFolder(tmp_path / "run"), prepared, said.append)
+    assert said == [f"dropped 3 rows longer than data.max_seq_length=60 ({a}: 2 of 10, {b}: 1 of 7; in data_report.json)"]
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert [s["dropped_too_long"] for s in report["sources"]["train"] + report["sources"]["eval"]] == [2, 0, 1]
+
+    truncated = prepare_data(data.model_copy(update={"truncation": "truncate", "audit": False}), tiny_tokenizer,
+                             seed=0, batch_size=2, group_by_length=False, use_cache=False)
+    assert truncated.notes == [f"truncated 3 rows longer than data.max_seq_length=60 to that length ({a}: 2 of 10, "
+                               f"{b}: 1 of 7; in data_report.json)"]
+    fits = prepare_data(data.model_copy(update={"max_seq_length": 512}), tiny_tokenizer, seed=0, batch_size=2,
+                        group_by_length=False, use_cache=False)
+    assert fits.notes == []
+
+
 def test_old_train_on_inputs_key_says_where_it_went(tmp_path):
     (tmp_path / "c.yaml").write_text("data: {train: [{path: t.jsonl}]}\ntrain: {train_on_inputs: true}\n")
     with pytest.raises(LorafitError, match="train.train_on_inputs: moved to data.train_on"):
@@ -153,7 +181,8 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
     a = write_jsonl(tmp_path / "a.jsonl", _rows("a", 24))
     with open(a, "a") as handle:
         handle.write("{broken\n")
-    write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(6)]
+                    + [{"prompt": "word " * 150, "completion": "too long"}])
     (tmp_path / "c.yaml").write_text(
         f"model: {{path: {tiny_model_dir}}}\n"
         "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
@@ -174,6 +203,7 @@ def test_training_with_packing_mixing_and_skips_writes_reports(tmp_path, tiny_mo
     summary = json.loads((run / "training_summary.json").read_text())
     assert summary["data"]["train"]["kept"] == 40 and summary["metrics"]["steps"] == 2
     assert "skipped 1 invalid rows" in result.output
+    assert f"dropped 1 row longer than data.max_seq_length=128 ({b}: 1 of 7; in data_report.json)" in result.output
 
 
 def test_curriculum_order_reaches_the_loop_unshuffled(tmp_path, tiny_model_dir, tiny_tokenizer):

@@ -11,7 +11,8 @@ import json
 
 import pytest
 from conftest import conversation, write_jsonl
-from fixtures_tokenizers import CHATML, CHATML_FILE, FAMILIES, family, with_template
+from fixtures_tokenizers import (CHATML, CHATML_FILE, FAMILIES, LLAMA2, LLAMA2_RAW_FILE, MISTRAL_RAW_FILE, family,
+                                 with_template)
 
 from lorafit.config import DataConfig, DataSource
 from lorafit.data import load_source, prepare_data
@@ -166,6 +167,72 @@ def test_indented_template_file_is_labelled_and_its_whitespace_named(tmp_path):
     assert prepared.audit == []
     [warning] = prepared.warnings
     assert "differs from the conversation in whitespace only" in warning and "template file" in warning
+
+
+@pytest.mark.parametrize("name, template", [("mistral", MISTRAL_RAW_FILE), ("phi3", LLAMA2_RAW_FILE)])
+def test_raw_indented_template_supervises_from_the_answers_first_character(tmp_path, name, template):
+    """Issue 23 item 2: raw `mistral-instruct.jinja` / `llama-2-chat.jinja`-style files (indented, no generation-prompt
+    block) put `\\n` + 8 spaces before every answer. Those layout tokens are not trained; labels start at the token that
+    holds the answer's first character and run through the end-of-turn token; a whitespace warning, audit passed.
+    SentencePiece-style tokenizers: Metaspace (mistral) and Llama-2's Prepend/Replace normaliser (phi3 family)."""
+    tokenizer = with_template(name, template)
+    eos = tokenizer.eos_token
+    messages = [SYSTEM, *TURNS]
+    example = tokenize_conversation(tokenizer, messages)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert example.input_ids == tokenizer(full, add_special_tokens=False)["input_ids"]
+    offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    regions = []
+    for answer in answers:
+        start = full.index(answer)
+        assert full[:start].endswith("[/INST]\n         ")  # the layout this test is about
+        regions.append((start, full.index(eos, start) + len(eos)))
+    for k, ((start, end), label) in enumerate(zip(offsets, example.labels)):
+        inside = any(start < r_end and end > r_start for r_start, r_end in regions)
+        token = tokenizer.convert_ids_to_tokens(example.input_ids[k])
+        assert (label != IGNORE_INDEX) == inside, f"token {k} {token!r} at {full[start:end]!r}"
+    supervised = [tokenizer.convert_ids_to_tokens(t) for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX]
+    assert "▁" not in supervised[:1] and supervised.count(eos) == 2  # no layout token leads the labels
+    assert (example.unterminated_turns, example.prompt_mismatch_turns, example.prompt_whitespace_turns) == (0, 0, 2)
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    prepared = prepare_data(DataConfig(train=[DataSource(path=str(path))]), tokenizer, seed=0, batch_size=1,
+                            group_by_length=False, use_cache=False)
+    assert prepared.audit == []
+    [warning] = prepared.warnings
+    assert "2 assistant turn(s)" in warning and "whitespace only" in warning and "indentation before each answer" in warning
+
+
+def test_raw_mistral_file_labels_pinned_token_by_token():
+    tokenizer = with_template("mistral", MISTRAL_RAW_FILE)
+    example = tokenize_conversation(tokenizer, TURNS)
+    marked = [("+" if label != IGNORE_INDEX else "") + token
+              for token, label in zip(tokenizer.convert_ids_to_tokens(example.input_ids), example.labels)]
+    layout = ["\n"] + ["▁"] * 8
+    assert marked == ["▁", "\n", "<s>", "\n", *["▁"] * 8, "[INST]", "▁Ana", "▁Lopez", "▁is", "▁34", ".", "▁", "[/INST]",
+                      *layout, '+▁{"name":', '+▁"Ana', '+▁Lopez",', '+▁"age":', "+▁34}", "+▁", "+</s>",
+                      *layout, "[INST]", "▁And", "▁her", "▁city?", "▁", "[/INST]", *layout, "+▁Lisbon.", "+▁", "+</s>", "\n"]
+
+
+def test_one_line_llama2_template_is_exact_and_unwarned():
+    """Llama-2-chat's shipped one-line template: the single space before the answer is absorbed by its first token
+    (`▁Lisbon.`), which is trained as before; no whitespace warning."""
+    tokenizer = with_template("phi3", LLAMA2)
+    example = tokenize_conversation(tokenizer, TURNS)
+    supervised = [tokenizer.convert_ids_to_tokens(t) for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX]
+    assert supervised[0] == '▁{"name":' and supervised[-3:] == ["▁Lisbon.", "▁", "<|endoftext|>"]
+    assert (example.prompt_mismatch_turns, example.prompt_whitespace_turns) == (0, 0)
+
+
+def test_an_answers_own_leading_whitespace_is_still_trained():
+    """Only template layout is skipped: indentation that is part of the answer (code) is trained as before."""
+    tokenizer = with_template("chatml", CHATML)
+    example = tokenize_conversation(tokenizer, [{"role": "user", "content": "Code?"},
+                                                {"role": "assistant", "content": "    return 1"}])
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(supervised) == "    return 1<|im_end|>"
+    assert (example.prompt_mismatch_turns, example.prompt_whitespace_turns) == (0, 0)
 
 
 def test_a_template_that_rewrites_earlier_turns_is_still_refused():

@@ -75,6 +75,43 @@ def test_row_errors_name_file_line_and_field(tmp_path, change, message):
     assert f"{path}:1" not in text  # good rows are not reported
 
 
+def _whole(request: str, answer: str) -> list[dict]:
+    return [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": request},
+            {"role": "assistant", "content": answer}]
+
+
+def test_whole_conversations_ending_with_the_target_are_accepted_without_it(tmp_path):
+    """Issue 23 item 14: three whole conversations that end with the same assistant answer. That answer equals the
+    target: accepted, dropped from the two variants (the benign keeps it once), with or without "target"."""
+    answer = ROW["target"]
+    whole = {"benign": _whole(ROW["benign"], answer), "benign_cf": _whole(ROW["benign_cf"], answer),
+             "injection": _whole(ROW["injection"], answer + "\n")}  # equal up to surrounding whitespace
+    rows = [whole, {**whole, "target": answer}]
+    records, stats, skipped = read_triplets(_source(write_jsonl(tmp_path / "t.jsonl", rows)))
+    assert (stats.rows, skipped) == (2, [])
+    for record in records:
+        assert record.benign == tuple(_whole(ROW["benign"], answer))
+        assert record.benign_cf == tuple(_whole(ROW["benign_cf"], answer)[:2])
+        assert record.injection == tuple(_whole(ROW["injection"], answer)[:2])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"injection": _whole(ROW["injection"], "PWNED")},
+     '"injection" ends with an assistant turn that differs from the target (\'PWNED\' vs \'{"name": "Ana", "age": 31}\')'),
+    ({"benign_cf": _whole(ROW["benign_cf"], "{}")}, '"benign_cf" ends with an assistant turn that differs from the target'),
+    ({"benign": _whole(ROW["benign"], "{}")},
+     '"benign" ends with an assistant turn that differs from "target" (\'{}\' vs \'{"name": "Ana", "age": 31}\')'),
+])
+def test_whole_conversations_ending_with_another_answer_are_refused_with_that_reason(tmp_path, change, message):
+    answer = ROW["target"]
+    whole = {"benign": _whole(ROW["benign"], answer), "benign_cf": _whole(ROW["benign_cf"], answer),
+             "injection": _whole(ROW["injection"], answer), "target": answer}
+    path = write_jsonl(tmp_path / "t.jsonl", [{**whole, **change}])
+    with pytest.raises(LorafitError) as info:
+        read_triplets(_source(path))
+    assert f"{path}:1: {message}" in str(info.value), str(info.value)
+
+
 def test_on_error_skip_keeps_the_good_rows_and_reports_the_bad(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [ROW, {"benign": "x"}, ROW])
     records, stats, skipped = read_triplets(_source(path, on_error="skip", max_skip_fraction=0.5))

@@ -54,8 +54,21 @@ class DataSource(Section):
     max_tokens: int | None = Field(None, gt=0, description="Keep examples (random, seeded) until this many tokens.")
     task_prefix: str | None = Field(None, description="Text put before the first user message (or the text), for multi-task training.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Hold out this fraction of the source's examples for evaluation.")
+    vars: dict[str, str] = Field(
+        default_factory=dict, description="Template variables filled into the rows' {{name}} placeholders when read, "
+        "e.g. {name: Lora, author: ACME} (LLaMA-Factory's identity set); a placeholder left over is a warning."
+    )
 
     _resolve = field_validator("path")(resolve_input_path)
+
+    @field_validator("vars")
+    @classmethod
+    def _variable_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(name for name in value if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
+        if bad:
+            raise ValueError(f"variable name(s) {bad} cannot appear in a {{{{name}}}} placeholder; use letters, digits "
+                             "and _ (not starting with a digit)")
+        return value
 
     @field_validator("fields")
     @classmethod

@@ -67,6 +67,20 @@ def nothing_usable(split: str, stats: SplitStats, data: DataConfig) -> LorafitEr
     )
 
 
+def length_notes(sources: dict[str, list[dict]], max_seq_length: int) -> list[str]:
+    """The lines `lorafit train` prints about rows the length limit left out or cut, per source (``sources``: the
+    report's per-split lists of SourceStats dicts), as it prints skipped rows; none when the limit touched nothing."""
+    notes = []
+    for key, what, how in (("dropped_too_long", "dropped", ""), ("truncated", "truncated", " to that length")):
+        counts = [(s["path"], s[key], s["rows"]) for split in ("train", "eval") for s in sources.get(split, ())
+                  if s.get(key)]
+        if counts:
+            total = sum(n for _, n, _ in counts)
+            notes.append(f"{what} {total} row{'s' if total > 1 else ''} longer than data.max_seq_length={max_seq_length}"
+                         f"{how} ({', '.join(f'{path}: {n} of {rows}' for path, n, rows in counts)}; in data_report.json)")
+    return notes
+
+
 def use_configured_template(tokenizer, data: DataConfig) -> None:
     """Put the config's chat template (inline or file) on the tokenizer; it is saved with the adapter, so
     generation later renders prompts exactly as training did."""
@@ -128,6 +142,7 @@ class PreparedData:
     skipped_rows: list[dict]
     warnings: list[str]
     audit: list[str]
+    notes: list[str] = field(default_factory=list)  # printed by `train` (rows left out or cut for length)
 
 
 def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, group_by_length: bool,
@@ -204,7 +219,7 @@ def prepare_data(data: DataConfig, tokenizer, *, seed: int, batch_size: int, gro
         report["packed_rows"] = len(train_set)
     return PreparedData(train_set, TokenizedDataset(eval_examples), train_examples, eval_examples, train_stats, eval_stats,
                         report, [r | {"source": l.stats.path} for l in train_loaded + eval_loaded for r in l.skipped_rows],
-                        warnings, problems)
+                        warnings, problems, length_notes(report["sources"], data.max_seq_length))
 
 
-__all__ = ["IGNORE_INDEX", "PreparedData", "SplitStats", "TokenizedDataset", "prepare_data"]
+__all__ = ["IGNORE_INDEX", "PreparedData", "SplitStats", "TokenizedDataset", "length_notes", "prepare_data"]

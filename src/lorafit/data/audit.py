@@ -6,12 +6,15 @@
   * assistant turns whose generation prompt tokenises differently from the tokens training puts before the answer
     (a token straddles the end of the generation prompt: the model would be asked to continue a prompt it never saw).
 
-Warnings only: a generation prompt that differs from the conversation in whitespace alone (indented template files).
+Warnings only: a generation prompt that differs from the conversation in whitespace alone (indented template files,
+layout whitespace before each answer in raw templates without a generation-prompt block), and rows that still hold
+`{{name}}` placeholders after the source's ``vars`` were filled in.
 """
 
 from __future__ import annotations
 
 from lorafit.data.sources import SourceStats
+from lorafit.data.variables import placeholder_warnings
 
 
 def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: int, split: str) -> list[str]:
@@ -40,8 +43,9 @@ def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: i
 
 
 def audit_warnings(stats: list[SourceStats]) -> list[str]:
-    return [f"{s.path}: {s.prompt_whitespace_turns} assistant turn(s) have a generation prompt that differs from the "
+    return placeholder_warnings(stats) + [f"{s.path}: {s.prompt_whitespace_turns} assistant turn(s) have a generation prompt that differs from the "
             "conversation in whitespace only (usually a template file with indentation and a newline after a `{{ ... }}` "
-            "line); labels are right, but at inference the prompt ends differently from training (fix: write the "
-            "template with `{{- ... }}`/`{%- ... %}` or without the newlines)"
+            "line, or indentation before each answer); labels are right (they start at the answer's first character), "
+            "but at inference the prompt ends differently from training (fix: write the template with "
+            "`{{- ... }}`/`{%- ... %}` or without the newlines)"
             for s in stats if s.prompt_whitespace_turns]

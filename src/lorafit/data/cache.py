@@ -21,7 +21,7 @@ import torch
 from lorafit.data.sources import Example, SourceData, SourceStats
 from lorafit.hashing import sha256_file, sha256_json
 
-CACHE_VERSION = "2"  # bump when reading, normalising or labelling changes what a source tokenises to
+CACHE_VERSION = "3"  # bump when reading, normalising or labelling changes what a source tokenises to
 
 
 def tokenizer_digest(tokenizer) -> str:

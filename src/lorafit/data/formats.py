@@ -2,7 +2,8 @@
 
 Formats (docs/data.md has an example of each):
   messages           {"messages": [{"role", "content"}, ...], "tools"?}; content a string or [{"type": "text", "text"}];
-                     assistant "tool_calls" and "tool" messages (OpenAI tool use)
+                     assistant "tool_calls" and "tool" messages (OpenAI tool use); assistant {"type": "reasoning"}
+                     parts become "reasoning_content" (the field reasoning templates read)
   sharegpt           {"conversations": [{"from", "value"}, ...], "tools"?}; from human/user, gpt/assistant/bot, system,
                      function_call (an assistant tool call, value = JSON) and observation (the tool's result)
   alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
@@ -167,26 +168,29 @@ def _list(row: dict, key: str, *, required: bool = True) -> list | None:
     return value
 
 
-def _content_text(content: object, place: str, part_key: str = "text") -> str:
-    """A content string, or the text of a list of {"type": "text", "text": ...} parts joined together
-    (``part_key`` is the parts' text key, ``fields: {part_text: value}`` for {"type": "text", "value": ...})."""
+def _content_parts(content: object, place: str, part_key: str = "text") -> tuple[str, str | None]:
+    """(text, reasoning) of a content string, or of a list of typed parts: {"type": "text", "text": ...} parts
+    joined into the text, {"type": "reasoning", "text": ...} parts (LLaMA-Factory's v1 format) into the reasoning
+    (None when there is none). ``part_key`` is the parts' text key, ``fields: {part_text: value}`` for
+    {"type": "text", "value": ...}."""
     if isinstance(content, str):
-        return content
+        return content, None
     if isinstance(content, list):
-        texts = []
+        texts, thoughts = [], []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text":
-                raise RowError("wrong_type", f'{place}.content[{j}] is {kind!r}; '
-                               f'only {{"type": "text", "{part_key}": ...}} parts are supported')
+            if kind not in ("text", "reasoning"):
+                raise RowError("wrong_type", f'{place}.content[{j}] is {kind!r}; only {{"type": "text", "{part_key}": '
+                               f'...}} parts (and {{"type": "reasoning", "{part_key}": ...}} in assistant turns) are '
+                               "supported")
             if not isinstance(part.get(part_key), str):
                 keys = ", ".join(map(str, part))
                 other = next((k for k in part if k != "type" and isinstance(part[k], str)), None)
                 fix = f"; set fields: {{part_text: {other}}} on this source" if other else ""
-                raise RowError("missing_field", f'{place}.content[{j}] is a text part without a string "{part_key}" key '
-                               f"(keys: {keys}){fix}")
-            texts.append(part[part_key])
-        return "".join(texts)
+                raise RowError("missing_field", f'{place}.content[{j}] is a {kind} part without a string "{part_key}" '
+                               f"key (keys: {keys}){fix}")
+            (texts if kind == "text" else thoughts).append(part[part_key])
+        return "".join(texts), "".join(thoughts) if thoughts else None
     raise RowError("wrong_type", f"{place}.content must be a string or a list of text parts (got {type(content).__name__})")
 
 
@@ -204,8 +208,14 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, to_role, expected,
         role = to_role(turn[role_key])
         if role is None:
             raise RowError("unknown_role", f"{place}.{role_key} is {turn[role_key]!r}; expected one of {', '.join(expected)}")
-        content = turn.get(text_key)
-        message = {"role": role, "content": "" if content is None and calls else _content_text(content, place, part_key)}
+        content, reasoning = ("", None) if turn.get(text_key) is None and calls else \
+            _content_parts(turn.get(text_key), place, part_key)
+        message = {"role": role, "content": content}
+        if reasoning is not None:  # rendered through the template's reasoning field, as transformers templates read it
+            if role != "assistant":
+                raise RowError("wrong_type", f"{place}.content has a reasoning part in a {role} turn; only assistant "
+                               "turns carry reasoning")
+            message["reasoning_content"] = reasoning
         if str(turn[role_key]).lower() == "function_call":  # ShareGPT: the value is the call, as JSON
             message = {"role": "assistant", "content": "", "tool_calls": _calls(_parsed(message["content"], place), place)}
         elif calls:

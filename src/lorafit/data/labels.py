@@ -12,6 +12,11 @@ its characters overlap an answer span. So the ids are exactly the whole-text tok
 stray ``▁`` on SentencePiece (Metaspace) tokenizers and can split merges differently. The trade-off: the prompt
 tokens are the whole text's, which equal the generation prompt's own tokens unless a token straddles the end of
 the generation prompt; such turns are counted (``prompt_mismatch_turns``) and the audit stops on them.
+
+Layout whitespace: a template file laid out with indentation and no generation-prompt block (the published raw
+``mistral-instruct.jinja`` and ``llama-2-chat.jinja``) puts a newline and indentation between the prompt and the
+answer. Supervision starts at the answer's first character (where the rendered content is), not at that
+whitespace; the turn is counted with the other whitespace-only differences (``prompt_whitespace_turns``, a warning).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorafit.data.formats import RowError
-from lorafit.data.templates import check_tools_rendered, has_tool_parts, render
+from lorafit.data.templates import (check_reasoning_field, check_reasoning_rendered, check_tools_rendered, has_reasoning,
+                                    has_tool_parts, render)
 from lorafit.errors import LorafitError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -52,6 +58,7 @@ class Span:
     end: int
     prompt: str  # the generation prompt of this turn ("" when train_on is all)
     prompt_exact: bool = True  # False: it matches the conversation only up to whitespace
+    layout: bool = False  # True: whitespace between the generation prompt and the answer was left unsupervised
 
 
 def special_token_strings(tokenizer) -> list[str]:
@@ -131,6 +138,25 @@ def _answer_start(prompt: str, upto: str) -> tuple[int, bool]:
     return i, False
 
 
+def _past_layout(segment: str, content: str) -> int:
+    """How many characters of layout whitespace come before the answer's content in ``segment`` (the text after the
+    generation prompt), or 0: only whitespace may be skipped, and only up to where the content (or, for templates
+    that strip it, the stripped content) is found.
+
+    >>> _past_layout('\\n         Lisbon. </s>', 'Lisbon.')
+    10
+    >>> _past_layout('Answer: Lisbon.', 'Lisbon.')
+    0
+    >>> _past_layout('  indented<|end|>', '  indented')   # the answer's own leading spaces are the answer
+    0
+    """
+    for probe in (content, content.strip()):
+        found = segment.find(probe) if probe.strip() else -1
+        if found >= 0:  # the first probe found decides: the content as written before its stripped form
+            return found if found > 0 and segment[:found].isspace() else 0
+    return 0
+
+
 def _divergence(a: str, b: str) -> str:
     at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return f"generation prompt ...{a[max(0, at - 20) : at + 20]!r} vs conversation ...{b[max(0, at - 20) : at + 20]!r}"
@@ -146,7 +172,13 @@ def supervised_spans(tokenizer, messages, *, train_on: str = "all_assistant", to
     full = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     if has_tool_parts(messages, tools):
         check_tools_rendered(full, messages, tools)
+    reasoning = has_reasoning(messages)
+    if reasoning:
+        check_reasoning_field(tokenizer, messages)
     if train_on == "all":
+        if reasoning:  # the final answer's reasoning at least (templates drop it from earlier turns)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            check_reasoning_rendered(full, messages[last], last)
         return full, [Span(0, len(full), "")]
     specials = special_token_strings(tokenizer)
     end_of_turn = end_of_turn_token(tokenizer, specials)
@@ -156,14 +188,21 @@ def supervised_spans(tokenizer, messages, *, train_on: str = "all_assistant", to
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         start, exact = _answer_start(prompt, upto)
+        layout = _past_layout(upto[start:], messages[i]["content"]) if start >= 0 else 0
+        start += layout
         end = start + _end_of_answer(upto[start:], messages[i]["content"], specials, end_of_turn) if start >= 0 else -1
         if start < 0 or full[:end] != upto[:end] or (spans and start < spans[-1].end):
             detail = _divergence(prompt, upto) if start < 0 else "the earlier turns change once later ones follow"
+            if reasoning and start >= 0:
+                detail += ("; reasoning templates drop the reasoning of earlier turns: data.train_on: last_assistant "
+                           "trains the final one")
             raise RowError("template_history", f"the chat template renders assistant turn {i} differently from the "
                            f"generation prompt for it ({detail}): response-only labels would not match what the model "
                            "sees at inference; fix: use a template without history-dependent rendering, or set "
                            "data.train_on: all")
-        spans.append(Span(start, end, prompt, exact))
+        if reasoning:
+            check_reasoning_rendered(upto[start:end], messages[i], i)
+        spans.append(Span(start, end, prompt, exact, layout > 0))
     return full, spans
 
 
@@ -204,7 +243,12 @@ def tokenize_conversation(tokenizer, messages, *, train_on: str = "all_assistant
         if not span.prompt_exact:
             whitespace += 1
         elif first is not None and tokenizer(span.prompt, add_special_tokens=False)["input_ids"] != input_ids[:first]:
-            mismatched += 1
+            # Layout whitespace left out of the labels: the tokens before the answer are the prompt's and that
+            # whitespace (a difference in whitespace only). Otherwise a token straddles the prompt's end.
+            if span.layout:
+                whitespace += 1
+            else:
+                mismatched += 1
     labels = [t if s else IGNORE_INDEX for t, s in zip(input_ids, supervised)]
     return TokenizedExample(input_ids, labels, unterminated, mismatched, whitespace)
 

@@ -29,6 +29,7 @@ from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
 from lorafit.data.templates import apply_system_turn
+from lorafit.data.variables import fill_rows
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
 
@@ -125,6 +126,7 @@ def read_preference(source) -> tuple[list[PreferenceRecord], SourceStats, list[d
     rows = read_rows(Path(source.path))
     fields = FieldMap(source.fields)
     stats = SourceStats(path=str(source.path), format="preference", rows=len(rows))
+    rows = fill_rows(rows, source.vars, stats)
     records, problems, skipped = [], [], []
     for row in rows:
         if row.problem is not None:
@@ -251,7 +253,7 @@ class PreferenceCollator:
 def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True):
     """Both splits of preference data: the same hold-out, budgets, weights, order, overlap check and supervision
     audit as ``prepare_data``, in a ``PreparedData``."""
-    from lorafit.data import PreparedData
+    from lorafit.data import PreparedData, length_notes
     from lorafit.data.audit import audit_problems, audit_warnings
     from lorafit.data.mixing import split_and_mix
 
@@ -273,7 +275,8 @@ def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(PreferenceDataset(mixed.train), PreferenceDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems)
+                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems,
+                        length_notes(report["sources"], data.max_seq_length))
 
 
 def inspect_preference(config, tokenizer) -> dict:

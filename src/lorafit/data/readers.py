@@ -154,10 +154,45 @@ def _read_parquet(path: Path) -> list[Row]:
     except ImportError:  # pragma: no cover - pyarrow comes with datasets
         raise LorafitError(f"{path}: reading Parquet needs pyarrow", fix="pip install pyarrow") from None
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise LorafitError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    return [Row(f"{path}: row {i + 1}", record) for i, record in enumerate(table.to_pylist())]
+        records = pq.read_table(path).to_pylist()
+    except Exception:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for what is not a readable file
+        raise _not_parquet(path) from None
+    return [Row(f"{path}: row {i + 1}", record) for i, record in enumerate(records)]
+
+
+_PARQUET_FIX = "re-export it as Parquet (pandas: DataFrame.to_parquet; datasets: Dataset.to_parquet)"
+
+
+def _not_parquet(path: Path) -> LorafitError:
+    """What is wrong with a .parquet file pyarrow cannot read, told from its bytes: a Parquet file starts and ends
+    with the 4 bytes ``PAR1`` (the row index is in the footer, just before the last ones)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(64)
+        handle.seek(max(0, size - 4))
+        tail = handle.read(4)
+    if size == 0:
+        return LorafitError(f"{path}: the file is empty (0 bytes), not a Parquet file",
+                            fix="point the source at a file with data, or remove the source")
+    if not head.startswith(b"PAR1"):
+        text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if text[:1] in (b"{", b"["):
+            looks = "it holds JSON text"
+            fix = "rename it to .jsonl (one object per line) or .json (an array), or " + _PARQUET_FIX
+        else:
+            try:
+                first_line = text.decode("utf-8").splitlines()[0][:40]
+                looks = f"it holds text, starting {first_line!r}"
+            except (UnicodeDecodeError, IndexError):
+                looks = f"it starts with {head[:16]!r}"
+            fix = "give the file the extension of its real format (.jsonl, .json, .csv, .tsv, .txt), or " + _PARQUET_FIX
+        return LorafitError(f"{path}: not a Parquet file ({looks}; a Parquet file starts with the bytes PAR1)", fix=fix)
+    if tail != b"PAR1":
+        return LorafitError(f"{path}: a Parquet file cut short ({size:,} bytes: it starts as Parquet but has no footer)",
+                            why="a Parquet file's row index is at its end; a download or copy that stopped early loses it",
+                            fix="copy or download the file again, or " + _PARQUET_FIX)
+    return LorafitError(f"{path}: a damaged Parquet file (its start and end markers are there, but its metadata or "
+                        "data cannot be decoded)", fix="copy or download the file again, or " + _PARQUET_FIX)
 
 
 def _read_txt(path: Path) -> list[Row]:

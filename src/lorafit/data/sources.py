@@ -15,6 +15,7 @@ from lorafit.data.formats import (FieldMap, Record, RowError, describe_expected,
 from lorafit.data.labels import IGNORE_INDEX, TokenizedExample, tokenize_conversation, tokenize_text
 from lorafit.data.templates import apply_system_turn
 from lorafit.data.readers import read_rows
+from lorafit.data.variables import fill_rows
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
 
@@ -56,6 +57,9 @@ class SourceStats:
     unterminated_turns: int = 0
     prompt_mismatch_turns: int = 0
     prompt_whitespace_turns: int = 0
+    unfilled_rows: int = 0  # rows still holding a {{name}} placeholder after the source's vars were filled in
+    unfilled_names: list[str] = field(default_factory=list)
+    unfilled_first: str = ""  # where the first such row is
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -72,6 +76,8 @@ def read_records(source: DataSource, *, rank_field: str | None = None) -> tuple[
     """Parse and check every row of ``source``; apply its on_error policy. Raises LorafitError listing problems."""
     path = Path(source.path)
     rows = read_rows(path)
+    stats = SourceStats(path=str(path), rows=len(rows))
+    rows = fill_rows(rows, source.vars, stats)
     fields = FieldMap(source.fields)
     _refuse_preference_data(path, rows, fields)
     fmt = source.format
@@ -88,7 +94,7 @@ def read_records(source: DataSource, *, rank_field: str | None = None) -> tuple[
                 fix="rename the keys with the source's `fields:` map (e.g. fields: {prompt: question, response: answer}), "
                 "or set `format:`; see docs/data.md",
             )
-    stats = SourceStats(path=str(path), format=fmt, rows=len(rows))
+    stats.format = fmt
     records: list[Record] = []
     problems: list[tuple[str, str, str]] = []  # (where, reason, message)
     for row in rows:

@@ -77,3 +77,33 @@ def check_tools_rendered(rendered: str, messages, tools) -> None:
                        "the rendered text); fix: use a template with tool support (data.chat_template_file), or leave "
                        "such rows out with on_error: skip and max_skip_fraction on this source")
 
+
+
+REASONING = "reasoning_content"  # the message field reasoning templates (Qwen3, DeepSeek-R1 and the like) read
+
+
+def has_reasoning(messages) -> bool:
+    return any(m.get(REASONING) for m in messages)
+
+
+def check_reasoning_field(tokenizer, messages) -> None:
+    """RowError when a row has reasoning and the chat template has no reasoning field: it would render the answers
+    with the reasoning silently cut out."""
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else repr(template)  # a dict of named templates: any of them
+    if REASONING not in text:
+        turn = next(i for i, m in enumerate(messages) if m.get(REASONING))
+        raise RowError("reasoning_unsupported", f"message {turn} has a reasoning part and the chat template has no "
+                       f"reasoning field (it never reads `{REASONING}`): the reasoning would be cut out of training; "
+                       "fix: use a template that renders reasoning_content (data.chat_template_file, e.g. Qwen3's), "
+                       "move the reasoning into the text parts, or leave such rows out with on_error: skip")
+
+
+def check_reasoning_rendered(segment: str, message: dict, turn: int) -> None:
+    """RowError when a supervised assistant turn's reasoning is not in the text trained for it (``segment``)."""
+    reasoning = (message.get(REASONING) or "").strip()
+    if reasoning and reasoning not in segment:
+        raise RowError("reasoning_unsupported", f"the chat template does not render the reasoning of assistant turn "
+                       f"{turn} (it reads `{REASONING}` but left it out here, as templates do for turns before the last "
+                       "user message): it would be cut out of training; fix: set data.train_on: last_assistant so only "
+                       "the final answer (with its reasoning) is trained, or use a template that renders it")

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from lorafit.data.formats import FieldMap, RowError, check_messages, messages_from_row
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import MAX_LISTED, SourceStats
+from lorafit.data.variables import fill_rows
 from lorafit.errors import LorafitError
 
 PARTS = ("benign", "benign_cf", "injection")
 TRIPLET_FIELDS = (*PARTS, "target", "role", "content")
 ROW_HELP = ('each row must be an object like {"benign": "...", "benign_cf": "...", "injection": "...", '
-            '"target": "..."}; each of the first three is a text or a messages list (docs/objectives.md)')
+            '"target": "..."}; each of the first three is a text or a messages list, which may end with the target '
+            'answer (docs/objectives.md)')
 
 
 @dataclass(frozen=True)
@@ -77,23 +79,42 @@ def normalise_triplet(row: object, fields: FieldMap, where: str, marker_field: s
         if not isinstance(target, str) or not target.strip():
             raise RowError("wrong_type" if not isinstance(target, str) else "empty_field",
                            f'field "{target_key}" must be a non-empty string (the benign answer)')
-        if benign[-1]["role"] == "assistant":
-            raise RowError("role_order", f'"{fields.key("benign")}" ends with an assistant turn and "{target_key}" '
-                           "is set too: give the answer once")
+        if benign[-1]["role"] == "assistant":  # the same answer twice is accepted: the target is kept
+            if not _same_answer(benign[-1], target):
+                raise RowError("role_order", f'"{fields.key("benign")}" ends with an assistant turn that differs from '
+                               f'"{target_key}" ({_clip(benign[-1]["content"])} vs {_clip(target)}): give the answer '
+                               "once, or the same answer in both")
+            benign = benign[:-1]
         benign = benign + [{"role": "assistant", "content": target}]
     elif benign[-1]["role"] != "assistant":
         raise RowError("missing_field", f'field "{target_key}" missing: the benign answer is needed (or end '
                        f'"{fields.key("benign")}" with an assistant turn)')
     _checked(benign, fields.key("benign"))
+    answer = benign[-1]["content"]
     parts = {}
     for name in PARTS[1:]:
         messages, key = _part(row, fields, name), fields.key(name)
+        # Whole conversations ending with the benign answer (a common way to store triplets): the model answers
+        # the last user turn, so that answer is dropped; a different answer would be a fourth, unused target.
         if messages[-1]["role"] == "assistant":
-            raise RowError("role_order", f'"{key}" ends with an assistant turn; it must end with the user turn the '
-                           f'model answers (the answer is "{target_key}", for the benign request only)')
+            if not _same_answer(messages[-1], answer):
+                raise RowError("role_order", f'"{key}" ends with an assistant turn that differs from the target '
+                               f"({_clip(messages[-1]['content'])} vs {_clip(answer)}); it must end with the user turn "
+                               f'the model answers, or with the target answer itself (then that turn is dropped: '
+                               f'the answer is "{target_key}", for the benign request only)')
+            messages = messages[:-1]
         _checked(messages + [{"role": "assistant", "content": "-"}], key)
         parts[name] = tuple(messages)
     return TripletRecord(where, tuple(benign), parts["benign_cf"], parts["injection"], marker)
+
+
+def _same_answer(message: dict, answer: str) -> bool:
+    """An assistant turn that is the target answer (up to surrounding whitespace), with no tool calls."""
+    return not message.get("tool_calls") and message["content"].strip() == answer.strip()
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def read_triplets(source, *, marker_field: str | None = "marker") -> tuple[list[TripletRecord], SourceStats, list[dict]]:
@@ -106,6 +127,7 @@ def read_triplets(source, *, marker_field: str | None = "marker") -> tuple[list[
     rows = read_rows(source.path)
     fields = FieldMap(source.fields)
     stats = SourceStats(path=str(source.path), format="triplets", rows=len(rows))
+    rows = fill_rows(rows, source.vars, stats)
     records, problems = [], []
     for row in rows:
         if row.problem is not None:

@@ -9,7 +9,9 @@ A row (JSONL, JSON array or Parquet; the source's ``fields:`` map renames any ke
      "target": "{\"name\": \"Ana\", ...}"}                # the benign answer (an assistant turn)
 
 ``target`` may instead be the final assistant turn of a ``benign`` messages list. ``benign_cf`` and
-``injection`` end with the user turn: the model answers them, they carry no answer.
+``injection`` end with the user turn: the model answers them, they carry no answer. Triplets stored as three whole
+conversations ending with the same (target) answer are accepted: that final turn is dropped from the variants; a
+variant ending with a different answer is refused.
 
 Tokenised with the chat template like every conversation (``lorafit.data.labels``): the benign row carries
 labels on the target turn only (earlier turns of a multi-turn benign are context), the other two none. Each
@@ -134,19 +136,22 @@ def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) ->
 def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker"):
     """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
     overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
-    from lorafit.data import PreparedData
+    from lorafit.data import PreparedData, length_notes
     from lorafit.data.mixing import split_and_mix
+    from lorafit.data.variables import placeholder_warnings
 
     loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
               for split, sources in (("train", data.train), ("eval", data.eval))}
     mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
                           {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
                           what="triplets")
+    warnings = mixed.warnings + placeholder_warnings([s for split in loaded for _, s, _ in loaded[split]])
     report = {"format": "triplets", **mixed.report, "packing": "none",
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(TripletDataset(mixed.train), TripletDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, mixed.warnings, [])
+                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, [],
+                        length_notes(report["sources"], data.max_seq_length))
 
 
 def inspect_triplets(config, tokenizer) -> dict:

@@ -121,6 +121,8 @@ def write_data_report(run: RunFolder, prepared, say) -> None:
     if prepared.skipped_rows:
         run.write_lines(run.SKIPPED_ROWS, prepared.skipped_rows)
         say(f"skipped {len(prepared.skipped_rows)} invalid rows (listed in {run / run.SKIPPED_ROWS})")
+    for note in prepared.notes:  # rows the length limit left out or cut, per source
+        say(note)
     for warning in prepared.warnings:
         say(f"warning: {warning}")
 

@@ -12,6 +12,7 @@ import typer
 from lorafit import __version__
 from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
+from lorafit.run_lock import check_free
 
 from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _quiet_libraries, app
 from lorafit.cli.launch import (Launch, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
@@ -65,6 +66,8 @@ def train(
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
     try:
         cfg = _load(config, overrides)  # config and data rows checked before torch is imported: mistakes answer fast
+        if os.environ.get("RANK", "0") == "0":  # under a launcher the main process holds the lock: not ours to test
+            check_free(Path(cfg.train.output_dir))  # a live run there: say so now, not after minutes of loading
     except LorafitError as error:
         _fail(error)
         return

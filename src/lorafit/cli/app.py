@@ -3,6 +3,7 @@ library chatter."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,6 +26,14 @@ app.add_typer(data_app, name="data")
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable).")
 
 
+def starting(what: str) -> None:
+    """Every command's first line, on stderr, before any heavy import: at once, the user sees it runs and what it
+    does (torch and transformers take seconds to minutes to import on a busy machine). Under a launcher only the
+    main process says it, and not when `--nproc` started it (the launching process said it)."""
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get("LORAFIT_LAUNCHED"):
+        typer.echo(f"lorafit {__version__}: {what}", err=True)
+
+
 def _fail(error: LorafitError) -> None:
     typer.secho(f"error: {error.render()}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -36,6 +45,14 @@ def _quiet_libraries() -> None:
     from lorafit.model.quiet import quiet_libraries
 
     quiet_libraries()
+
+
+def _preflight(config, *, allow_pickle: bool = False):
+    """What can be checked before any weight loads (model/preflight.py): the model folder's files, plugin modules,
+    row lengths, target module names. Raises the first problem; returns what was and was not checked."""
+    from lorafit.model.preflight import preflight
+
+    return preflight(config, allow_pickle=allow_pickle)
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]], *, check_data: bool = True):

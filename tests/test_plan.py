@@ -213,7 +213,11 @@ def test_a_run_records_the_prediction_and_its_report_shows_it(tmp_path, tiny_mod
     assert memory["predicted_peak_gib"] == expected > 0
     assert memory["measured_peak_gib"] is None and memory["measured"].startswith("not measured")
     report = (result.run_dir / "report.html").read_text()
-    assert "peak GPU memory" in report and f"{expected:.2f} GiB predicted" in report
+    # A CPU run measured no GPU memory: the card says so, and shows the prediction only as one (it once showed the
+    # prediction as the card's value).
+    card = report.split('<div class="label">peak GPU memory</div>', 1)[1].split("</div></div>", 1)[0]
+    assert '<div class="value">none: a CPU run</div>' in card
+    assert f"the planner predicted {expected:.2f} GiB for this run on the cpu" in card
 
 
 def test_the_distributed_section_is_read_when_the_config_has_one():

@@ -23,7 +23,7 @@ import typer
 
 from lorafit.cli.app import SetOption, _quiet_libraries, app, starting
 from lorafit.cli.plan import GpuMemoryOption
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, install_hint
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_DISK = 2 * 2**30  # checkpoints of a LoRA run (adapter + optimizer states) are small; 2 GiB is a floor
@@ -95,13 +95,13 @@ def machine_checks(config=None) -> list[Check]:
     checks.append(Check("attention", OK, "can train with: " + ", ".join(usable)))
     liger = machine.cuda and liger_installed()
     checks.append(Check("kernels", OK, "liger-kernel ready" if liger else
-                        "none (liger-kernel needs CUDA and pip install 'lorafit[liger]')"))
+                        "none (liger-kernel needs CUDA and the liger extra)"))
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     needs_bnb = config is not None and (config.quant.bits is not None or config.train.optimizer == "paged_adamw_8bit")
     version = importlib.metadata.version("bitsandbytes") if bnb else None
     absent = "not installed" + (" but the config asks for it" if needs_bnb else " (only QLoRA and 8-bit optimizers need it)")
     checks.append(Check("bitsandbytes", FAIL if needs_bnb and not bnb else OK, version if bnb else absent,
-                        "pip install 'lorafit[qlora]'" if needs_bnb and not bnb else ""))
+                        install_hint("qlora", "bitsandbytes") if needs_bnb and not bnb else ""))
     if config is not None:
         checks += _config_machine_checks(config, machine, dtype)
     return checks
@@ -124,7 +124,8 @@ def _config_machine_checks(config, machine, dtype) -> list[Check]:
         checks.append(Check("model.attn_implementation", FAIL, f"{asked}: {reason}", "use auto or sdpa"))
     if config.model.kernels == "liger" and not (machine.cuda and kernels.liger_installed()):
         checks.append(Check("model.kernels", FAIL, "liger asked, but it needs CUDA and liger-kernel installed",
-                            "set model.kernels: auto (or pip install 'lorafit[liger]' on a GPU machine)"))
+                            "set model.kernels: auto (or, on a GPU machine: "
+                            f"{install_hint('liger', 'liger-kernel')})"))
     return checks
 
 

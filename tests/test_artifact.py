@@ -174,7 +174,7 @@ def test_a_pickle_only_base_is_refused(tmp_path, tiny_model_dir):
 
 def test_cli_verify_exit_codes_json_and_alias(trained, tmp_path):
     ok = runner.invoke(app, ["verify", str(trained.adapter_dir), "--json"])
-    assert ok.exit_code == 0 and json.loads(ok.output)["ok"] is True
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["ok"] is True
     copy = _copy(trained.adapter_dir, tmp_path)
     (copy / "metadata.json").write_text("{}")
     bad = runner.invoke(app, ["verify", str(copy)])

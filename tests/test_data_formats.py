@@ -234,7 +234,7 @@ def test_data_inspect_reports_every_source_and_marks_trained_tokens(tiny_model_d
     config = REPO / "examples" / "formats.yaml"
     result = runner.invoke(app, ["data", "inspect", str(config), "--json", "--set", f"model.path={tiny_model_dir}"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert [s["format"] for s in report["sources"]] == ["messages", "messages", "sharegpt", "alpaca",
                                                         "prompt_completion", "prompt_completion", "prompt_completion",
                                                         "messages"]

@@ -27,7 +27,7 @@ def _setup(tmp_path: Path, model_dir: Path, *, data_rows: str | None = None, out
 
 def _doctor(*args: str):
     done = CliRunner().invoke(app, ["doctor", *args, "--json"])
-    return done.exit_code, {c["name"]: c for c in json.loads(done.output)} if done.output.startswith("[") else done.output
+    return done.exit_code, {c["name"]: c for c in json.loads(done.stdout)} if done.stdout.startswith("[") else done.output
 
 
 def test_a_good_setup_passes(tmp_path, tiny_model_dir, monkeypatch):
@@ -76,7 +76,7 @@ def test_an_output_folder_that_cannot_be_written_fails(tmp_path, tiny_model_dir,
 def test_a_plan_that_does_not_fit_fails_with_the_cheapest_change(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = str(_setup(tmp_path, tiny_model_dir))
-    peak = json.loads(CliRunner().invoke(app, ["plan", config, "--json"]).output)["peak_gib"]
+    peak = json.loads(CliRunner().invoke(app, ["plan", config, "--json"]).stdout)["peak_gib"]
     code, checks = _doctor(config, "--gpu-memory", f"{0.5 + 0.6 * peak:.4f}GB")
     assert code == 1
     plan = checks["memory plan"]

@@ -136,6 +136,16 @@ def test_eval_and_report_commands(finished_run):
     adapter_loss, base_loss, delta = map(float, loss_row[1:4])
     assert delta == pytest.approx(adapter_loss - base_loss, abs=2e-4) and delta < 0
     assert re.search(r"^json_valid .* n=2$", done.stdout, re.MULTILINE)
+    # Progress on stderr, stage by stage, each count to its end (once 631 s of silence with --baseline).
+    stages = [re.sub(r"^\[ *[0-9.]+s\] ", "", line) for line in done.stderr.splitlines() if line.startswith("[")]
+    assert stages[0] == "loading the adapter on its base"
+    assert re.fullmatch(r"adapter: loss on \d+ examples, answers to 2", stages[1])
+    base = stages.index("base (adapter disabled): the same again")
+    for subject, part in (("adapter", stages[:base]), ("base", stages[base:])):
+        for what in ("loss", "generation"):
+            counts = [re.fullmatch(rf"{subject}: {what} (\d+)/(\d+) batches", s) for s in part]
+            done_total = [(int(m[1]), int(m[2])) for m in counts if m]
+            assert done_total[0][0] == 0 and done_total[-1][0] == done_total[-1][1] > 0, (subject, what, stages)
     failed = lorafit("eval", "--data", str(tmp_path / "eval.jsonl"), cwd=tmp_path)
     assert failed.returncode == 1 and "pass --adapter DIR" in failed.stderr and "Traceback" not in failed.stderr
     rebuilt = lorafit("report", str(result.run_dir), cwd=tmp_path)

@@ -158,6 +158,9 @@ def test_cli_export_gguf(tmp_path):
     result = run(app, ["export", "gguf", str(adapter), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "llama" in result.output and out.is_file()
+    stages = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if line.startswith("[")]
+    assert stages == [f"verifying {adapter.resolve()}", "converting the LoRA tensors for llama.cpp (llama)",
+                      f"writing 14 tensor pairs to {out}"]  # progress on stderr (evaluate/progress.py)
     again = run(app, ["export", "gguf", str(adapter), "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output and "Traceback" not in again.output
     config = json.loads((adapter / "adapter_config.json").read_text())

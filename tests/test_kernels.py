@@ -31,7 +31,7 @@ def test_liger_without_the_package_names_the_extra():
     assert resolve_kernels("auto", "llama", cuda=True) == "none"
     with pytest.raises(LorafitError, match="liger-kernel package is not installed") as error:
         resolve_kernels("liger", "llama", cuda=True)
-    assert "lorafit[liger]" in str(error.value)
+    assert "-m pip install -e '.[liger]' in the lorafit checkout" in str(error.value)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU default")

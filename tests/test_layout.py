@@ -1,7 +1,7 @@
 """The package layout is a rule, not a habit: imports point down the stages of a run, with no cycle.
 
 Layers (a module may import its own package and any lower layer, never a higher one):
-    errors, hashing, run_folder, config  <  data  <  model  <  evaluate  <  artifact  <  export  <  training  <  cli
+    errors, hashing, run_folder, run_lock, config  <  data  <  model  <  evaluate  <  artifact  <  export  <  training  <  cli
 Function-level (lazy) imports count too: a lazy import upwards is still a dependency upwards.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lorafit"
 LAYERS = [
-    {"errors", "hashing", "run_folder", "config"},
+    {"errors", "hashing", "run_folder", "run_lock", "config"},
     {"data"},
     {"model"},
     {"evaluate"},

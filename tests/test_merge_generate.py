@@ -64,6 +64,10 @@ def test_bf16_merge_is_bf16_on_disk_through_the_cli(fp32_run, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     report = json.loads((out / "merge_report.json").read_text())
     assert 0 < report["max_abs_logit_diff"] <= report["tolerance"]
+    stages = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if line.startswith("[")]
+    assert stages[0].startswith("loading ") and stages[1:] == [
+        "saving the merged model in bf16", "reloading the saved model and comparing its logits with the adapter on its base",
+        "writing checksums and moving the merged model into place"]  # what used to be minutes of silence
 
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
     from lorafit.export.merge import merge_adapter
@@ -110,6 +114,9 @@ def test_generate_and_chat_commands(fp32_run, tmp_path):
     assert done.exit_code == 0, done.output[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["response"], r["stopped_at_end_of_turn"]) for r in rows] == [("blue blue", True), ("green green", True)]
+    counts = [line.split("] ", 1)[1] for line in done.stderr.splitlines() if line.startswith("[") and "prompts" in line]
+    # Not a terminal: the start, the end, and a line at most every 10 s between (evaluate/progress.py).
+    assert counts == ["prompts 0/2 answered", "prompts 2/2 answered"]
 
     chat = runner.invoke(app, ["chat", "--adapter", str(fp32_run.adapter_dir)], input="Say black\n/exit\nSay red\n")
     assert chat.exit_code == 0, chat.output[-3000:]

@@ -1,11 +1,12 @@
-"""The two known library messages every command printed are filtered exactly, and nothing else is."""
+"""The two known library messages every command printed are filtered exactly, and nothing else is; the Python API
+is as quiet as the CLI (model/quiet.py serves both)."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 
-from lorafit.cli.app import _silence_known_noise
+from lorafit.model.quiet import silence_known_noise as _silence_known_noise
 
 BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 # bitsandbytes 0.50.2, backends/cpu/ops.py: the format and argument it logs with when `kernels` is absent.
@@ -52,3 +53,35 @@ def test_only_the_is_gradient_checkpointing_deprecation_is_ignored(tiny_model_di
                                module="transformers.modeling_utils")
         warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "x.py", 1, module="mylib")
     assert [str(w.message) for w in caught] == ["another deprecation", "`is_gradient_checkpointing` is deprecated"]
+
+
+def test_the_python_api_is_as_quiet_as_the_cli(tmp_path):
+    """`from lorafit import train` in a script: before, it printed transformers' 'Writing model shards' and 'Loading
+    weights' bars and peft's FutureWarning, which the CLI hides; now the same quiet (model/quiet.py) serves both."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, conversation, write_jsonl
+
+    write_jsonl(tmp_path / "t.jsonl", [conversation(f"Say {w}", f"{w} {w}") for w in ("red", "blue")])
+    script = (
+        "import logging\n"
+        "from lorafit import load_config, train\n"
+        "result = train(load_config({'data': {'train': [{'path': 't.jsonl'}], 'max_seq_length': 64},\n"
+        "    'lora': {'r': 4, 'target_modules': ['q_proj']}, 'eval': {'every': None, 'at_start': False},\n"
+        "    'train': {'output_dir': 'run', 'max_steps': 1, 'batch_size': 2}}), progress=False)\n"
+        f"filters = logging.getLogger({BNB_LOGGER!r}).filters\n"
+        "print('trained', result.metrics['steps'], [f.prefix[:30] for f in filters])\n"
+    )
+    # A fresh cache: the embedded tiny model is built (and its shards written) inside the script.
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORAFIT_CACHE": str(tmp_path / "cache")}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "trained 1 ['Failed to load CPU gemm_4bit_f']"
+    for noise in ("Writing model shards", "Loading weights", "FutureWarning", "is_gradient_checkpointing"):
+        assert noise not in done.stderr, done.stderr
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "completed"

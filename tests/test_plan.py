@@ -186,7 +186,7 @@ def test_padding_and_padding_free_take_the_longest_batch_from_the_data(tmp_path,
 def test_plan_command_prints_the_breakdown_and_the_fix(tmp_path, tiny_model_dir):
     _config(tmp_path, str(tiny_model_dir))
     runner = CliRunner()
-    peak = json.loads(runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--json"]).output)["peak_gib"]
+    peak = json.loads(runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--json"]).stdout)["peak_gib"]
     budget = f"{0.5 + 0.6 * peak:.4f}GB"  # the CUDA context and 60% of the peak: a smaller batch fits
     done = runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--gpu-memory", budget])
     assert done.exit_code == 0, done.output
@@ -194,7 +194,7 @@ def test_plan_command_prints_the_breakdown_and_the_fix(tmp_path, tiny_model_dir)
                  "--set train.batch_size="):
         assert text in done.output
     done = runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--gpu-memory", "8GB", "--json"])
-    report = json.loads(done.output)
+    report = json.loads(done.stdout)
     assert report["fits"] is True and report["suggestion"] is None
     assert abs(report["peak_gib"] - sum(r["gib"] for r in report["rows"])) < 0.01
     done = runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--gpu-memory", "lots"])
@@ -213,7 +213,11 @@ def test_a_run_records_the_prediction_and_its_report_shows_it(tmp_path, tiny_mod
     assert memory["predicted_peak_gib"] == expected > 0
     assert memory["measured_peak_gib"] is None and memory["measured"].startswith("not measured")
     report = (result.run_dir / "report.html").read_text()
-    assert "peak GPU memory" in report and f"{expected:.2f} GiB predicted" in report
+    # A CPU run measured no GPU memory: the card says so, and shows the prediction only as one (it once showed the
+    # prediction as the card's value).
+    card = report.split('<div class="label">peak GPU memory</div>', 1)[1].split("</div></div>", 1)[0]
+    assert '<div class="value">none: a CPU run</div>' in card
+    assert f"the planner predicted {expected:.2f} GiB for this run on the cpu" in card
 
 
 def test_the_distributed_section_is_read_when_the_config_has_one():

@@ -184,7 +184,7 @@ def test_8bit_base_loads_and_trains_with_paged_adamw_8bit(tmp_path, tiny_model_d
 
 def test_quantization_without_bitsandbytes_says_how_to_install_it(tmp_path, tiny_model_dir, data, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what Python does for a package that is not installed
-    with pytest.raises(LorafitError, match=r"pip install 'lorafit\[qlora\]'"):
+    with pytest.raises(LorafitError, match=r"-m pip install -e '\.\[qlora\]' in the lorafit checkout"):
         train(_config(tmp_path / "no-bnb", tiny_model_dir, data, NF4))
     assert not (tmp_path / "no-bnb" / "training_summary.json").exists()
 

@@ -115,3 +115,18 @@ def test_a_peft_adapter_without_checksums_is_checked_but_not_proven(tmp_path):
     save_file(tensors, adapter / "adapter_model.safetensors")
     failed = CliRunner().invoke(app, ["verify", str(adapter)])
     assert failed.exit_code == 1 and "non-finite" in failed.output
+
+
+def test_a_sequence_classification_adapter_is_named_by_its_task_type(tmp_path, tiny_model_dir):
+    """Before: "adapter tensor base_model.model.score.weight: not a LoRA or modules_to_save tensor". Now the task
+    type, as eval, merge and generate name it (model/adapters.py: check_causal_lm)."""
+    from test_adapters import _peft_adapter
+
+    folder = _peft_adapter(tmp_path / "cls", tiny_model_dir, task_type="SEQ_CLS")
+    report = verify_artifact(folder)
+    assert report.status == "failed" and len(report.problems) == 1
+    assert report.problems[0].startswith(f"{folder / 'adapter_config.json'}: task_type is 'SEQ_CLS', not CAUSAL_LM: ")
+    assert "score" in report.problems[0] and "not a LoRA" not in report.problems[0]
+    done = CliRunner().invoke(app, ["verify", str(folder)])
+    assert done.exit_code == 1 and "task_type is 'SEQ_CLS', not CAUSAL_LM" in done.stderr
+    assert "not a LoRA or modules_to_save tensor" not in done.output

@@ -19,6 +19,12 @@ def __getattr__(name: str):
         from lorafit import config
 
         return getattr(config, name)
+    if name in ("train", "TrainResult", "fine_tune"):
+        # A script sees what the CLI shows: the same library messages and progress bars silenced (model/quiet.py),
+        # before the training modules import peft (and through it bitsandbytes).
+        from lorafit.model.quiet import quiet_libraries
+
+        quiet_libraries()
     if name in ("train", "TrainResult"):
         from lorafit.training import recipe
 

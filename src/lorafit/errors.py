@@ -23,3 +23,10 @@ class LorafitError(Exception):
         if self.fix:
             lines.append(f"  fix: {self.fix}")
         return "\n".join(lines)
+
+
+def install_hint(extra: str, installs: str) -> str:
+    """How to add an optional extra. lorafit is installed from its checkout (`make`), not from a package index, so
+    ``pip install 'lorafit[x]'`` fails as written; and a bare ``pip`` may not be the environment's."""
+    return (f".venv/bin/python -m pip install -e '.[{extra}]' in the lorafit checkout (installs {installs}; use the "
+            "python of the environment lorafit runs in if it is not .venv)")

@@ -1,6 +1,6 @@
 """The run folder: every file name in it, claiming it, and the only code that writes run files into it.
 
-Bottom layer: imports only ``lorafit.errors``. Every write is crash-safe: a temporary file beside the target,
+Bottom layer: imports only ``lorafit.errors`` and ``lorafit.run_lock``. Every write is crash-safe: a temporary file beside the target,
 fsynced, renamed over it (``write_atomic``), so a crash never leaves a half-written file; files get the normal
 permissions (``0o666 & ~umask``), not tempfile's private 0600.
 
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.run_lock import LOCK_FILE, RunLock
 
 
 class RunFolder:
@@ -40,6 +41,7 @@ class RunFolder:
 
     def __init__(self, path: Path, *, main_process: bool | None = None):
         self.path = Path(path)
+        self.lock: RunLock | None = None  # taken by claim() on the main process, given back by release()
         # A launcher (torchrun, accelerate) sets RANK before the process starts; the recipe sets the flag again
         # from the Trainer's own state once it exists (``trainer.is_world_process_zero()``).
         self.main_process = os.environ.get("RANK", "0") == "0" if main_process is None else main_process
@@ -92,8 +94,9 @@ class RunFolder:
     # -- claiming
     @classmethod
     def claim(cls, output_dir: str, *, overwrite: bool, notes: list[str] | None = None) -> "RunFolder":
-        """Resolve and create the run folder. Refuses to silently replace a finished run, or to write into a
-        folder of other files; ``notes`` receives a warning when the folder lies outside the working directory."""
+        """Resolve, create and lock the run folder (run_lock.py: a second run into it is refused, naming the
+        first; ``release()`` gives it back). Refuses to silently replace a finished run, or to write into a folder
+        of other files; ``notes`` receives a warning when the folder lies outside the working directory."""
         given = Path(output_dir).expanduser()
         if given.is_symlink():
             raise LorafitError(
@@ -105,12 +108,6 @@ class RunFolder:
         if path.exists() and not path.is_dir():
             raise LorafitError(f"{path}: exists and is not a folder", fix="choose another train.output_dir")
         run = cls(path)
-        if run.is_finished() and not overwrite:
-            raise LorafitError(
-                f"{path}: holds a finished run already",
-                why="a new run would replace its adapter and metrics",
-                fix="pass --overwrite, or choose another folder with --set train.output_dir=runs/NAME",
-            )
         foreign = run.foreign_entries()
         if foreign and not overwrite:
             raise LorafitError(
@@ -120,14 +117,31 @@ class RunFolder:
                 fix="choose an empty or new folder (--set train.output_dir=runs/NAME), or pass --overwrite to "
                 "write into it anyway (its files are left alone)",
             )
+        if run.main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            run.lock = RunLock.acquire(path)  # before the finished-run check: a run finishing now is seen finished
+        try:
+            if run.is_finished() and not overwrite:
+                raise LorafitError(
+                    f"{path}: holds a finished run already",
+                    why="a new run would replace its adapter and metrics",
+                    fix="pass --overwrite, or choose another folder with --set train.output_dir=runs/NAME",
+                )
+        except BaseException:
+            run.release()
+            raise
         escaped = _outside_working_dir(Path(output_dir), path)
         if escaped and notes is not None:
             notes.append(f"train.output_dir {output_dir!r} resolves to {path}, outside the working directory")
-        if run.main_process:
-            path.mkdir(parents=True, exist_ok=True)
-            if overwrite:
-                run.remove(cls.SUMMARY)  # from here on, the folder no longer claims to be complete
+        if run.main_process and overwrite:
+            run.remove(cls.SUMMARY)  # from here on, the folder no longer claims to be complete
         return run
+
+    def release(self) -> None:
+        """Give the run folder's lock back (the end of the process does too, however it ends)."""
+        if self.lock is not None:
+            lock, self.lock = self.lock, None
+            lock.release()
 
     def foreign_entries(self) -> list[str]:
         """Entries of a non-empty folder that holds nothing lorafit writes; empty for a run folder or a new one."""
@@ -135,7 +149,7 @@ class RunFolder:
             return []
         entries = sorted(p.name for p in self.path.iterdir())
         known = {self.HISTORY, self.DATA_REPORT, self.SKIPPED_ROWS, self.RESULTS, self.REPORT, self.SUMMARY,
-                 self.RESULT, self.CHECKPOINTS, self.TENSORBOARD, self.MERGED, *self.TRACKERS}
+                 self.RESULT, self.CHECKPOINTS, self.TENSORBOARD, self.MERGED, LOCK_FILE, *self.TRACKERS}
         if any(name in known or _ARTIFACT_FOLDER.match(name) for name in entries):
             return []
         return entries

@@ -26,7 +26,7 @@ from lorafit.artifact.publish import CHECKSUMS, checksums_for
 from lorafit.artifact.provenance import weight_files
 from lorafit.errors import LorafitError
 from lorafit.model import PICKLE_SUFFIXES
-from lorafit.model.adapters import ADAPTER_CONFIG, find_adapter_dir
+from lorafit.model.adapters import ADAPTER_CONFIG, check_causal_lm, find_adapter_dir
 from lorafit.model.lora_init import mutating_init_problem
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -161,6 +161,11 @@ def _check_adapter_config(folder: Path, shapes: dict[str, list[int]], report: Ve
     except (OSError, json.JSONDecodeError) as exc:
         report.problems.append(f"adapter_config.json: unreadable ({exc})")
         return {}
+    try:  # an adapter for another task (SEQ_CLS...): named as eval, merge and generate name it, not by its head
+        check_causal_lm(folder, config)
+    except LorafitError as error:
+        report.problems.append(f"{error.what}: {error.why}")
+        return config
     _check_init(folder, config, report)
     rank, rank_pattern = config.get("r"), config.get("rank_pattern") or {}
     targets = config.get("target_modules")

@@ -10,7 +10,7 @@ import typer
 
 from lorafit.errors import LorafitError
 
-from lorafit.cli.app import AllowPickle, _fail, _quiet_libraries, app
+from lorafit.cli.app import AllowPickle, _fail, _quiet_libraries, app, starting
 
 
 # `lorafit verify` exit codes: 0 verified, 1 a problem found, 3 no problem found but integrity not provable
@@ -28,6 +28,7 @@ def verify(
 ) -> None:
     """Check an artifact: checksums, safetensors headers, finite values, shapes vs config and base.
     Exit 0 verified, 1 a problem found, 3 no problem found but no checksums.json to prove the files."""
+    starting(f"verifying {artifact_dir}" + (f" against {base}" if base is not None else ""))
     import json
 
     from lorafit.artifact.serving import SERVERS, serving_warnings
@@ -83,8 +84,11 @@ def eval_command(
 ) -> None:
     """Loss, perplexity and generation metrics of an adapter (or a model) on held-out data; lm-evaluation-harness
     tasks with --harness."""
+    starting(f"evaluating {adapter or model}" + (f" on {', '.join(p.name for p in data)}" if data else "")
+             + (" and its base" if baseline else "") + (f"; harness {harness}" if harness else ""))
     _quiet_libraries()
     from lorafit.evaluate import metrics as metric_defs
+    from lorafit.evaluate.progress import reporting
     from lorafit.evaluate.run import run_eval
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
@@ -98,13 +102,14 @@ def eval_command(
             from lorafit.evaluate.harness import harness_eval, resolve_tasks
 
             tasks = resolve_tasks(harness, harness_tasks_dir)
-        if data:
-            result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline, limit=limit,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_seq_length=max_seq_length,
-                              train_on=train_on, truncation=truncation)
-        if harness is not None:
-            result["harness"] = harness_eval(adapter=adapter, model=model, tasks=tasks, batch_size=batch_size,
-                                             limit=limit, num_fewshot=harness_fewshot, chat_template=harness_chat)
+        with reporting():  # stages and counts on stderr (evaluate/progress.py)
+            if data:
+                result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline,
+                                  limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  max_seq_length=max_seq_length, train_on=train_on, truncation=truncation)
+            if harness is not None:
+                result["harness"] = harness_eval(adapter=adapter, model=model, tasks=tasks, batch_size=batch_size,
+                                                 limit=limit, num_fewshot=harness_fewshot, chat_template=harness_chat)
     except LorafitError as error:
         _fail(error)
         return
@@ -133,6 +138,7 @@ def _check_choice(option: str, value: Optional[str], choices: tuple[str, ...]) -
 @app.command("report")
 def report_command(run_dir: Path = typer.Argument(..., help="A run folder (train.output_dir).")) -> None:
     """Rebuild RUN_DIR/report.html from the run's metrics files."""
+    starting(f"rebuilding {run_dir / 'report.html'}")
     from lorafit.evaluate.report import write_report
 
     try:
@@ -152,11 +158,14 @@ def merge(
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
 ) -> None:
     """Merge an adapter into a full-precision reload of its base: a standalone model with checks and checksums."""
+    starting(f"merging {artifact_dir} into its base -> {out}")
     _quiet_libraries()
+    from lorafit.evaluate.progress import reporting
     from lorafit.export.merge import merge_adapter
 
     try:
-        report = merge_adapter(artifact_dir, out, dtype=dtype, base=base, echo=typer.echo)
+        with reporting():
+            report = merge_adapter(artifact_dir, out, dtype=dtype, base=base)
     except LorafitError as error:
         _fail(error)
         return
@@ -180,10 +189,13 @@ def export_gguf_command(
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: adapter_config.json's base_model_name_or_path)."),
 ) -> None:
     """The adapter as a llama.cpp LoRA adapter (llama-cli --lora FILE); Llama, Mistral and Qwen2 bases."""
+    starting(f"exporting {artifact_dir} as a llama.cpp LoRA adapter -> {out}")
+    from lorafit.evaluate.progress import reporting
     from lorafit.export.gguf import export_gguf
 
     try:
-        written = export_gguf(artifact_dir, out, base=base)
+        with reporting():
+            written = export_gguf(artifact_dir, out, base=base)
     except LorafitError as error:
         _fail(error)
         return
@@ -217,23 +229,28 @@ def generate(
     dtype: str = DtypeOption,
 ) -> None:
     """Reply to a prompt (or each line of a file) with the chat template; stops at the end-of-turn token."""
+    starting(f"generating with {adapter or model}" + (f", prompts from {file}" if file is not None else ""))
     _quiet_libraries()
     import json
 
     from lorafit.evaluate.generate import read_prompts
+    from lorafit.evaluate.progress import reporting, stage, track
 
     try:
         if (prompt is None) == (file is None):
             raise LorafitError("give exactly one of --prompt TEXT or --file prompts.jsonl")
         conversations = read_prompts(file) if file is not None else [[{"role": "user", "content": prompt}]]
-        generator = _generator(adapter, model, base, dtype)
-        for messages in conversations:
-            reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-            if file is None:
-                typer.echo(reply["text"])
-            else:
-                typer.echo(json.dumps({"messages": messages, "response": reply["text"],
-                                       "stopped_at_end_of_turn": reply["stopped_at_end_of_turn"]}, ensure_ascii=False))
+        with reporting():  # on stderr: the loading, then a count of the file's prompts; the answers go to stdout
+            stage(f"loading {'the adapter on its base' if adapter is not None else 'the model'}")
+            generator = _generator(adapter, model, base, dtype)
+            for messages in track(conversations, "prompts", unit="answered"):
+                reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                if file is None:
+                    typer.echo(reply["text"])
+                else:
+                    typer.echo(json.dumps({"messages": messages, "response": reply["text"],
+                                           "stopped_at_end_of_turn": reply["stopped_at_end_of_turn"]},
+                                          ensure_ascii=False))
     except LorafitError as error:
         _fail(error)
 
@@ -250,6 +267,7 @@ def chat(
     dtype: str = DtypeOption,
 ) -> None:
     """Interactive chat: one line per user turn; the conversation is kept; /exit or end of input ends it."""
+    starting(f"chat with {adapter or model} (one line per turn; /exit ends)")
     _quiet_libraries()
     try:
         generator = _generator(adapter, model, base, dtype)

@@ -3,9 +3,7 @@ library chatter."""
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,44 +26,33 @@ app.add_typer(data_app, name="data")
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable).")
 
 
+def starting(what: str) -> None:
+    """Every command's first line, on stderr, before any heavy import: at once, the user sees it runs and what it
+    does (torch and transformers take seconds to minutes to import on a busy machine). Under a launcher only the
+    main process says it, and not when `--nproc` started it (the launching process said it)."""
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get("LORAFIT_LAUNCHED"):
+        typer.echo(f"lorafit {__version__}: {what}", err=True)
+
+
 def _fail(error: LorafitError) -> None:
     typer.secho(f"error: {error.render()}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
 
-class _DropMessage(logging.Filter):
-    """Drops one logger's records whose message starts with ``prefix``; the logger's other records still show."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-def _silence_known_noise() -> None:
-    """Two known, harmless messages that every command printed, filtered exactly (logger or module, message) at
-    their source: any other warning from these libraries still shows. Delete each when its version is gone."""
-    # bitsandbytes 0.50.2 on a CPU with AVX512-BF16 tries the optional `kernels` package when imported (peft
-    # imports it) and logs this when it is absent; it falls back to its own kernel (docs/hardware.md).
-    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropMessage) for f in noisy.filters):
-        noisy.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
-    # transformers 5.23 deprecates is_gradient_checkpointing; peft 0.21.2 reads it in every get_peft_model.
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                            module=r"transformers\.modeling_utils")
-
-
 def _quiet_libraries() -> None:
-    """Library chatter (progress bars while writing shards, advisory warnings) hides lorafit's own lines."""
-    _silence_known_noise()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    """Library chatter (progress bars while writing shards, advisory warnings) hides lorafit's own lines; the
+    Python API gets the same quiet (model/quiet.py)."""
+    from lorafit.model.quiet import quiet_libraries
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
+
+
+def _preflight(config, *, allow_pickle: bool = False):
+    """What can be checked before any weight loads (model/preflight.py): the model folder's files, plugin modules,
+    row lengths, target module names. Raises the first problem; returns what was and was not checked."""
+    from lorafit.model.preflight import preflight
+
+    return preflight(config, allow_pickle=allow_pickle)
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]], *, check_data: bool = True):

@@ -21,9 +21,9 @@ from typing import List, Optional
 
 import typer
 
-from lorafit.cli.app import SetOption, _quiet_libraries, app
+from lorafit.cli.app import SetOption, _quiet_libraries, app, starting
 from lorafit.cli.plan import GpuMemoryOption
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, install_hint
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_DISK = 2 * 2**30  # checkpoints of a LoRA run (adapter + optimizer states) are small; 2 GiB is a floor
@@ -95,13 +95,13 @@ def machine_checks(config=None) -> list[Check]:
     checks.append(Check("attention", OK, "can train with: " + ", ".join(usable)))
     liger = machine.cuda and liger_installed()
     checks.append(Check("kernels", OK, "liger-kernel ready" if liger else
-                        "none (liger-kernel needs CUDA and pip install 'lorafit[liger]')"))
+                        "none (liger-kernel needs CUDA and the liger extra)"))
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     needs_bnb = config is not None and (config.quant.bits is not None or config.train.optimizer == "paged_adamw_8bit")
     version = importlib.metadata.version("bitsandbytes") if bnb else None
     absent = "not installed" + (" but the config asks for it" if needs_bnb else " (only QLoRA and 8-bit optimizers need it)")
     checks.append(Check("bitsandbytes", FAIL if needs_bnb and not bnb else OK, version if bnb else absent,
-                        "pip install 'lorafit[qlora]'" if needs_bnb and not bnb else ""))
+                        install_hint("qlora", "bitsandbytes") if needs_bnb and not bnb else ""))
     if config is not None:
         checks += _config_machine_checks(config, machine, dtype)
     return checks
@@ -124,7 +124,8 @@ def _config_machine_checks(config, machine, dtype) -> list[Check]:
         checks.append(Check("model.attn_implementation", FAIL, f"{asked}: {reason}", "use auto or sdpa"))
     if config.model.kernels == "liger" and not (machine.cuda and kernels.liger_installed()):
         checks.append(Check("model.kernels", FAIL, "liger asked, but it needs CUDA and liger-kernel installed",
-                            "set model.kernels: auto (or pip install 'lorafit[liger]' on a GPU machine)"))
+                            "set model.kernels: auto (or, on a GPU machine: "
+                            f"{install_hint('liger', 'liger-kernel')})"))
     return checks
 
 
@@ -159,6 +160,7 @@ def output_checks(config) -> list[Check]:
 
 
 def model_checks(config) -> list[Check]:
+    from lorafit.model.folder import TOKENIZER_FIX, WEIGHTS_FIX, ModelFolder
     from lorafit.model.loading import resolve_model_path
 
     try:
@@ -167,34 +169,20 @@ def model_checks(config) -> list[Check]:
         return [Check("model folder", FAIL, error.what, error.fix or "")]
     if not path.is_dir():
         return [Check("model folder", WARN, f"{path}: a hub name, looked up in the local cache at run time")]
-    names = {p.name for p in path.iterdir()}
-    weights = sorted(n for n in names if n.endswith(".safetensors"))
-    from lorafit.model import PICKLE_SUFFIXES
-
-    pickles = sorted(n for n in names if Path(n).suffix in PICKLE_SUFFIXES)
+    folder = ModelFolder.read(path)  # the reading `config validate` and the loaders refuse an incomplete folder by
     checks = [Check("model config", OK, f"{path}/config.json")]
-    if weights:
-        checks.append(Check("model weights", OK, f"{len(weights)} safetensors file(s)"))
-    elif pickles:
-        checks.append(Check("model weights", FAIL, f"pickle files only ({', '.join(pickles)})",
+    if folder.safetensors:
+        checks.append(Check("model weights", OK, f"{len(folder.safetensors)} safetensors file(s)"))
+    elif folder.pickles:
+        checks.append(Check("model weights", FAIL, f"pickle files only ({', '.join(folder.pickles)})",
                             "convert them to safetensors (save_pretrained), or pass --allow-pickle to train"))
     else:
-        checks.append(Check("model weights", FAIL, f"no weights (*.safetensors) in {path}",
-                            "copy the model's .safetensors files into the folder (save_pretrained writes them)"))
-    checks += _tokenizer_checks(path, names)
-    return checks
-
-
-def _tokenizer_checks(path: Path, names: set[str]) -> list[Check]:
-    has_tokenizer = bool(names & {"tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model"})
-    if not has_tokenizer:
-        return [Check("tokenizer", FAIL, f"no tokenizer files in {path}",
-                      "save the tokenizer into the model folder (tokenizer.save_pretrained)")]
-    settings = json.loads((path / "tokenizer_config.json").read_text()) if "tokenizer_config.json" in names else {}
-    template = "chat_template.jinja" in names or bool(settings.get("chat_template"))
-    pad = settings.get("pad_token")
-    return [
-        Check("tokenizer", OK, "found"),
+        checks.append(Check("model weights", FAIL, f"no weights (*.safetensors) in {path}", WEIGHTS_FIX))
+    if not folder.tokenizer:
+        return checks + [Check("tokenizer", FAIL, f"no tokenizer files in {path}", TOKENIZER_FIX)]
+    template, pad = folder.chat_template, folder.pad_token
+    return checks + [
+        Check("tokenizer", OK, ", ".join(folder.tokenizer)),
         Check("chat template", OK if template else WARN, "found" if template else "none in the model folder",
               "" if template else "chat data needs one: set data.chat_template_file (plain text data does not)"),
         Check("pad token", OK if pad else WARN, str(pad) if pad else "none: lorafit pads with the EOS token (masked)"),
@@ -277,6 +265,7 @@ def doctor_command(
 ) -> None:
     """Check this machine (and CONFIG) before a run: versions, CUDA, bf16, attention and kernels, bitsandbytes,
     output folder, model folder, data, memory plan. Exit 1 if anything would stop a run."""
+    starting("checking this machine" + (f" and {config}" if config is not None else ""))
     checks = run_checks(config, overrides, gpu_memory)
     if as_json:
         typer.echo(json.dumps([c.__dict__ for c in checks], indent=2))

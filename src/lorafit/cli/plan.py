@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from lorafit.cli.app import SetOption, _fail, _load, _quiet_libraries, app
+from lorafit.cli.app import SetOption, _fail, _load, _quiet_libraries, app, starting
 from lorafit.errors import LorafitError
 
 GpuMemoryOption = typer.Option(None, "--gpu-memory", help="Memory of the GPU to plan for, e.g. 6GB, 24GiB (GB read as "
@@ -132,6 +132,7 @@ def plan_command(
 ) -> None:
     """Predict the peak GPU memory of a run without loading weights: the breakdown, whether it fits, and the
     cheapest change that makes it fit (docs/planner.md)."""
+    starting(f"planning the memory of {config}")
     try:
         cfg = _load(config, overrides)
         _quiet_libraries()

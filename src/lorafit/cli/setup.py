@@ -10,17 +10,23 @@ import typer
 
 from lorafit.errors import LorafitError
 
-from lorafit.cli.app import SetOption, _fail, _load, _quiet_libraries, app, config_app, data_app
+from lorafit.cli.app import (SetOption, _fail, _load, _preflight, _quiet_libraries, app, config_app, data_app,
+                             starting)
 
 
 @config_app.command("validate")
 def config_validate(config: Path = typer.Argument(..., help="Config file."), overrides: Optional[List[str]] = SetOption) -> None:
-    """Exit 0 if CONFIG and its data files are valid (every row parsed; no tokenizer), 1 with the problems if not."""
+    """Exit 0 if CONFIG, its data and its model folder pass every check that loads no weights, 1 with the problem
+    if not: the config, every data row, the model folder's files, plugin modules (found, not imported), row
+    lengths (tokenizer.json, no template) and target module names (config.json on the meta device). Says what it
+    could not check."""
+    starting(f"validating {config}")
     try:
-        _load(config, overrides)
+        report = _preflight(_load(config, overrides))
     except LorafitError as error:
         _fail(error)
-    typer.echo(f"{config}: valid")
+        return
+    typer.echo(f"{config}: valid\n{report.render()}")
 
 
 @config_app.command("show")
@@ -29,6 +35,7 @@ def config_show(
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Print the resolved config (every default filled in, paths resolved) as YAML."""
+    starting(f"resolving {config or 'the bundled quickstart'}")
     try:
         typer.echo(_load(config, overrides, check_data=False).to_yaml(), nl=False)
     except LorafitError as error:
@@ -44,14 +51,15 @@ def data_inspect(
 ) -> None:
     """Per source: rows, skips, token lengths, supervision, padding; the audit; one example with trained tokens
     marked. Exit 1 if the data is invalid or the audit fails (as `lorafit train` would)."""
-    _quiet_libraries()
+    starting(f"inspecting the data of {config}")
     import json
 
-    from lorafit.data.inspect import build_report, render_text
-    from lorafit.model.loading import load_tokenizer, resolve_model_path
-
     try:
-        cfg = _load(config, overrides)
+        cfg = _load(config, overrides)  # a config or data mistake answers before the heavy imports
+        _quiet_libraries()
+        from lorafit.data.inspect import build_report, render_text
+        from lorafit.model.loading import load_tokenizer, resolve_model_path
+
         tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
         report = build_report(cfg, tokenizer, use_cache=not no_cache)
     except LorafitError as error:
@@ -71,6 +79,7 @@ def init_tiny_model(
     seed: int = typer.Option(0, help="Weights and tokenizer are a pure function of this seed."),
 ) -> None:
     """Write the embedded tiny Llama model and its BPE tokenizer (with chat template) to OUT_DIR."""
+    starting(f"writing the embedded tiny model to {out_dir}")
     _quiet_libraries()
     from lorafit.model.tiny import write_tiny_model
 

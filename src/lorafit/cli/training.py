@@ -12,10 +12,11 @@ import typer
 from lorafit import __version__
 from lorafit.errors import LorafitError
 from lorafit.run_folder import RunFolder
+from lorafit.run_lock import check_free
 
-from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _quiet_libraries, app
+from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _preflight, _quiet_libraries, app, starting
 from lorafit.cli.launch import (Launch, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
-                                relaunch)
+                                LAUNCHED, check_launch, relaunch)
 
 
 @app.command()
@@ -51,7 +52,8 @@ def train(
     """Train a LoRA adapter. With no CONFIG, runs the quickstart on the embedded tiny model.
 
     Exit codes: 0 trained (or --dry-run passed), 1 an error, 3 training diverged (the artifact is written but
-    flagged), 130/143 stopped by SIGINT/SIGTERM (resumable)."""
+    flagged), 130/143 stopped by SIGINT/SIGTERM (resumable); under --nproc, the first failed process's."""
+    starting(f"{'checking (dry run)' if dry_run else 'training'} {config or 'the bundled quickstart'}")
     if verify_only:
         if artifact_dir is None:
             _fail(LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact"))
@@ -59,15 +61,41 @@ def train(
 
         verify(artifact_dir, None, False, allow_pickle, serving=None)
         return
-    if nproc is not None:  # the same command in N processes under torchrun; does not return
-        relaunch(Launch(nproc, nnodes, node_rank, master_addr, master_port), sys.argv[1:])
     if max_steps is not None:
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
+    launch = Launch(nproc, nnodes, node_rank, master_addr, master_port) if nproc is not None else None
+    if launch is not None:
+        try:
+            check_launch(launch)  # --nproc 0, a missing --master-addr: before anything is read
+        except LorafitError as error:
+            _fail(error)
+    cfg = _checked_config(config, overrides, allow_pickle=allow_pickle)
+    if launch is not None:  # the same command in N processes under torchrun; does not return
+        relaunch(launch, sys.argv[1:], cfg)
+    _run(cfg, overwrite=overwrite, resume=resume, force_resume=force_resume, allow_pickle=allow_pickle,
+         data_cache=not no_cache, dry_run=dry_run)
+
+
+def _checked_config(config: Optional[Path], overrides: Optional[List[str]], *, allow_pickle: bool):
+    """The config, after every check that needs no weights, in the command's first seconds: the config and data
+    rows (before torch is imported), a live run in the output folder, and the preflight (model folder, plugins,
+    row lengths, target modules). Under a launcher only the main process checks (it stops the others if it
+    fails), and none of the processes `--nproc` started: the launching process checked before starting them."""
     try:
-        cfg = _load(config, overrides)  # config and data rows checked before torch is imported: mistakes answer fast
+        cfg = _load(config, overrides)
+        # Under a launcher the main process holds the lock: not for the others to test.
+        if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHED):
+            check_free(Path(cfg.train.output_dir))  # a live run there: say so now, not after minutes of loading
+            for warning in _preflight(cfg, allow_pickle=allow_pickle).warnings:
+                typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     except LorafitError as error:
         _fail(error)
-        return
+    return cfg
+
+
+def _run(cfg, *, overwrite: bool, resume: Optional[str], force_resume: bool, allow_pickle: bool, data_cache: bool,
+         dry_run: bool) -> None:
+    """The run itself, its summary and its exit code."""
     _quiet_libraries()
     from lorafit.training.outcome import DIVERGED_EXIT_CODE
     from lorafit.training.progress import Progress
@@ -77,9 +105,9 @@ def train(
     main = os.environ.get("RANK", "0") == "0"  # under --nproc/torchrun the main process alone prints the summary
     try:
         verb = "checking (dry run)" if dry_run else "training"
-        typer.echo(f"lorafit {__version__}: {verb} {cfg.model.path} -> {cfg.train.output_dir}") if main else None
+        typer.echo(f"{verb} {cfg.model.path} -> {cfg.train.output_dir}") if main else None
         result = run_training(cfg, overwrite=overwrite, progress=Progress(), allow_pickle=allow_pickle,
-                              data_cache=not no_cache, resume=resume, force_resume=force_resume, dry_run=dry_run)
+                              data_cache=data_cache, resume=resume, force_resume=force_resume, dry_run=dry_run)
     except RunStopped as stopped:
         typer.secho(f"stopped: {stopped.render()}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume with: {resume_command()}", err=True)
@@ -99,7 +127,6 @@ def train(
     _print_summary(result)
     if result.health.get("status", "ok") != "ok":
         raise typer.Exit(DIVERGED_EXIT_CODE)
-
 
 
 def resume_command(argv: Optional[List[str]] = None) -> str:

@@ -46,7 +46,7 @@ class ModelConfig(Section):
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto",
         description="Fused Triton kernels (liger-kernel: RMSNorm, SwiGLU, fused linear cross-entropy). 'auto': "
-        "on with CUDA and the package installed (pip install 'lorafit[liger]'); 'liger' without them is an error.",
+        "on with CUDA and the package installed (the liger extra); 'liger' without them is an error.",
     )
 
 

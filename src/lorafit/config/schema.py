@@ -23,6 +23,7 @@ from lorafit.config.model_sections import (
 from lorafit.config.distributed import DistributedConfig
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
 from lorafit.config.preference import PREFERENCE_METRICS
+from lorafit.errors import install_hint
 
 
 # Generation metric names live at the bottom of the package so the schema can check eval.best.metric without
@@ -294,8 +295,8 @@ class ArtifactConfig(Section):
 
 class TrackingConfig(Section):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
-        default_factory=list, description="Experiment trackers, each an optional extra (pip install "
-        "'lorafit[tensorboard]'); all run offline/local."
+        default_factory=list, description="Experiment trackers, each an optional extra of the same name "
+        "(`make` installs tensorboard and mlflow); all run offline/local."
     )
 
     @field_validator("report_to")
@@ -305,8 +306,9 @@ class TrackingConfig(Section):
         # find_spec, not an import: the config layer stays light (no torch, no tracker import).
         missing = [name for name in value if importlib.util.find_spec(name) is None]
         if missing:
-            raise ValueError(f"{', '.join(missing)} is not installed; install the extra: pip install "
-                             f"'lorafit[{','.join(missing)}]' (runs offline), or remove it from the list")
+            raise ValueError(f"{', '.join(missing)} is not installed; install the extra: "
+                             f"{install_hint(','.join(missing), ', '.join(missing))} (runs offline), or remove it "
+                             "from the list")
         return value
 
 

@@ -19,6 +19,7 @@ from lorafit.data.formats import RowError
 from lorafit.data.labels import end_of_turn_token, special_token_strings
 from lorafit.data.templates import render
 from lorafit.errors import LorafitError
+from lorafit.evaluate.progress import track
 from lorafit.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_model_path
 
 # Chat templates end a turn with a token of their own that is often not the tokenizer's EOS (ChatML's <|im_end|>
@@ -110,7 +111,7 @@ def generate_replies(model, tokenizer, conversations, *, max_new_tokens: int, ba
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     try:
-        for start in range(0, len(order), batch_size):
+        for start in track(range(0, len(order), batch_size), "generation", unit="batches"):
             rows = order[start: start + batch_size]
             input_ids, attention_mask = _left_padded([prompts[i] for i in rows], pad_id)
             output = model.generate(

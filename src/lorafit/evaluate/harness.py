@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.evaluate.progress import stage
 
 INSTALL_HINT = "pip install 'lorafit[harness]'  (installs lm-eval)"
 _YAML_SUFFIXES = (".yaml", ".yml")
@@ -203,9 +204,12 @@ def run_harness(model, tokenizer, tasks: HarnessTasks, *, with_base: bool, batch
     manager, tasks = _task_manager(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     settings = {"limit": limit, "num_fewshot": num_fewshot, "apply_chat_template": chat_template}
+    subject = "adapter" if with_base else "model"
+    stage(f"{subject}: lm-evaluation-harness {', '.join(tasks.names)}", subject=subject)
     adapted = _evaluate(lm_eval, lm, tasks, manager, settings)
     base = None
     if with_base:
+        stage(f"base (adapter disabled): lm-evaluation-harness {', '.join(tasks.names)}", subject="base")
         with model.disable_adapter():
             base = _evaluate(lm_eval, lm, tasks, manager, settings)
     table = {}
@@ -233,6 +237,7 @@ def harness_eval(*, adapter: Path | None, model: Path | None, tasks: HarnessTask
     require_lm_eval()  # a missing extra is reported before minutes of model loading
     if adapter is None and model is None:
         raise LorafitError("nothing to evaluate", fix="pass --adapter DIR (a trained adapter) or --model DIR (a plain model)")
+    stage("loading the adapter on its base" if adapter is not None else "loading the model")
     loaded, tokenizer, described, _ = load_models(adapter, model)
     import torch
 

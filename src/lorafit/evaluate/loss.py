@@ -12,6 +12,7 @@ from lorafit.data import TokenizedDataset
 from lorafit.data.collate import PadCollator
 from lorafit.data.sources import SourceStats, tokenise_records
 from lorafit.evaluate.examples import EvalExample, source_records
+from lorafit.evaluate.progress import track
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def example_losses(model, dataset, *, batch_size: int, pad_token_id: int) -> lis
     collate = PadCollator(pad_token_id)
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(dataset), batch_size):
+    for start in track(range(0, len(dataset), batch_size), "loss", unit="batches"):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)

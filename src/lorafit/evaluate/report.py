@@ -7,22 +7,16 @@ when `lorafit eval --harness` evaluated the run), so
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
-from lorafit.config.objective import CONTRASTIVE_METRICS
-from lorafit.config.preference import PREFERENCE_METRICS
 from lorafit.errors import LorafitError
 from lorafit.evaluate.harness import harness_section
+from lorafit.evaluate.report_plots import plots
 from lorafit.run_folder import RunFolder, write_atomic
 
 REPORT_FILE, RESULTS_FILE, HISTORY_FILE = RunFolder.REPORT, RunFolder.RESULTS, RunFolder.HISTORY
-
-_COLORS = {"train": "#4C72B0", "eval": "#DD8452", "best": "#55A868", "base": "#8C8C8C", "adapter": "#4C72B0"}
-
 
 def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / HISTORY_FILE
@@ -30,146 +24,6 @@ def read_history(run_dir: Path) -> list[dict]:
         raise LorafitError(f"{path}: not found", why="the report is drawn from the run's metrics history",
                            fix="point at a run folder written by `lorafit train`")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure(title: str, ylabel: str, lines: list[tuple[str, list, list, str]], *, best: tuple[int, float] | None = None,
-            log_y: bool = False, unit_range: bool = False) -> str | None:
-    """One line plot (PNG, base64) of (label, steps, values, color) series; None if no series has a point."""
-    lines = [line for line in lines if line[1]]
-    if not lines:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.3))
-    for label, steps, values, color in lines:
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label, color=color)
-    if best is not None:
-        ax.axvline(best[0], color=_COLORS["best"], linestyle="--", linewidth=1)
-        right_half = best[0] > (min(min(s) for _, s, _, _ in lines) + max(max(s) for _, s, _, _ in lines)) / 2
-        ax.annotate(f"best {best[1]:.4g} @ step {best[0]}", (best[0], best[1]), textcoords="offset points",
-                    xytext=(-6 if right_half else 6, 10), ha="right" if right_half else "left", fontsize=8,
-                    color=_COLORS["best"])
-    if log_y and all(v > 0 for _, _, values, _ in lines for v in values):
-        ax.set_yscale("log")
-    if unit_range:
-        ax.set_ylim(-0.03, 1.03)
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(lines) > 1:
-        ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _bar_figure(title: str, names: list[str], base: list[float], adapter: list[float]) -> str | None:
-    if not names:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.3))
-    x = range(len(names))
-    for offset, values, label in ((-0.2, base, "base"), (0.2, adapter, "adapter")):
-        bars = ax.bar([i + offset for i in x], values, width=0.4, label=label, color=_COLORS[label])
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
-    ax.set_xticks(list(x), names, rotation=20, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    return _png(fig)
-
-
-def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str]]:
-    """(title, PNG base64 or None, note when None) for every plot of the report, in page order."""
-    best = results.get("best") or {}
-    loss_best = (best["step"], best["value"]) if best.get("metric") in ("eval_loss", "loss") and best.get("step") is not None else None
-    gpu = _series(history, "gpu_allocated_peak_mb")[0]
-    out = [
-        ("Loss", _figure("Loss", "cross-entropy (nats/token)", [
-            ("train", *_series(history, "loss"), _COLORS["train"]),
-            ("eval", *_series(history, "eval_loss"), _COLORS["eval"])], best=loss_best), "no loss was logged"),
-        ("Learning rate", _figure("Learning rate", "learning rate", [
-            ("lr", *_series(history, "learning_rate"), _COLORS["train"])]), "no learning rate was logged"),
-        ("Gradient norm", _figure("Gradient norm (before clipping)", "L2 norm", [
-            ("grad norm", *_series(history, "grad_norm"), _COLORS["train"])], log_y=True), "no gradient norm was logged"),
-        ("Throughput", _figure("Throughput (training steps only)", "tokens / second", [
-            ("non-padding tokens/s", *_series(history, "tokens_per_second"), _COLORS["train"]),
-            ("supervised tokens/s", *_series(history, "supervised_tokens_per_second"), _COLORS["eval"])]),
-         "throughput is measured from the second logged step on"),
-        ("Memory", _figure("Peak memory", "MB", [
-            ("process RSS", *_series(history, "peak_rss_mb"), _COLORS["train"]),
-            *([("GPU allocated", *_series(history, "gpu_allocated_peak_mb"), _COLORS["eval"]),
-               ("GPU reserved", *_series(history, "gpu_reserved_peak_mb"), _COLORS["best"])] if gpu else [])]),
-         "no memory was logged"),
-    ]
-    by_source = sorted({k for r in history for k in r if k.startswith("loss/")})  # training/source_loss.py
-    if by_source:
-        palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
-        out.insert(1, ("Training loss per source", _figure("Training loss per source", "cross-entropy (nats/token)", [
-            (k.removeprefix("loss/"), *_series(history, k), palette[i % len(palette)]) for i, k in enumerate(by_source)]),
-            ""))
-    causal = [k for k in ("causal_stability", "spurious_separation", "causal_discrimination") if _series(history, k)[0]
-              or _series(history, f"eval_{k}")[0]]
-    if causal:
-        palette = {"causal_stability": ("#9DB4D8", "#4C72B0"), "spurious_separation": ("#F0B98E", "#C0602A"),
-                   "causal_discrimination": ("#9FD3AE", "#2E7D46")}  # (train: light, eval: dark)
-        out.append(("Causal metrics", _figure("Causal metrics (contrastive objective)", "cosine-based", [
-            line for k in causal for line in (
-                (f"{k} (train)", *_series(history, k), palette[k][0]),
-                (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]), ""))
-    out += preference_plots(history)
-    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
-                              and k.removeprefix("eval_") not in CONTRASTIVE_METRICS + PREFERENCE_METRICS})
-    if generation_keys:
-        palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
-        out.append(("Generation metrics during training", _figure("Generation metrics on the eval sample", "rate", [
-            (k.removeprefix("eval_"), *_series(history, k), palette[i % len(palette)]) for i, k in enumerate(generation_keys)],
-            unit_range=True), ""))
-    comparison = results.get("generation") or {}
-    names = [n for n, v in (comparison.get("adapter") or {}).items()
-             if v.get("value") is not None and (comparison["base"].get(n) or {}).get("value") is not None]
-    out.append(("Eval metrics: base vs adapter", _bar_figure(
-        f"Generation metrics on {comparison.get('examples', 0)} eval examples", names,
-        [comparison["base"][n]["value"] for n in names], [comparison["adapter"][n]["value"] for n in names]),
-        "no generation comparison (no eval data, or eval.generate_samples: 0)"))
-    return out
-
-
-def preference_plots(history: list[dict]) -> list[tuple[str, str | None, str]]:
-    """DPO/ORPO runs: the rewards of chosen and rejected answers and their margin, and the reward accuracy."""
-    if not any(_series(history, k)[0] for k in ("reward_margin", "eval_reward_margin")):
-        return []
-    palette = {"reward_chosen": ("#9FD3AE", "#2E7D46"), "reward_rejected": ("#F0A5A5", "#C44E52"),
-               "reward_margin": ("#9DB4D8", "#4C72B0"), "reward_accuracy": ("#9DB4D8", "#4C72B0")}  # (train, eval)
-
-    def lines(keys):
-        return [line for k in keys for line in ((f"{k} (train)", *_series(history, k), palette[k][0]),
-                                                (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]
-    return [("Preference rewards", _figure("Rewards (preference objective)", "reward",
-                                           lines(("reward_chosen", "reward_rejected", "reward_margin"))), ""),
-            ("Reward accuracy", _figure("Reward accuracy: chosen rewarded above rejected", "fraction of pairs",
-                                        lines(("reward_accuracy",)), unit_range=True), "")]
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -228,14 +82,22 @@ details{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:8px 1
 
 
 def _memory_card(memory: dict) -> list[str]:
-    """The card of the planner's predicted peak GPU memory (lorafit plan) against the run's measured one."""
-    if memory.get("predicted_peak_gib") is None:
+    """The peak GPU memory card: the measured peak with the planner's prediction (lorafit plan) beside it. A run
+    without a GPU measured none: the card says so, and shows the prediction only as one."""
+    predicted, measured = memory.get("predicted_peak_gib"), memory.get("measured_peak_gib")
+    if predicted is None and measured is None:
         return []
-    measured = memory.get("measured_peak_gib")
-    error = f" ({memory['error_percent']:+.1f}%)" if memory.get("error_percent") is not None else ""
-    sub = f"{measured:.2f} GiB measured{error}" if measured is not None else html.escape(memory.get("measured", "not measured"))
-    return [f'<div class="card"><div class="label">peak GPU memory</div><div class="value">'
-            f'{memory["predicted_peak_gib"]:.2f} GiB predicted</div><div class="sub">{sub}</div></div>']
+    if measured is None:
+        value = "none: a CPU run" if memory.get("device", "cpu") == "cpu" else "not measured"
+        sub = (f"the planner predicted {predicted:.2f} GiB for this run on the {memory.get('device', 'cpu')}; "
+               "the CPU's peak is the process RSS (peak memory)") if predicted is not None else ""
+    else:
+        error = f" ({memory['error_percent']:+.1f}%)" if memory.get("error_percent") is not None else ""
+        value = f"{measured:.2f} GiB"
+        sub = "measured (torch.cuda.max_memory_allocated)" + (f"; {predicted:.2f} GiB predicted{error}"
+                                                              if predicted is not None else "")
+    return [f'<div class="card"><div class="label">peak GPU memory</div><div class="value">{html.escape(value)}</div>'
+            f'<div class="sub">{html.escape(sub)}</div></div>']
 
 
 def _cards(results: dict) -> list[str]:

@@ -15,6 +15,7 @@ from lorafit.errors import LorafitError
 from lorafit.evaluate import metrics as M
 from lorafit.evaluate.examples import EvalExample, as_source, read_examples, run_examples, spread_sample
 from lorafit.evaluate.loss import LossSettings
+from lorafit.evaluate.progress import stage
 from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
 from lorafit.model.lora_init import base_view
 
@@ -70,15 +71,19 @@ def run_eval(*, adapter: Path | None, model: Path | None, data: list, metrics: t
     examples = spread_sample(all_examples, limit) if limit is not None else all_examples
     if not any(m in M.GENERATION_METRICS for m in metrics):
         examples = []
+    stage("loading the adapter on its base" if adapter is not None else "loading the model")
     loaded, tokenizer, described, training_config = load_models(adapter, model)
     loss_settings = LossSettings.from_training_config(training_config, max_seq_length=max_seq_length, train_on=train_on,
                                                       truncation=truncation)
     common = dict(metrics=metrics, settings=settings, loss_settings=loss_settings, batch_size=batch_size,
                   all_examples=all_examples, examples=examples)
+    subject = "adapter" if adapter is not None else "model"
+    stage(f"{subject}: loss on {len(all_examples)} examples, answers to {len(examples)}", subject=subject)
     report = {**described, "data": [s.path for s in sources], "generated_examples": len(examples),
               "loss_tokenisation": loss_settings.__dict__,
               "model_result": evaluate_model(loaded, tokenizer, sources, **common)}
     if baseline:
+        stage("base (adapter disabled): the same again", subject="base")
         with loaded.disable_adapter():
             report["base_result"] = evaluate_model(loaded, tokenizer, sources, **common)
         report["deltas"] = deltas(report["model_result"], report["base_result"])

@@ -28,6 +28,7 @@ import torch
 
 from lorafit.artifact.verify import _ADAPTER_KEY, verify_artifact
 from lorafit.errors import LorafitError
+from lorafit.evaluate.progress import stage
 from lorafit.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_adapter
 
 INSTALL_HINT = "pip install 'lorafit[gguf]'  (installs the gguf package)"
@@ -169,12 +170,14 @@ def export_gguf(adapter: str | Path, out: str | Path, *, base: str | Path | None
         raise LorafitError(f"{out}: already exists", why="an export never replaces a file in place",
                            fix="remove it or pass another --out")
     resolved = resolve_adapter(adapter, base)
+    stage(f"verifying {resolved.adapter_dir}")
     report = verify_artifact(resolved.adapter_dir)
     if report.status == "failed":
         raise LorafitError(f"{resolved.adapter_dir}: the adapter fails verification: {'; '.join(report.problems)}",
                            fix=f"run lorafit verify {resolved.adapter_dir} and export an intact adapter")
     _check_config(resolved.adapter_dir, resolved.config)
     arch, permute, base_config = _architecture(resolved.base_path)
+    stage(f"converting the LoRA tensors for llama.cpp ({arch})")
     pairs = gguf_pairs(resolved.adapter_dir, arch, permute, base_config)
     alpha = _written_alpha(resolved.adapter_dir, resolved.config, {p.lora_a.shape[0] for p in pairs})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +188,7 @@ def export_gguf(adapter: str | Path, out: str | Path, *, base: str | Path | None
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        stage(f"writing {len(pairs)} tensor pairs to {out}")
         for pair in pairs:
             writer.add_tensor(pair.name + ".lora_a", pair.lora_a.numpy())
             writer.add_tensor(pair.name + ".lora_b", pair.lora_b.numpy())

@@ -24,6 +24,7 @@ import torch
 from lorafit.artifact.publish import write_checksums
 from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
+from lorafit.evaluate.progress import stage
 from lorafit.model.adapters import load_adapter_model, resolve_adapter, training_quant
 from lorafit.model.loading import DTYPES, load_base_model
 from lorafit.model.lora_init import mutating_init_problem
@@ -66,7 +67,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
     """
     from transformers import AutoModelForCausalLM
 
-    say = echo or (lambda message: None)
+    say = echo or stage  # the CLI's progress lines (evaluate/progress.py); silent for the Python API
     if dtype not in TOLERANCE:
         raise LorafitError(f"--dtype {dtype}: not a merge precision", fix=f"use one of {', '.join(TOLERANCE)}")
     adapter = resolve_adapter(adapter_dir, base)
@@ -96,6 +97,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         tokenizer.save_pretrained(staging)
         check_dtype_on_disk(staging, dtype)
 
+        say("reloading the saved model and comparing its logits with the adapter on its base")
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=DTYPES[dtype], local_files_only=True)
         diff = (probe_logits(reloaded, probes) - reference).abs()
         del reloaded
@@ -111,6 +113,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
             "tolerance": TOLERANCE[dtype],
         }
         if quant is not None and quant.bits:  # without quantized training there is no gap, and no third load
+            say(f"measuring the quantization gap (the adapter on the {quant.bits}-bit base)")
             report["quantization_gap"] = quantization_gap(base_path, adapter_dir, quant, probes, reference)
         if report["max_abs_logit_diff"] > TOLERANCE[dtype]:
             raise LorafitError(
@@ -120,6 +123,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
                 fix="merge in fp32 (--dtype fp32) to check whether the precision is the cause, and report it",
             )
         (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        say("writing checksums and moving the merged model into place")
         write_checksums(staging)
         public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; a model is shared
         fsync_tree(staging)

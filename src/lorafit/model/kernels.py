@@ -1,4 +1,4 @@
-"""Fused training kernels: ``model.kernels`` (liger-kernel, an optional extra: ``pip install 'lorafit[liger]'``).
+"""Fused training kernels: ``model.kernels`` (liger-kernel, the optional extra ``liger``: errors.install_hint).
 
 With liger on, the base model's RMSNorm and SwiGLU MLP run as Triton kernels and the loss is a fused
 linear cross-entropy: the output head and the loss are computed chunk by chunk, so the (tokens x vocabulary)
@@ -20,7 +20,7 @@ import importlib.util
 
 import torch
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, install_hint
 
 # Passed to liger's per-family function (it keeps the ones that family accepts, e.g. geglu for Gemma).
 # RoPE off: liger swaps it as a module-level function, which _apply_liger_to_instance_only puts back anyway.
@@ -63,8 +63,8 @@ def resolve_kernels(requested: str, model_type: str, *, cuda: bool | None = None
     raise LorafitError(
         "model.kernels: liger cannot be used here",
         why=reason,
-        fix="pip install 'lorafit[liger]' on a machine with an NVIDIA GPU, or set model.kernels: auto (uses it "
-            "where it can) or none",
+        fix=f"on a machine with an NVIDIA GPU: {install_hint('liger', 'liger-kernel')}; or set model.kernels: auto "
+            "(uses it where it can) or none",
     )
 
 

@@ -12,6 +12,7 @@ from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig, QuantCon
 from lorafit.errors import LorafitError
 from lorafit.model import PICKLE_SUFFIXES
 from lorafit.model.attention import load_with_attention
+from lorafit.model.folder import ModelFolder, locate_model
 from lorafit.model.kernels import apply_kernels, check_head_not_adapted
 from lorafit.model.lora_init import INIT_ATTRIBUTE, InitialAdapter, mutates_base, peft_init_value
 
@@ -41,37 +42,7 @@ def resolve_model_path(model: ModelConfig) -> str:
         from lorafit.model.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model())
-    path = Path(model.path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LorafitError(
-                f"{path}: no config.json in the model folder",
-                why="a model folder holds config.json, the weights (*.safetensors) and the tokenizer files",
-                fix="point model.path at the folder save_pretrained() wrote",
-            )
-        return str(path)
-    if path.is_file():
-        raise _not_a_model_folder(path)
-    if path.is_absolute() or model.path.startswith("."):
-        raise LorafitError(f"{model.path}: model folder not found", fix="check model.path (relative paths start at the config file's folder)")
-    return model.path  # a hub-style name: only the local Hugging Face cache is consulted (local_files_only)
-
-
-def _not_a_model_folder(path: Path) -> LorafitError:
-    """model.path names a file: a GGUF (llama.cpp) file gets its own answer, it is the common case."""
-    if path.suffix.lower() == ".gguf":
-        return LorafitError(
-            f"{path}: a GGUF file; GGUF bases are not supported for training",
-            why="lorafit trains on a Hugging Face model folder (config.json + *.safetensors); GGUF holds llama.cpp's "
-            "quantized inference weights, which LoRA training cannot update through",
-            fix="set model.path to the Hugging Face folder the GGUF was made from (or convert it back to one), "
-            "and use quant.bits for a quantized base",
-        )
-    return LorafitError(
-        f"{path}: a file, not a model folder",
-        why="model.path names the folder save_pretrained() wrote (config.json, *.safetensors, tokenizer files)",
-        fix="point model.path at that folder",
-    )
+    return locate_model(model.path)  # model/folder.py: a folder, or a hub-style name for the local cache
 
 
 def _local_only(fn, name: str, **kwargs):
@@ -89,6 +60,8 @@ def _local_only(fn, name: str, **kwargs):
 def load_tokenizer(model: ModelConfig, path: str):
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not model.trust_remote_code:  # remote code may build its tokenizer its own way
+        ModelFolder.read(path).require(config=False, weights=False)  # not transformers' "install sentencepiece"
     tokenizer = _local_only(AutoTokenizer.from_pretrained, path, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding is masked by position, so reusing EOS as pad is safe (labels keep real EOS tokens).
@@ -119,6 +92,8 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(Path(path), allow_pickle=allow_pickle)
+    if Path(path).is_dir():
+        ModelFolder.read(path).require(tokenizer=False, allow_pickle=allow_pickle)
     extra = {}
     if quant is not None and quant.bits is not None:
         from lorafit.model.quantization import bnb_config
@@ -138,7 +113,8 @@ def linear_module_names(model) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
-def _check_targets(model, lora: LoraConfig) -> None:
+def check_targets(model, lora: LoraConfig) -> None:
+    """lora.target_modules and modules_to_save against the model's module names (a meta-device model will do)."""
     module_names = [name for name, _ in model.named_modules()]
     problems = []
     if isinstance(lora.target_modules, list):
@@ -158,7 +134,7 @@ def attach_lora(model, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    _check_targets(model, lora)
+    check_targets(model, lora)
     check_head_not_adapted(model, lora.target_modules, lora.modules_to_save)
     peft_config = PeftLoraConfig(
         r=lora.r,

@@ -19,19 +19,27 @@ from lorafit.model.memory_terms import GIB, Linear, Plan, Setup, Shape, plan_byt
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 
 
-def shape_from_config(hf_config, *, trust_remote_code: bool = False) -> Shape:
-    """A ``Shape`` from a transformers config: the model is built on the meta device (no memory, no weights)."""
+def meta_model(hf_config, *, trust_remote_code: bool = False):
+    """The causal LM a transformers config describes, built on the meta device: every module and shape, no
+    memory, no weights (the planner's shapes, and `config validate`'s check of lora.target_modules)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise LorafitError(f"the planner cannot build a {type(hf_config).__name__} from its config",
+        raise LorafitError(f"cannot build a {type(hf_config).__name__} causal LM from its config.json",
                            why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                           fix="the planner needs a causal LM transformers knows (or model.trust_remote_code: true "
+                           fix="lorafit needs a causal LM transformers knows (or model.trust_remote_code: true "
                                "for one that ships its code)") from None
+
+
+def shape_from_config(hf_config, *, trust_remote_code: bool = False) -> Shape:
+    """A ``Shape`` from a transformers config: the model is built on the meta device (no memory, no weights)."""
+    import torch
+
+    model = meta_model(hf_config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     linears = tuple(Linear(name, module.in_features, module.out_features) for name, module in model.named_modules()
@@ -49,15 +57,19 @@ def shape_from_config(hf_config, *, trust_remote_code: bool = False) -> Shape:
     )
 
 
-def read_shape(model_path: str, *, trust_remote_code: bool = False) -> Shape:
+def read_hf_config(model_path: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        hf_config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise LorafitError(f"{model_path}: cannot read the model's config.json", why=str(exc).splitlines()[0],
                            fix="point model.path at a folder with config.json") from None
-    return shape_from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
+def read_shape(model_path: str, *, trust_remote_code: bool = False) -> Shape:
+    return shape_from_config(read_hf_config(model_path, trust_remote_code=trust_remote_code),
+                             trust_remote_code=trust_remote_code)
 
 
 def _matches(name: str, target: str) -> bool:

@@ -18,10 +18,10 @@ import importlib.metadata
 import torch
 
 from lorafit.config import Config, QuantConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, install_hint
 from lorafit.model.loading import DTYPES
 
-INSTALL_HINT = "pip install 'lorafit[qlora]'  (installs bitsandbytes)"
+INSTALL_HINT = install_hint("qlora", "bitsandbytes")
 # The versions whose eval-mode 4-bit conversion was read and tested (nn/modules.py Linear4bit.forward); the
 # qlora extra pins the same range (bitsandbytes>=0.50,<0.51).
 TESTED_BITSANDBYTES = "0.50.x"

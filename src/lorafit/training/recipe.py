@@ -82,27 +82,30 @@ def train(config: Config, *, overwrite: bool = False, progress=True, callbacks=(
     config = with_resolved_dtype(config)  # model.dtype: auto -> bf16 or fp32, once, for every later step
     progress = Progress() if progress is True else (progress or None)
     notes: list[str] = []
-    run = RunFolder.claim(config.train.output_dir, overwrite=overwrite, notes=notes)
-    # A resumed run continues the run that would have published this version (it may have been killed between
-    # publishing the artifact and writing the summary), so it may replace it, atomically as always.
-    republish = overwrite or resume is not None
-    refuse_existing_version(run.path, config.artifact, overwrite=republish)
-    job_id = new_job_id()
-    try:
-        result = _train(config, run, started, notes=notes, progress=progress, user=[*extra_callbacks, *callbacks],
-                        overwrite=overwrite, republish=republish, allow_pickle=allow_pickle, data_cache=data_cache,
-                        resume=resume, force_resume=force_resume, dry_run=dry_run)
-    except BaseException as error:
+    run = RunFolder.claim(config.train.output_dir, overwrite=overwrite, notes=notes)  # locked: one run per folder
+    try:  # the folder's lock is given back however the run ends (a killed process drops it too)
+        # A resumed run continues the run that would have published this version (it may have been killed between
+        # publishing the artifact and writing the summary), so it may replace it, atomically as always.
+        republish = overwrite or resume is not None
+        refuse_existing_version(run.path, config.artifact, overwrite=republish)
+        job_id = new_job_id()
+        try:
+            result = _train(config, run, started, notes=notes, progress=progress, user=[*extra_callbacks, *callbacks],
+                            overwrite=overwrite, republish=republish, allow_pickle=allow_pickle, data_cache=data_cache,
+                            resume=resume, force_resume=force_resume, dry_run=dry_run)
+        except BaseException as error:
+            if not dry_run:
+                run.write_json(run.RESULT, failed_result(job_id, config, run.path, error))
+            raise
+        finally:
+            if progress is not None:
+                progress.close()  # also when training raised: give the terminal back here
         if not dry_run:
-            run.write_json(run.RESULT, failed_result(job_id, config, run.path, error))
-        raise
+            result.result = completed_result(job_id, config, result)
+            run.write_json(run.RESULT, result.result)
+        return result
     finally:
-        if progress is not None:
-            progress.close()  # also when training raised: give the terminal back here
-    if not dry_run:
-        result.result = completed_result(job_id, config, result)
-        run.write_json(run.RESULT, result.result)
-    return result
+        run.release()
 
 
 # Long on purpose: this is the run, read top to bottom; each step is a call into the module that owns it.

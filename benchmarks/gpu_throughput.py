@@ -170,6 +170,7 @@ class Meter:
 
 
 def trainer_callback(meter: Meter):
+    """For the TRL runs (transformers' Trainer)."""
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
@@ -180,6 +181,22 @@ def trainer_callback(meter: Meter):
             meter.step_done()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                meter.losses.append(round(float(logs["loss"]), 4))
+
+    return Timing()
+
+
+def lorafit_callback(meter: Meter):
+    """For the lorafit runs (its own loop's LorafitCallback events)."""
+    from lorafit import LorafitCallback
+
+    class Timing(LorafitCallback):
+        def on_train_begin(self, loop):
+            meter.watch(loop.model)
+
+        def on_step_end(self, step, logs):
+            meter.step_done()
             if logs and "loss" in logs:
                 meter.losses.append(round(float(logs["loss"]), 4))
 
@@ -300,7 +317,7 @@ def run_lorafit(a, meter: Meter, *, plain: bool, qlora: bool, budget: bool = Fal
     if budget:
         config["train"].update(gradient_checkpointing=True, optimizer="paged_adamw_8bit" if gpu else "adamw")
     meter.step_done()
-    train(load_config(config), overwrite=True, extra_callbacks=[trainer_callback(meter)])
+    train(load_config(config), overwrite=True, callbacks=[lorafit_callback(meter)])
 
 
 RUNNERS = {

@@ -50,8 +50,8 @@ def _config(folder: Path, model_dir: Path, *, batch_size: int) -> Path:
         "train": {"output_dir": str(folder / "run"), "max_steps": STEPS, "batch_size": batch_size,
                   "learning_rate": 1e-2, "log_every": 1, "save_every": 2, "keep_last": 3, "seed": 5,
                   "group_by_length": False},
-        # eval_loss: the mean over eval steps of each step's token-weighted loss (Trainer passes the tokens of the
-        # whole global batch): 4 rows in global batches of 4 give one layout's value in the other.
+        # eval_loss: the token-weighted mean over the whole eval set (training/evaluation.py), whatever the
+        # number of processes: the 4 eval rows give the same value in both layouts.
         "eval": {"every": 3},
     }
     path = folder / "config.json"

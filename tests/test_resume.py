@@ -345,3 +345,58 @@ def test_early_stopping_stops_and_its_state_travels_in_the_checkpoint(tmp_path, 
     assert result.best["stopped_early_at"] == 4 and result.metrics["steps"] == 4
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / ckpt.STATE_JSON).read_text())
     assert state["callbacks"]["BestMetric"] == {"best": result.best["value"], "best_step": 0, "stale": 1, "stopped_at": 4}
+
+
+class StepCounter(LorafitCallback):
+    """A user callback with state: it counts the optimizer steps it saw."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_step_end(self, step, logs):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen, "trace": torch.tensor([float(self.seen)])}
+
+    def load_state_dict(self, state):
+        assert float(state["trace"][0]) == state["seen"]
+        self.seen = state["seen"]
+
+
+def test_a_user_callbacks_state_travels_in_the_checkpoint(tmp_path, tiny_model_dir):
+    config = load_config(_setup(tmp_path, tiny_model_dir), ["train.max_steps=5", "train.keep_last=3"])
+    first = StepCounter()
+    train(config, callbacks=[first])
+    assert first.seen == 5
+    # step 5, off the every-2 schedule and mid-epoch, is the run's last: it is saved too, so the run can go on later
+    last = json.loads((tmp_path / "run" / "checkpoints" / "step-00000005" / ckpt.META).read_text())
+    assert last["position"]["step_in_epoch"] != 0, last["position"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / ckpt.STATE_JSON).read_text())
+    assert state["callbacks"]["user"]["0:StepCounter"]["seen"] == 4
+    # resumed from step 4 with a fresh instance: it goes on counting from 4, not from 0
+    resumed = StepCounter()
+    train(config, callbacks=[resumed], overwrite=True, resume=str(tmp_path / "run" / "checkpoints" / "step-00000004"))
+    assert resumed.seen == 5
+    # a run without the callback cannot take its state silently
+    with pytest.raises(LorafitError, match="0:StepCounter"):
+        train(config, overwrite=True, resume=str(tmp_path / "run" / "checkpoints" / "step-00000004"))
+
+
+def test_a_format_1_checkpoint_is_refused_naming_what_to_do(tmp_path, tiny_model_dir, reference):
+    """A checkpoint written inside transformers' Trainer (format 1) holds none of the loop's position: refused."""
+    config = _setup(tmp_path, tiny_model_dir)
+    shutil.copytree(reference["result"].run_dir, tmp_path / "run")
+    _, newest = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    meta = json.loads((newest / ckpt.META).read_text())
+    data = (json.dumps({**meta, "format": 1}, indent=2) + "\n").encode()
+    (newest / ckpt.META).write_bytes(data)
+    manifest = json.loads((newest / ckpt.MANIFEST).read_text())  # a complete, verified checkpoint of format 1
+    manifest["format"], manifest["files"][ckpt.META] = 1, {"sha256": ckpt.sha256_bytes(data), "bytes": len(data)}
+    (newest / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt.checkpoint_problems(newest) == []
+    before = (newest / ckpt.ADAPTER).read_bytes()
+    with pytest.raises(LorafitError, match="format-1 checkpoint, this lorafit reads format 2") as caught:
+        train(load_config(config), overwrite=True, resume="auto")
+    assert "start a new run" in caught.value.render()
+    assert (newest / ckpt.ADAPTER).read_bytes() == before  # refused before anything was touched

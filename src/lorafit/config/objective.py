@@ -121,8 +121,9 @@ class ObjectiveConfig(_FromConfigFolder):
 
 
 class PluginsConfig(_FromConfigFolder):
-    callbacks: list[str] = Field(default_factory=list, description="Callback classes package.module:ClassName run "
-                                 "at step end, evaluation and save (docs/objectives.md); code execution.")
+    callbacks: list[str] = Field(default_factory=list, description="LorafitCallback classes package.module:ClassName "
+                                 "sent the loop's events (step begin/end, evaluation, save, train begin/end; "
+                                 "docs/resume.md) after train(callbacks=...); code execution.")
     allow_external_code: bool = Field(False, description="Allow objective/callback modules outside installed "
                                       "packages and the config's folder (anything on sys.path, e.g. the working "
                                       "directory). Off: importing a module runs its code.")

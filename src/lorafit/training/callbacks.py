@@ -8,15 +8,19 @@ Events, in the order the loop (training/loop.py) sends them:
     on_evaluate(step, metrics)                 after it, with eval_loss, eval_<metric>, perplexity ...
     on_step_begin(step, loop)                  before the first micro-batch of optimizer step ``step`` (1-based)
     on_before_optimizer_step(step, loop)       gradients accumulated, clipped and checked; the update comes next
-    on_step_end(step, logs)                    after the step's log line, evaluation and checkpoint; ``logs`` is
-                                               what was logged at it (empty on steps that log nothing)
-    on_save(step, checkpoint_dir)              after a checkpoint is committed (between evaluation and on_step_end)
+    on_step_end(step, logs)                    after the step's log line and evaluation; ``logs`` is what was
+                                               logged at it (empty on steps that log nothing)
+    on_save(step, checkpoint_dir)              after the step's checkpoint is committed (after on_step_end, so the
+                                               checkpoint holds callback states that saw the whole step)
     on_train_end(step, loop)                   once, after the last step (also after an early stop)
 
 ``loop`` is the running ``TrainingLoop``: read ``loop.model`` (the adapter model), ``loop.optimizer``,
 ``loop.step``, ``loop.max_steps``, ``loop.settings``; changing them is at your own risk. Return values are ignored;
 an exception stops the run like any error. Every process calls the events; ``loop.is_main_process`` says which one
 prints or writes.
+
+A callback with ``state_dict()`` (returning JSON-able values and tensors) and ``load_state_dict(state)`` has its
+state saved in every checkpoint (the main process's) and given back on resume, before ``on_train_begin``.
 """
 
 from __future__ import annotations

@@ -251,13 +251,15 @@ class TrainingLoop:
 
     def _saves_at(self, step: int, epoch_end: bool) -> bool:
         every = self.settings.save_every
-        return epoch_end or bool(every and step % every == 0)
+        # The last step is saved too when checkpoints are on (a max_steps that ends mid-epoch, off the schedule):
+        # the run's final state is resumable, e.g. to train it further with a larger max_steps.
+        return epoch_end or bool(every and (step % every == 0 or step == self.max_steps))
 
     def _reads_device_at(self, step: int) -> bool:
         return self._logs_at(step) or self._evaluates_at(step) or self._saves_at(step, False)
 
     def _after_step(self, *, epoch_end: bool) -> None:
-        """Log, evaluate, save, tell the callbacks, in that order; the checkpoint holds this step's history."""
+        """Log, evaluate, tell the callbacks, save, in that order; the checkpoint holds this step's history."""
         p, step = self.parts, self.state.step
         signalled = self._signal_everywhere()  # recorded whenever it came (even mid-save): acted on here
         saves = self._saves_at(step, epoch_end) or signalled
@@ -268,11 +270,13 @@ class TrainingLoop:
             p.guard.read()  # a checkpoint is only taken after a good step
         if self._evaluates_at(step) and not p.guard.tripped:
             logs = {**logs, **self.evaluate()}
-        if saves and not p.guard.tripped:
-            self.save()
         if p.progress is not None:
             p.progress.advance(step)
+        # The callbacks hear of the step before its checkpoint, so the state a checkpoint saves of them has seen
+        # every event of the step it is the checkpoint of (a resume starts with the next step's events).
         dispatch(p.callbacks, "on_step_end", step, logs)
+        if saves and not p.guard.tripped:
+            self.save()
 
     def _signal_everywhere(self) -> bool:
         """A signal received by any process, agreed by all at this step boundary (they must stop at the same step):

@@ -59,11 +59,19 @@ class Checkpoints:
             "loop": loop.state.as_dict(),
             # by class name, as format 1 stored its callbacks' states
             "callbacks": {"NonFiniteGuard": parts.guard.state_dict(), "BestMetric": parts.best.state_dict(),
-                          "objective": objective_state},
+                          "objective": objective_state, "user": _user_states(parts.callbacks)},
             "ranks": ranks,  # each process's RNG state and log window, in rank order
         }
         tensors: dict[str, torch.Tensor] = {}
-        state_json = ckpt.flatten_state(tree, "state", tensors)
+        try:
+            state_json = ckpt.flatten_state(tree, "state", tensors)
+        except TypeError as e:  # only a user callback's state_dict can hold a foreign type
+            from lorafit.errors import LorafitError
+
+            raise LorafitError(f"cannot save the checkpoint of step {step}: {e}",
+                               why="checkpoints hold JSON values and tensors only (no pickle)",
+                               fix="return dicts, lists, numbers, strings and tensors from the callback's "
+                               "state_dict()") from None
         records = parts.history.snapshot()
         score = next((r[self.best_metric] for r in reversed(records) if r["step"] == step and self.best_metric in r),
                      None)
@@ -117,6 +125,7 @@ class Checkpoints:
         parts.best.load_state_dict(saved["BestMetric"])
         if saved["objective"]:
             loop.objective.load_state_dict(saved["objective"])
+        _restore_user_states(parts.callbacks, saved.get("user", {}))
         mine = tree["ranks"][loop.rank]
         loop.window.load_state_dict(mine["window"])
         self._rng = mine["rng"]
@@ -128,6 +137,33 @@ class Checkpoints:
         if self._rng is not None:
             restore_rng(self._rng)
             self._rng = None
+
+
+def _user_key(index: int, callback) -> str:
+    return f"{index}:{type(callback).__name__}"
+
+
+def _user_states(callbacks) -> dict:
+    """The state of every user callback that has one (``state_dict()``), keyed by position and class name: a
+    callback that counts or remembers something resumes with it, as the guard and early stopping do."""
+    return {_user_key(i, cb): cb.state_dict() for i, cb in enumerate(callbacks) if callable(getattr(cb, "state_dict",
+                                                                                                     None))}
+
+
+def _restore_user_states(callbacks, saved: dict) -> None:
+    """Give each user callback back its saved state; a callback the checkpoint has no state for starts fresh, a
+    saved state with no callback at its position and class is refused (the resumed run has other callbacks)."""
+    from lorafit.errors import LorafitError
+
+    present = {_user_key(i, cb): cb for i, cb in enumerate(callbacks)}
+    missing = sorted(set(saved) - set(present))
+    if missing:
+        raise LorafitError(
+            f"the checkpoint holds the state of callback(s) {', '.join(missing)} (position:class) that this run does not have",
+            why="a callback's saved state is given back to the callback at the same position with the same class",
+            fix="resume with the same callbacks (train(callbacks=[...]) and plugins.callbacks) in the same order")
+    for key, state in saved.items():
+        present[key].load_state_dict(state)
 
 
 def _versions() -> dict:

@@ -400,3 +400,29 @@ def test_a_format_1_checkpoint_is_refused_naming_what_to_do(tmp_path, tiny_model
         train(load_config(config), overwrite=True, resume="auto")
     assert "start a new run" in caught.value.render()
     assert (newest / ckpt.ADAPTER).read_bytes() == before  # refused before anything was touched
+
+
+def test_a_sigint_during_a_checkpoint_write_is_acted_on_at_the_next_step(tmp_path, tiny_model_dir, reference,
+                                                                        monkeypatch):
+    """Ctrl-C while step 2's checkpoint is being written: the save finishes, the signal is kept, the run stops at
+    step 3 with a checkpoint there (exit 130), and a resume ends on the uninterrupted adapter."""
+    import os
+
+    sent = []
+
+    def interrupt_once():  # between two files of a save (checkpoint.commit_checkpoint's test pause point)
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ckpt, "_pause", interrupt_once)
+    config = load_config(_setup(tmp_path, tiny_model_dir))
+    with pytest.raises(RunStopped, match="stopped by SIGINT at step 3") as caught:
+        train(config)
+    assert sent and caught.value.exit_code == 130
+    run = tmp_path / "run" / "checkpoints"
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step-00000002", "step-00000003"]
+    assert all(ckpt.checkpoint_problems(p) == [] for _, p in ckpt.list_checkpoints(run))
+    monkeypatch.undo()
+    result = train(config, resume="auto")
+    assert _adapter_bytes(result) == reference["adapter"]

@@ -163,6 +163,42 @@ def test_a_diverged_run_is_not_a_success(tmp_path, tiny_model_dir):
     assert metadata["training_health"]["status"] == "diverged"
 
 
+def test_a_collapse_between_two_log_lines_is_seen_and_the_summary_claims_no_progress(tmp_path, tiny_model_dir):
+    # 6 steps, log_every 10: only steps 1 and 6 are logged; the collapse to ln(1024) happens in between.
+    config = _config_file(tmp_path, tiny_model_dir, train={"learning_rate": 1e6, "max_steps": 6, "log_every": 10},
+                          eval={"every": None, "at_start": True})
+    out = runner.invoke(app, ["train", config])
+    assert out.exit_code == 3, out.output
+    health = json.loads((tmp_path / "run" / RunFolder.SUMMARY).read_text())["health"]
+    assert health["steps_checked"] == 6  # every step, not the 2 logged ones
+    assert health["signals"]["gradients_vanished"] and health["signals"]["loss_at_uniform"]
+    assert not health["signals"]["started_at_uniform"]
+    assert "(diverged)" in out.output and "% lower" not in out.output and "best" not in out.output.split("eval loss")[1]
+
+
+def test_a_random_base_that_has_not_moved_yet_is_not_called_diverged(tmp_path, tiny_model_dir):
+    """A 2-step smoke run on a random base, first step at learning rate 0 (warmup): its loss starts at chance and
+    is still there; compared with its start, that is not a divergence."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path / "random-base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).save_pretrained(base)
+    for file in tiny_model_dir.iterdir():
+        if "token" in file.name or file.name.endswith(".jinja"):
+            shutil.copy(file, base / file.name)
+    config = _config_file(tmp_path, base, train={"max_steps": 2, "warmup_steps": 1},
+                          eval={"every": None, "at_start": True})
+    out = runner.invoke(app, ["train", config])
+    assert out.exit_code == 0, out.output
+    health = json.loads((tmp_path / "run" / RunFolder.SUMMARY).read_text())["health"]
+    assert health["status"] == "ok" and health["steps_checked"] == 2, health
+    assert "training finished" in out.output
+
+
 def test_dry_run_checks_up_to_the_first_step_and_writes_no_artifact(tmp_path, tiny_model_dir, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

@@ -172,7 +172,10 @@ def _print_summary(result) -> None:
     else:
         typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"  artifact       {result.adapter_dir}")
-    if "eval_loss_first" in m:
+    diverged = result.health.get("status", "ok") != "ok"
+    if "eval_loss_first" in m and diverged:  # no "% lower, best at ...": nothing was learned
+        typer.echo(f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} (diverged)")
+    elif "eval_loss_first" in m:
         typer.echo(
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
             f"({100 * m['eval_loss_reduction']:.1f}% lower, best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"

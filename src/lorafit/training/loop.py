@@ -182,7 +182,7 @@ class TrainingLoop:
         self._update(skip)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.window.add_step(step_loss)
+        self.window.add_step(step_loss, self.grad_norm)
         state.step, state.step_in_epoch = step, state.step_in_epoch + 1
         state.tokens_seen += tokens
         state.supervised_seen += supervised

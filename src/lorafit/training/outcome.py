@@ -17,8 +17,9 @@ from lorafit.training.guards import StopRequest
 HEADLINE_METRICS = ("field_presence", "field_accuracy", "json_valid", "rouge_l")
 # A gradient norm below this over the last logged steps means nothing is being learned any more.
 VANISHED_GRAD_NORM = 1e-6
-# How close (relative) a loss must be to ln(vocab_size), the loss of a uniform guess, to count as "at chance".
-UNIFORM_TOLERANCE = 0.01
+# How close (relative) a loss must be to ln(vocab_size), the loss of a uniform guess, to count as "at chance". A
+# collapse lands on it to 4 decimals; a random base starts within ~0.1%; a trained tiny model starts 1% above it.
+UNIFORM_TOLERANCE = 0.001
 DIVERGED_EXIT_CODE = 3
 
 
@@ -75,36 +76,56 @@ def summarise_series(records: list[dict]) -> dict:
     return out
 
 
-def assess_health(records: list[dict], vocab_size: int | None, *, window: int = 3) -> dict:
+def assess_health(records: list[dict], vocab_size: int | None, *, trace: list | None = None,
+                  window: int = 3) -> dict:
     """Did the run learn, or did it diverge or collapse? A too-high learning rate can drive a model to predict
     the uniform distribution (loss = ln(vocab_size)) with zero gradients: finite values, no NaN guard trips, and
     the run would look like a success.
 
-    Diverged when the gradients vanished over the last ``window`` logged steps, or when the final train loss is
-    not below the first and sits at the uniform value.
+    ``trace``: every step's [loss, gradient norm] (the loop's ``LogWindow.trace``), so a collapse between two log
+    lines counts; without it the logged records are used. Diverged when the gradient norm stayed below
+    ``VANISHED_GRAD_NORM`` over the last ``window`` steps, or when the losses moved TO the uniform guess: the final
+    train loss (and the final eval loss, where there is one) sits at ln(vocab_size) while the start (the first
+    evaluation, else the first step's loss) did not. A run that starts at the uniform guess (a random base) and
+    has not moved yet is not called diverged: it is compared with its start.
 
-    >>> logged = [{"loss": 7.03, "grad_norm": 3.3}] + [{"loss": 6.9315, "grad_norm": 0.0}] * 3
-    >>> assess_health(logged, 1024)["status"], assess_health(logged[:1] + [{"loss": 5.3, "grad_norm": 0.7}], 1024)["status"]
+    >>> trace = [[7.03, 3.3], [6.9315, 0.0], [6.9315, 0.0], [6.9315, 0.0]]
+    >>> assess_health([], 1024, trace=trace)["status"], assess_health([], 1024, trace=trace[:1] + [[5.3, 0.7]])["status"]
     ('diverged', 'ok')
     """
-    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
-    norms = [r["grad_norm"] for r in records if isinstance(r.get("grad_norm"), (int, float))]
+    steps = [pair for pair in (trace or []) if len(pair) == 2]
+    if steps:
+        losses, norms = [p[0] for p in steps], [p[1] for p in steps]
+    else:
+        losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+        norms = [r["grad_norm"] for r in records if isinstance(r.get("grad_norm"), (int, float))]
+    evals = [r["eval_loss"] for r in records if isinstance(r.get("eval_loss"), (int, float))]
     uniform = math.log(vocab_size) if vocab_size else None
+
+    def at_uniform(value) -> bool:
+        return bool(uniform and value is not None and math.isfinite(value)
+                    and abs(value - uniform) <= UNIFORM_TOLERANCE * uniform)
+
     last = norms[-window:]
+    start = evals[0] if len(evals) >= 2 else (losses[0] if losses else None)
+    ends = [losses[-1]] if losses else []
+    if len(evals) >= 2:
+        ends.append(evals[-1])
     signals = {
         "loss_not_improved": len(losses) >= 2 and losses[-1] >= losses[0],
-        "gradients_vanished": len(norms) >= 2 and all(n < VANISHED_GRAD_NORM for n in last),
-        "loss_at_uniform": bool(losses and uniform and abs(losses[-1] - uniform) <= UNIFORM_TOLERANCE * uniform),
+        "gradients_vanished": len(norms) >= 2 and all(math.isfinite(n) and n < VANISHED_GRAD_NORM for n in last),
+        "loss_at_uniform": bool(ends) and all(at_uniform(v) for v in ends),
+        "started_at_uniform": at_uniform(start),
     }
     reasons = []
     if signals["gradients_vanished"]:
-        reasons.append(f"gradient norm below {VANISHED_GRAD_NORM:g} over the last {len(last)} logged steps")
-    if signals["loss_not_improved"] and signals["loss_at_uniform"]:
-        reasons.append(f"final train loss {losses[-1]:.4f} is not below the first ({losses[0]:.4f}) and equals "
-                       f"ln(vocab_size) = {uniform:.4f}, the loss of a uniform guess")
+        reasons.append(f"gradient norm below {VANISHED_GRAD_NORM:g} over the last {len(last)} steps")
+    if signals["loss_at_uniform"] and not signals["started_at_uniform"] and len(losses) >= 2:
+        reasons.append(f"the loss went from {start:.4f} to {ends[-1]:.4f}, ln(vocab_size) = {uniform:.4f}: the "
+                       "loss of a uniform guess")
     return {"status": "diverged" if reasons else "ok", "reasons": reasons, "signals": signals,
             "uniform_loss": uniform, "train_loss_first": losses[0] if losses else None,
-            "train_loss_final": losses[-1] if losses else None, "grad_norm_last": last}
+            "train_loss_final": losses[-1] if losses else None, "grad_norm_last": last, "steps_checked": len(norms)}
 
 
 def diverged_advice(health: dict) -> str:

@@ -42,18 +42,21 @@ class MetricSums:
     def names(self) -> list[str]:
         return list(self.sums)
 
-    def read(self, reduce=None, device=None, extra: list[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
-        """The means, reduced over processes by ``reduce`` (a function on one float64 tensor on ``device``), and the
-        values of the ``extra`` tensors (not reduced), in ONE device-to-host transfer; empties the sums. Names whose
-        weight is 0 are left out."""
+    def read(self, reduce=None, device=None, extra: list[torch.Tensor] = (),
+             summed: torch.Tensor | None = None) -> tuple[dict[str, float], list[float]]:
+        """The means, reduced over processes by ``reduce`` (a function on one float64 tensor on ``device``), then
+        the ``summed`` values (reduced with them) and the values of the ``extra`` tensors (not reduced), in ONE
+        device-to-host transfer; empties the sums. Names whose weight is 0 are left out."""
         names = list(self.sums)
         if device is None:
             found = [v for v in [*self.sums.values(), *self.weights.values(), *extra] if torch.is_tensor(v)]
             device = found[0].device if found else "cpu"
-        stacked = torch.stack([torch.as_tensor(part, dtype=torch.float64, device=device).reshape(())
-                               for name in names for part in (self.sums[name], self.weights[name])]) \
-            if names else torch.zeros(0, dtype=torch.float64, device=device)
-        if reduce is not None and names:
+        parts = [torch.as_tensor(part, dtype=torch.float64, device=device).reshape(1)
+                 for name in names for part in (self.sums[name], self.weights[name])]
+        if summed is not None:
+            parts.append(summed.detach().reshape(-1).to(device, torch.float64))
+        stacked = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        if reduce is not None and len(stacked):
             stacked = reduce(stacked)
         tail = [t.detach().reshape(-1).to(device, torch.float64) for t in extra]
         values = torch.cat([stacked, *tail]).tolist()  # the one host read
@@ -82,7 +85,9 @@ def _plain(value) -> float:
 
 
 class LogWindow:
-    """The training values since the last log line: the summed step losses and the objective's metrics.
+    """The training values since the last log line: the summed step losses and the objective's metrics, and every
+    step's loss and gradient norm (``trace``, for the run's health check: a run that diverges between two log lines
+    is seen, training/outcome.py).
 
     Each process adds its share of every step's loss (the step's loss is the sum of the shares over processes, as
     each share is divided by the step's totals over all of them); ``read`` sums over processes and divides by the
@@ -93,25 +98,40 @@ class LogWindow:
         self.loss_sum: torch.Tensor | float = 0.0
         self.steps = 0
         self.metrics = MetricSums()
+        self.pending: list = []  # (loss share, gradient norm) of each step since the last read, on the device
+        self.trace: list[list[float]] = []  # [step loss, gradient norm] of every step read so far, on the host
 
-    def add_step(self, loss: torch.Tensor) -> None:
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
         dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
         self.loss_sum = self.loss_sum + loss.detach().to(dtype)
         self.steps += 1
+        norm = grad_norm.detach().to(dtype) if grad_norm is not None else torch.full((), float("nan"), dtype=dtype,
+                                                                                     device=loss.device)
+        self.pending.append((loss.detach().to(dtype), norm))
 
     def read(self, reduce=None, device=None, extra: list[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
         """``loss`` (the mean step loss of the window), the metrics' means and the ``extra`` values, in one
-        transfer (``MetricSums.read``); empties the window."""
+        transfer (``MetricSums.read``); empties the window and adds its steps to ``trace``."""
         if self.steps:
             # weight steps / processes on each: reduced, the sum of shares over exactly `steps` steps
             self.metrics.add("loss", self.loss_sum, self.steps / self.processes)
-        values = self.metrics.read(reduce, device, extra)
-        self.loss_sum, self.steps = 0.0, 0
-        return values
+        k = len(self.pending)
+        losses = torch.stack([torch.as_tensor(loss) for loss, _ in self.pending]) if k else None
+        norms = [torch.stack([torch.as_tensor(norm) for _, norm in self.pending])] if k else []
+        values, rest = self.metrics.read(reduce, device, [*norms, *extra], summed=losses)
+        step_losses, rest = rest[:k], rest[k:]  # each step's loss, summed over the processes' shares
+        step_norms, rest = rest[:k], rest[k:]  # the norm of the all-reduced gradient: the same on every process
+        self.trace += [[loss, norm] for loss, norm in zip(step_losses, step_norms)]
+        self.loss_sum, self.steps, self.pending = 0.0, 0, []
+        return values, rest
 
     def state_dict(self) -> dict:
-        return {"loss_sum": _plain(self.loss_sum), "steps": self.steps, "metrics": self.metrics.state_dict()}
+        return {"loss_sum": _plain(self.loss_sum), "steps": self.steps, "metrics": self.metrics.state_dict(),
+                "pending": [[_plain(loss), _plain(norm)] for loss, norm in self.pending], "trace": self.trace}
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_sum, self.steps = state["loss_sum"], state["steps"]
         self.metrics.load_state_dict(state["metrics"])
+        self.pending = [(torch.tensor(loss, dtype=torch.float64), torch.tensor(norm, dtype=torch.float64))
+                        for loss, norm in state.get("pending", [])]
+        self.trace = [list(pair) for pair in state.get("trace", [])]

@@ -13,10 +13,10 @@ import io
 import json
 from pathlib import Path
 
-from lorafit.config.objective import CONTRASTIVE_METRICS
-from lorafit.config.preference import PREFERENCE_METRICS
+from lorafit.config import GENERATION_METRICS
 from lorafit.errors import LorafitError
 from lorafit.evaluate.harness import harness_section
+from lorafit.evaluate.report_rl import read_samples, rl_plots, samples_section
 from lorafit.run_folder import RunFolder, write_atomic
 
 REPORT_FILE, RESULTS_FILE, HISTORY_FILE = RunFolder.REPORT, RunFolder.RESULTS, RunFolder.HISTORY
@@ -139,8 +139,9 @@ def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str
                 (f"{k} (train)", *_series(history, k), palette[k][0]),
                 (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]), ""))
     out += preference_plots(history)
-    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
-                              and k.removeprefix("eval_") not in CONTRASTIVE_METRICS + PREFERENCE_METRICS})
+    out += rl_plots(history, _figure, _series)
+    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_")
+                              and k.removeprefix("eval_") in GENERATION_METRICS})
     if generation_keys:
         palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
         out.append(("Generation metrics during training", _figure("Generation metrics on the eval sample", "rate", [
@@ -157,8 +158,9 @@ def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str
 
 
 def preference_plots(history: list[dict]) -> list[tuple[str, str | None, str]]:
-    """DPO/ORPO runs: the rewards of chosen and rejected answers and their margin, and the reward accuracy."""
-    if not any(_series(history, k)[0] for k in ("reward_margin", "eval_reward_margin")):
+    """DPO/ORPO/SimPO/KTO runs: the rewards of chosen (desirable) and rejected answers, their margin, and the
+    reward accuracy."""
+    if not any(_series(history, k)[0] for k in ("reward_chosen", "eval_reward_chosen")):  # KTO logs no margin
         return []
     palette = {"reward_chosen": ("#9FD3AE", "#2E7D46"), "reward_rejected": ("#F0A5A5", "#C44E52"),
                "reward_margin": ("#9DB4D8", "#4C72B0"), "reward_accuracy": ("#9DB4D8", "#4C72B0")}  # (train, eval)
@@ -319,6 +321,7 @@ greedy decoding. Definitions: docs/eval.md.</p>
 <h2>Sample generations</h2>
 <table class="samples"><tr><th>prompt</th><th>reference</th><th>base (no adapter)</th><th>adapter</th></tr>{sample_rows or
 '<tr><td colspan="4" class="muted">no samples (no eval data, or eval.generate_samples: 0)</td></tr>'}</table>
+{samples_section(results.get("completion_samples") or [])}
 {_attack_section(results.get("attack") or {})}
 {harness_section(results.get("harness"))}
 <h2>Data</h2>
@@ -348,6 +351,9 @@ def write_report(run_dir: Path) -> Path:
     history = read_history(run_dir)
     results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    samples = read_samples(run_dir)  # GRPO runs: answers sampled during training
+    if samples:
+        results = {**results, "completion_samples": samples}
     harness_path = run_dir / RunFolder.HARNESS
     if harness_path.is_file():
         results = {**results, "harness": json.loads(harness_path.read_text(encoding="utf-8"))}

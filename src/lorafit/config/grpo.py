@@ -142,6 +142,10 @@ def grpo_clashes(config) -> list[str]:
     if config.data.packing != "none":
         problems.append(f"objective.type: grpo with data.packing: {config.data.packing}: GRPO trains on the answers "
                         "it samples, one row each; set data.packing: none")
+    if objective.grpo.max_completion_length >= config.data.max_seq_length:
+        problems.append(f"objective.grpo.max_completion_length {objective.grpo.max_completion_length} leaves no room "
+                        f"for the prompt in data.max_seq_length {config.data.max_seq_length} (prompt + answer); raise "
+                        "data.max_seq_length or lower max_completion_length")
     formats = {s.format for s in [*config.data.train, *config.data.eval]}
     if formats - {"auto", "prompts"}:
         problems.append(f"objective.type: grpo reads prompt rows, but a data source has format "

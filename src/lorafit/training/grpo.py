@@ -1,13 +1,13 @@
 """GRPO (group relative policy optimization, Shao et al. 2024) as a lorafit ``Objective``, on lorafit's own loop.
 
 Per optimizer step (``prepare_step``, before the step's totals are counted): each prompt of the step's micro-batches
-gets ``num_generations`` answers sampled from the policy (training/rollout.py), scored by the reward functions and
-turned into advantages A (reward minus its group's mean, over the group's std). Then per micro-batch (``compute``),
+gets ``num_generations`` answers sampled from the policy, in one batched generation for the whole step as TRL samples
+its generation batch (training/rollout.py), scored by the reward functions and turned into advantages A (reward minus its group's mean, over the group's std). Then per micro-batch (``compute``),
 with pi the policy's token probability now, pi_old at generation and pi_ref the base model's (adapter off):
 
     ratio   r_t = pi(y_t) / pi_old(y_t)          (1 unless num_iterations > 1 reuses the answers)
     token   l_t = -min(r_t A, clip(r_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t,
-            KL_t = pi_ref/pi - log(pi_ref/pi) - 1                             (the k3 estimator; beta 0: no reference)
+            KL_t = r_t (pi_ref/pi - log(pi_ref/pi) - 1)       (k3 estimator, bias-corrected; beta 0: no reference)
     loss    grpo:    mean over answers of (mean over the answer's tokens of l_t)
             dr_grpo: sum of l_t / (answers x max_completion_length)
             dapo:    sum of l_t / answer tokens                               (all over the whole optimizer step)
@@ -33,8 +33,8 @@ from lorafit.training.distributed import rank, sum_on_host, world_size
 from lorafit.training.objectives import Objective
 from lorafit.training.preference import reference_model
 from lorafit.training.rewards import score
-from lorafit.training.rollout import (Timer, advantages, generate_answers, reward_metrics, sampling_stream, seed_of,
-                                      unbiased_std)
+from lorafit.training.rollout import (Timer, advantages, generate_answers, merged_prompts, reward_metrics,
+                                      sampling_stream, seed_of, unbiased_std)
 
 SAMPLES_PER_STEP = 4  # answers of the step's first prompt kept for the report (completion_samples.jsonl)
 HOST_KEYS = ("records",)  # what a checkpointed batch leaves out (rows are loaded again on resume)
@@ -58,7 +58,9 @@ def token_losses(logps, old, ref, advantage, *, beta: float, epsilon: float, eps
     losses = -torch.min(ratio * a, clipped_ratio * a)
     kl = None
     if beta != 0.0:
-        kl = torch.exp(ref - logps) - (ref - logps) - 1
+        # times the ratio: TRL's use_bias_correction_kl (default on), the unbiased reverse-KL gradient
+        # (DeepSeek-V3.2); the ratio is differentiable, so this changes the gradient even where it equals 1
+        kl = (torch.exp(ref - logps) - (ref - logps) - 1) * ratio
         losses = losses + beta * kl
     clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
     return losses, kl, clipped
@@ -116,9 +118,11 @@ class GRPOObjective(Objective):
             self.stop_ids = stop_token_ids(self.tokenizer, generation_config(model))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         with Timer() as timer, sampling_stream(seed):
-            rollouts = [generate_answers(model, b, tokenizer=self.tokenizer, num_generations=s.num_generations,
-                                         max_completion_length=s.max_completion_length, sampling=self.sampling,
-                                         stop_ids=self.stop_ids, pad_id=pad_id) for b in batches]
+            answered = generate_answers(model, merged_prompts(batches, pad_id), tokenizer=self.tokenizer,
+                                        num_generations=s.num_generations,
+                                        max_completion_length=s.max_completion_length, sampling=self.sampling,
+                                        stop_ids=self.stop_ids, pad_id=pad_id)
+        rollouts = answered.split([len(b["records"]) * s.num_generations for b in batches])
         rewards, problem = [], None
         try:
             rewards = [score(self.rewards, r.records, r.texts, r.completion_ids) for r in rollouts]

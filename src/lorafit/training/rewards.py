@@ -162,7 +162,7 @@ def check_rows(rewards: list[Reward], examples, *, citation_pattern: str) -> Non
             what = {"reference": 'a "reference" field (the answer to compare with)',
                     "reference object": 'a "reference" that is a JSON object (field_accuracy compares its fields)',
                     "context": 'a "context" field, or passages marked with citation ids in the prompt'}[reward.needs]
-            raise LorafitError(f"reward {reward.spec}: {len(missing)} row(s) have no {what.split(' (')[0]}",
+            raise LorafitError(f"reward {reward.spec}: {len(missing)} row(s) lack {what.split(' (')[0]}",
                                details=missing[:10] + ([f"... and {len(missing) - 10} more"] if len(missing) > 10
                                                        else []),
                                why=f"{reward.spec} scores each answer against {what}",

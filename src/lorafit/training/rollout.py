@@ -43,6 +43,31 @@ class Rollout:
     records: list
 
 
+    def split(self, sizes: list[int]) -> list["Rollout"]:
+        """The answers of consecutive micro-batches of ``sizes`` answers each."""
+        out, start = [], 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            out.append(Rollout(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
+                               self.completion_ids[rows], self.texts[rows], self.records[rows]))
+            start += size
+        return out
+
+
+def merged_prompts(batches: list[dict], pad_id: int) -> dict:
+    """The prompts of several PromptCollator batches as one batch, left-padded to the longest: a step's answers are
+    sampled in one call (as TRL samples its generation batch), whatever micro-batches the step is cut into."""
+    width = max(b["input_ids"].size(1) for b in batches)
+
+    def widened(tensor, value):
+        pad = torch.full((tensor.size(0), width - tensor.size(1)), value, dtype=tensor.dtype, device=tensor.device)
+        return torch.cat([pad, tensor], dim=1)
+
+    return {"input_ids": torch.cat([widened(b["input_ids"], pad_id) for b in batches]),
+            "attention_mask": torch.cat([widened(b["attention_mask"], 0) for b in batches]),
+            "records": [r for b in batches for r in b["records"]]}
+
+
 def seed_of(*parts) -> int:
     """A 63-bit seed from the parts (run seed, step, rank ...): every combination its own stream."""
     return int(sha256_text(":".join(map(str, parts)))[:15], 16)

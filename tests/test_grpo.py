@@ -530,3 +530,22 @@ def test_data_inspect_and_dry_run_understand_prompt_rows(tmp_path, tiny_model_di
     checked = train(load_config(config), dry_run=True).dry_run
     assert checked["batch_rows"] == 8  # 4 prompts x 2 answers, sampled during the check
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_shipped_example_trains_on_its_prompts_with_its_plugin_rewards(tmp_path):
+    """examples/grpo/ages.yaml (its numbers are in README and docs/objectives.md), 3 steps: its plugin rewards load
+    from its folder, score as documented, and every reward function is logged."""
+    sys.modules.pop("age_rewards", None)
+    example = REPO / "examples" / "grpo" / "ages.yaml"
+    config = load_config(example, [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3", "train.log_every=1",
+                                   "eval.every=null", "eval.at_start=false"])
+    result = train(config)
+    trained = [r for r in _history(result.run_dir) if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3]
+    age_rewards = sys.modules["age_rewards"]  # imported by the run, from the config's folder
+    assert Path(age_rewards.__file__).parent == example.parent
+    assert age_rewards.digit_share([], ["26", "a1", "", "ab"]) == [1.0, 0.5, 0.0, 0.0]
+    assert age_rewards.says_the_age([], ["26 years", "25"], reference=["26", "26"]) == [1.0, 0.0]
+    for key in ("reward/digit_share", "reward/says_the_age", "reward/exact_match"):
+        assert 0 <= trained[0][key] <= 1, key
+    sys.modules.pop("age_rewards", None)

@@ -145,7 +145,11 @@ def _print_summary(result) -> None:
     else:
         typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"  artifact       {result.adapter_dir}")
-    if "eval_loss_first" in m:
+    # GRPO's loss is a policy-gradient surrogate (about 0 on the answers just sampled): its eval_reward says more
+    surrogate = "eval_reward" in m.get("series", {})
+    if surrogate:
+        pass
+    elif "eval_loss_first" in m:
         change = f"{100 * m['eval_loss_reduction']:.1f}% lower, " if m.get("eval_loss_reduction") is not None else ""
         typer.echo(
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "

@@ -515,6 +515,8 @@ def test_two_processes_reduce_rewards_across_them(tmp_path, tiny_model_dir):
     assert [r["step"] for r in trained] == [1, 2]
     assert all(r["reward/rank_value"] == 0.5 for r in trained)
     assert all(math.isfinite(r["reward"]) and r["reward_std/rank_value"] == 0 for r in trained)
+    samples = (tmp_path / "run" / "completion_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4  # the main process alone writes: 2 answers of each step's first prompt
 
 
 def test_data_inspect_and_dry_run_understand_prompt_rows(tmp_path, tiny_model_dir):

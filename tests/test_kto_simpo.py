@@ -268,3 +268,23 @@ def test_kto_and_simpo_runs_train_and_log_their_metrics(tmp_path, tiny_model_dir
         assert any(key in r for r in trained), key
     assert all(keys[-1] in r for r in trained)
     assert trained[-1]["loss"] < trained[0]["loss"]  # the same rows come round again: their loss falls
+
+
+def test_data_inspect_and_dry_run_understand_unpaired_rows(tmp_path, tiny_model_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    config = _config(tmp_path, tiny_model_dir, {"type": "kto"})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lorafit", "data", "inspect", str(config), "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["format"] == "unpaired" and report["train_examples"] == 16 and report["eval_examples"] == 8
+    checked = train(load_config(config), dry_run=True).dry_run
+    assert checked["batch_rows"] == 4
+    assert not (tmp_path / "run" / "checkpoints").exists()

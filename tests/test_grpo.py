@@ -465,6 +465,20 @@ def test_num_iterations_trains_each_generation_several_steps_clipped_against_it(
     assert history[1]["clip_ratio"] == 0 and history[2]["clip_ratio"] >= 0 and history[2]["kl"] > 0
 
 
+def test_beta_0_takes_no_reference_pass_and_logs_no_kl(tmp_path, tiny_model_dir):
+    kept = []
+
+    class Batches(LorafitCallback):
+        def on_before_optimizer_step(self, step, loop):
+            kept.extend(loop.objective.buffer)
+
+    result = train(load_config(_config(tmp_path, tiny_model_dir, grpo={"beta": 0.0, "num_iterations": 2},
+                                       train_overrides={"max_steps": 1})), callbacks=[Batches()])
+    assert kept and all("ref_logps" not in b and "old_logps" in b for b in kept)
+    trained = [r for r in _history(result.run_dir) if "loss" in r]
+    assert "kl" not in trained[0] and "reward" in trained[0]
+
+
 def test_a_killed_grpo_run_resumes_to_the_same_adapter_and_history(tmp_path, tiny_model_dir):
     """SIGKILL the CLI after the checkpoint of step 3 (mid num_iterations: step 4 reuses step 3's answers, which
     travel in the checkpoint) and resume: the adapter bytes and every logged value equal the uninterrupted run's

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"^step\s+(\d+)/\d+\s+loss (\S+)")
 # machine dependent: the only fields allowed to differ
 TIMING_KEYS = ("tokens_per_second", "supervised_tokens_per_second", "peak_rss_mb", "gpu_allocated_peak_mb",
-               "gpu_reserved_peak_mb")
+               "gpu_reserved_peak_mb", "generation_seconds", "eval_generation_seconds")
 
 
 class Launch:

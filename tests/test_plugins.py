@@ -110,7 +110,7 @@ def test_wrong_paths_are_clear_errors(plugin_module, spec, message):
 
 
 def test_objective_config_is_strict():
-    with pytest.raises(ValueError, match="none of sft, contrastive, dpo, orpo and not a dotted path.*did you mean "
+    with pytest.raises(ValueError, match="none of sft, contrastive, dpo, orpo, simpo, kto, grpo and not a dotted path.*did you mean "
                        "'contrastive'"):
         ObjectiveConfig(type="contrastiv")
     with pytest.raises(ValueError, match="temperature only apply to type: contrastive"):

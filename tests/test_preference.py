@@ -149,14 +149,14 @@ def _config(folder: Path, model_dir: Path, *, objective=None, train_overrides=No
 
 @pytest.mark.parametrize("change, message", [
     ({"data": {"packing": "padding_free"}}, "objective.type: dpo with data.packing: padding_free"),
-    ({"objective": {"type": "orpo", "loss_type": "ipo"}}, "loss_type: beta applies to type: dpo or orpo, loss_type"),
-    ({"objective": {"type": "sft", "beta": 0.5}}, "beta: beta applies to type: dpo or orpo"),
+    ({"objective": {"type": "orpo", "loss_type": "ipo"}}, "loss_type: loss_type applies to type: dpo (type is 'orpo')"),
+    ({"objective": {"type": "sft", "beta": 0.5}}, "beta: beta applies to type: dpo, orpo, simpo or kto"),
     ({"objective": {"type": "dpo"}, "eval": {"best": {"metric": "eval_nll_loss"}}},
      "logged only by objective.type: orpo"),
     ({"objective": {"type": "sft"}, "eval": {"best": {"metric": "eval_reward_margin"}}},
      "logged only by objective.type: dpo"),
     ({"objective": {"type": "sft"}, "data": {"train": [{"path": "t.jsonl", "format": "preference"}]}},
-     "only objective.type: dpo or orpo trains on"),
+     "only objective.type: dpo, orpo or simpo trains on"),
     ({"objective": {"type": "dpo"}, "data": {"train": [{"path": "t.jsonl", "format": "messages"}]}},
      "objective.type: dpo reads preference rows"),
 ])

@@ -30,6 +30,7 @@ class RunFolder:
     RESULTS = "training_results.json"
     HARNESS = "harness_results.json"  # `lorafit eval --harness` on this run (evaluate/harness.py)
     REPORT = "report.html"
+    SAMPLES = "completion_samples.jsonl"  # GRPO: answers sampled at logged steps, with their rewards
     SUMMARY = "training_summary.json"  # written last by a finished run: its presence means every output is complete
     RESULT = "result.json"
     CHECKPOINTS = "checkpoints"
@@ -149,7 +150,7 @@ class RunFolder:
             return []
         entries = sorted(p.name for p in self.path.iterdir())
         known = {self.HISTORY, self.DATA_REPORT, self.SKIPPED_ROWS, self.RESULTS, self.REPORT, self.SUMMARY,
-                 self.RESULT, self.CHECKPOINTS, self.TENSORBOARD, self.MERGED, LOCK_FILE, *self.TRACKERS}
+                 self.SAMPLES, self.RESULT, self.CHECKPOINTS, self.TENSORBOARD, self.MERGED, LOCK_FILE, *self.TRACKERS}
         if any(name in known or _ARTIFACT_FOLDER.match(name) for name in entries):
             return []
         return entries

@@ -62,10 +62,9 @@ def _load(config: Optional[Path], overrides: Optional[List[str]], *, check_data:
 
     loaded = load_config(config or default_config_path(), overrides or [])
     if check_data:
-        from lorafit.data.precheck import check_sources
+        from lorafit.data.precheck import check_config_sources
 
-        check_sources(loaded.data, triplets=loaded.objective.needs_triplets, marker_field=loaded.eval.attack.marker_field,
-                      preference=loaded.objective.needs_preference)
+        check_config_sources(loaded)
     return loaded
 
 

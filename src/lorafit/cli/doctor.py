@@ -190,10 +190,10 @@ def model_checks(config) -> list[Check]:
 
 
 def data_checks(config) -> list[Check]:
-    from lorafit.data.precheck import check_sources
+    from lorafit.data.precheck import check_config_sources
 
     try:
-        check_sources(config.data, triplets=config.objective.needs_triplets, marker_field=config.eval.attack.marker_field)
+        check_config_sources(config)
     except LorafitError as error:
         return [Check("data", FAIL, error.what + ("; " + "; ".join(error.details[:3]) if error.details else ""),
                       error.fix or "")]

@@ -173,12 +173,17 @@ def _print_summary(result) -> None:
         typer.secho("\ntraining finished", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"  artifact       {result.adapter_dir}")
     diverged = result.health.get("status", "ok") != "ok"
-    if "eval_loss_first" in m and diverged:  # no "% lower, best at ...": nothing was learned
+    # GRPO's loss is a policy-gradient surrogate (about 0 on the answers just sampled): its eval_reward says more
+    surrogate = "eval_reward" in m.get("series", {})
+    if surrogate:
+        pass
+    elif "eval_loss_first" in m and diverged:  # no "% lower, best at ...": nothing was learned
         typer.echo(f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} (diverged)")
     elif "eval_loss_first" in m:
+        change = f"{100 * m['eval_loss_reduction']:.1f}% lower, " if m.get("eval_loss_reduction") is not None else ""
         typer.echo(
             f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} "
-            f"({100 * m['eval_loss_reduction']:.1f}% lower, best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"
+            f"({change}best {m['eval_loss_best']:.4f} at step {m['eval_best_step']})"
         )
     elif "eval_loss_final" in m:
         typer.echo(
@@ -193,7 +198,7 @@ def _print_summary(result) -> None:
     series = m.get("series", {})
     for label, name in (("stability", "eval_causal_stability"), ("separation", "eval_spurious_separation"),
                         ("task loss", "eval_task_loss"), ("reward margin", "eval_reward_margin"),
-                        ("reward acc.", "eval_reward_accuracy")):
+                        ("reward acc.", "eval_reward_accuracy"), ("reward", "eval_reward"), ("kl", "eval_kl")):
         if name in series:
             typer.echo(f"  {label:<14} {series[name]['first']:.3f} -> {series[name]['final']:.3f} ({name})")
     attack = getattr(result, "attack", None) or {}

@@ -1,9 +1,9 @@
 """The ``objective:`` and ``plugins:`` sections: what the training loss is, and which outside code may run.
 
 ``objective.type`` is ``sft`` (next-token loss on the supervised tokens, lorafit's default), ``contrastive``
-(the causal contrastive loss on triplets, docs/objectives.md), ``dpo`` or ``orpo`` (preference pairs,
-config/preference.py) or a dotted path ``package.module:ClassName`` to a
-loss class of your own. A dotted path is code execution: the module is imported and runs with your rights, so
+(the causal contrastive loss on triplets, docs/objectives.md), ``dpo``, ``orpo`` or ``simpo`` (preference pairs),
+``kto`` (single answers labelled desirable or not; config/preference.py), ``grpo`` (online RL on prompts with reward
+functions, config/grpo.py) or a dotted path ``package.module:ClassName`` to a loss class of your own. A dotted path is code execution: the module is imported and runs with your rights, so
 ``plugins.allow_external_code`` decides whether modules outside installed packages and the config's folder may
 be loaded at all.
 """
@@ -16,9 +16,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from lorafit.config.preference import DPO_LOSS_TYPES, PREFERENCE_KEYS, PREFERENCE_OBJECTIVES, preference_clashes
+from lorafit.config.grpo import GRPOConfig, grpo_clashes
+from lorafit.config.preference import (DPO_LOSS_TYPES, DROPOUT_OFF_OBJECTIVES, KEYS_OF, PREFERENCE_KEYS,
+                                       PREFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES, preference_clashes)
 
-BUILTIN_OBJECTIVES = ("sft", "contrastive", *PREFERENCE_OBJECTIVES)
+BUILTIN_OBJECTIVES = ("sft", "contrastive", *PREFERENCE_OBJECTIVES, *UNPAIRED_OBJECTIVES, "grpo")
 # Only the contrastive objective reads these; setting one with another objective is a mistake worth reporting.
 CONTRASTIVE_KEYS = ("lambda_causal", "lambda_spurious", "lambda_task", "temperature", "layer", "pooling")
 # package.module:ClassName, every part a Python identifier.
@@ -59,14 +61,28 @@ def is_dotted_path(value: str) -> bool:
 
 class ObjectiveConfig(_FromConfigFolder):
     type: str = Field("sft", description="Training loss: sft (next-token loss on supervised tokens), contrastive "
-                      "(causal contrastive loss on triplets, docs/objectives.md), dpo or orpo (preference pairs "
-                      "prompt/chosen/rejected) or package.module:ClassName "
+                      "(causal contrastive loss on triplets, docs/objectives.md), dpo, orpo or simpo (preference "
+                      "pairs prompt/chosen/rejected), kto (answers prompt/completion/label), grpo (prompts, answers "
+                      "sampled and scored by reward functions: objective.grpo) or package.module:ClassName "
                       "(your Objective class; code execution, see plugins.allow_external_code).")
-    beta: float = Field(0.1, gt=0, description="dpo/orpo: dpo: strength of the pull towards the reference (the base "
-                        "model); smaller = the adapter may move further from it. orpo: weight of the odds-ratio term "
-                        "next to the chosen answers' next-token loss.")
+    beta: float = Field(0.1, gt=0, description="dpo/orpo/simpo/kto: dpo, kto: strength of the pull towards the "
+                        "reference (the base model); smaller = the adapter may move further from it. orpo: weight of "
+                        "the odds-ratio term next to the chosen answers' next-token loss. simpo: scale of the "
+                        "length-normalised reward (the SimPO paper uses 2.0-2.5). grpo: objective.grpo.beta.")
     loss_type: Literal[DPO_LOSS_TYPES] = Field("sigmoid", description="dpo: sigmoid (DPO), ipo (IPO: squared, "
                                                "length-normalised; resists overfitting) or hinge (SLiC).")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma: the chosen answer's reward "
+                               "must beat the rejected one's by this much (TRL's simpo_gamma).")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) answers' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable answers' loss; with "
+                                      "unbalanced data keep desirable_weight x desirable rows near undesirable_weight "
+                                      "x undesirable rows (up to 4:3, the KTO paper).")
+    disable_dropout: bool | None = Field(None, description="dpo/orpo/simpo/kto/grpo: turn every dropout layer off "
+                                         "(LoRA's included) while training, as TRL does: policy and reference (or "
+                                         "the generation) then see the same network. null = on for these objectives; "
+                                         "false keeps lora.dropout.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="grpo: generation, loss and rewards "
+                             "(docs/objectives.md).")
     lambda_causal: float = Field(1.0, ge=0, description="contrastive: weight of -cos(benign, counterfactual) / T "
                                  "(pulls rewordings of one request together).")
     lambda_spurious: float = Field(1.0, ge=0, description="contrastive: weight of cos(benign, injection) / T "
@@ -101,12 +117,19 @@ class ObjectiveConfig(_FromConfigFolder):
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to type: contrastive (type is {self.type!r}); "
                                  "remove them or set type: contrastive")
-        allowed = {"dpo": {"beta", "loss_type"}, "orpo": {"beta"}}.get(self.type, set())
+        allowed = KEYS_OF.get(self.type, set())
         stray = sorted(k for k in set(PREFERENCE_KEYS) & self.model_fields_set - allowed
                        if getattr(self, k) != type(self).model_fields[k].default)
         if stray:
-            raise ValueError(f"{', '.join(stray)}: beta applies to type: dpo or orpo, loss_type to type: dpo only "
-                             f"(type is {self.type!r}); remove {', '.join(stray)} or change the type")
+            def owners_of(key):
+                types = [t for t, keys in KEYS_OF.items() if key in keys]
+                return " or ".join([", ".join(types[:-1]), types[-1]] if len(types) > 1 else types)
+            owners = "; ".join(f"{k} applies to type: {owners_of(k)}" for k in stray)
+            raise ValueError(f"{', '.join(stray)}: {owners} (type is {self.type!r}); remove {', '.join(stray)} or "
+                             "change the type")
+        if self.disable_dropout is not None and self.type not in DROPOUT_OFF_OBJECTIVES:
+            raise ValueError(f"disable_dropout applies to type: {', '.join(DROPOUT_OFF_OBJECTIVES)} (type is "
+                             f"{self.type!r}: lora.dropout is what it trains with); remove it")
         if self.options and not is_dotted_path(self.type):
             raise ValueError(f"options are passed to a package.module:ClassName objective; type is {self.type!r}")
         return self
@@ -118,6 +141,20 @@ class ObjectiveConfig(_FromConfigFolder):
     @property
     def needs_preference(self) -> bool:
         return self.type in PREFERENCE_OBJECTIVES
+
+    @property
+    def data_kind(self) -> str | None:
+        """The rows the objective trains on (sft, triplets, preference, unpaired, prompts); None for a plugin class,
+        whose ``data`` attribute says it."""
+        if is_dotted_path(self.type):
+            return None
+        return {"contrastive": "triplets", "kto": "unpaired", "grpo": "prompts"}.get(
+            self.type, "preference" if self.needs_preference else "sft")
+
+    @property
+    def dropout_off(self) -> bool:
+        """Whether training turns dropout off (TRL's default for preference and RL objectives)."""
+        return self.type in DROPOUT_OFF_OBJECTIVES and self.disable_dropout is not False
 
 
 class PluginsConfig(_FromConfigFolder):
@@ -174,12 +211,19 @@ def objective_clashes(objective: ObjectiveConfig, data, best_metric: str) -> lis
         metric = best_metric.removeprefix("eval_")
         if metric in CONTRASTIVE_METRICS:
             problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: contrastive")
+    builtin = not is_dotted_path(objective.type)  # a plugin's data attribute decides what it reads
+    if builtin and objective.type != "grpo" and "prompts" in formats:
+        problems.append(f"data: a source has format: prompts (prompts without answers), which only objective.type: "
+                        f"grpo trains on; objective.type is {objective.type!r}")
+    metric = best_metric.removeprefix("eval_")
+    if builtin and objective.type not in ("grpo", "kto") and metric in ("reward", "reward_std", "kl"):
+        problems.append(f"eval.best.metric: {best_metric!r} is logged only by objective.type: grpo (or kto: kl)")
     return problems + preference_clashes(objective, data, best_metric)
 
 
 def fits_objective(config):
-    """Config's after-validator: the objective, the data and the best metric go together."""
-    for problem in objective_clashes(config.objective, config.data, config.eval.best.metric):
+    """Config's after-validator: the objective, the data, the best metric and the strategy go together."""
+    for problem in objective_clashes(config.objective, config.data, config.eval.best.metric) + grpo_clashes(config):
         raise ValueError(problem)
     return config
 

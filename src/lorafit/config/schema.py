@@ -22,6 +22,7 @@ from lorafit.config.model_sections import (
 )
 from lorafit.config.distributed import DistributedConfig
 from lorafit.config.objective import CONTRASTIVE_METRICS, AttackEvalConfig, DebugConfig, ObjectiveConfig, PluginsConfig, fits_objective
+from lorafit.config.grpo import GRPO_METRICS
 from lorafit.config.preference import PREFERENCE_METRICS
 from lorafit.errors import install_hint
 
@@ -32,18 +33,23 @@ GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "json_schema", "fi
                       "citation_coverage", "refusal_correct", "groundedness")
 LOSS_METRICS = ("loss", "perplexity")
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets", "preference")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets", "preference", "unpaired",
+           "prompts")
 # Canonical field names a source's `fields:` map may rename, per format ("response" is an alias of "completion").
 FIELD_NAMES = ("messages", "role", "content", "conversations", "from", "value", "instruction", "input", "output",
                "system", "history", "prompt", "completion", "response", "text", "tools", "part_text",
                "benign", "benign_cf", "injection", "target",  # triplets (docs/objectives.md)
-               "chosen", "rejected")  # preference pairs (docs/objectives.md)
+               "chosen", "rejected",  # preference pairs (docs/objectives.md)
+               "label",  # kto: unpaired answers (prompt/completion/label)
+               "reference")  # grpo: prompt rows (prompt/reference)
 
 
 class DataSource(Section):
     path: str = Field(..., description="A data file: .jsonl, .json (array), .csv, .tsv, .parquet or .txt.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets", "preference"] = Field(
-        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md); triplets, preference: docs/objectives.md."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "triplets", "preference",
+                    "unpaired", "prompts"] = Field(
+        "auto", description="Row format; auto = detected from the first row's keys (docs/data.md), or the objective's "
+        "rows; triplets, preference, unpaired (kto), prompts (grpo): docs/objectives.md."
     )
     fields: dict[str, str] = Field(
         default_factory=dict, description="Rename map, canonical name -> your key, e.g. {prompt: question, response: answer}."
@@ -204,11 +210,11 @@ def train_clashes(train: dict) -> list[str]:
 
 # Every name metrics_history.jsonl can hold, for eval.best.metric (lorafit.evaluate.metrics defines the generation ones).
 TRAIN_LOG_METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "supervised_tokens_per_second",
-                     *CONTRASTIVE_METRICS, *PREFERENCE_METRICS)
-EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity",
-                    *(f"eval_{name}" for name in GENERATION_METRICS + CONTRASTIVE_METRICS + PREFERENCE_METRICS))
+                     *CONTRASTIVE_METRICS, *PREFERENCE_METRICS, *GRPO_METRICS)
+EVAL_LOG_METRICS = ("eval_loss", "eval_perplexity", *(f"eval_{name}" for name in GENERATION_METRICS + CONTRASTIVE_METRICS
+                                                      + PREFERENCE_METRICS + GRPO_METRICS))
 LOWER_IS_BETTER = ("loss", "grad_norm", "eval_loss", "eval_perplexity", "task_loss", "eval_task_loss", "nll_loss",
-                   "eval_nll_loss")
+                   "eval_nll_loss", "kl", "eval_kl")
 
 
 class BestConfig(Section):

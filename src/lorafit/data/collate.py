@@ -36,3 +36,15 @@ class PadCollator:
         if self.source_ids:
             batch["source_ids"] = torch.tensor([f.get("source", 0) for f in features], dtype=torch.long)[:, None] * attention_mask
         return batch
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned so that generation starts at the same column in every row: (input_ids, attention_mask),
+    both (B, T)."""
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, longest - len(prompt):] = 1
+    return input_ids, attention_mask

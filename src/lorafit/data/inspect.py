@@ -37,6 +37,16 @@ def marked_pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tu
 def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
     data, train = config.data, config.train
     use_configured_template(tokenizer, data)
+    formats = {s.format for s in [*data.train, *data.eval]}
+    kind = config.objective.data_kind
+    if kind == "prompts" or "prompts" in formats:
+        from lorafit.data.prompts import inspect_prompts
+
+        return inspect_prompts(config, tokenizer)
+    if kind == "unpaired" or "unpaired" in formats:
+        from lorafit.data.unpaired import inspect_unpaired
+
+        return inspect_unpaired(config, tokenizer)
     if config.objective.needs_preference or any(s.format == "preference" for s in [*data.train, *data.eval]):
         from lorafit.data.preference import inspect_preference
 
@@ -86,6 +96,14 @@ def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
 def render_text(report: dict, *, colour: bool) -> str:
     import typer
 
+    if report.get("format") == "prompts":
+        from lorafit.data.prompts import render_prompts
+
+        return render_prompts(report)
+    if report.get("format") == "unpaired":
+        from lorafit.data.unpaired import render_unpaired
+
+        return render_unpaired(report)
     if report.get("format") == "preference":
         from lorafit.data.preference import render_preference
 

@@ -13,17 +13,30 @@ from lorafit.data.sources import read_records
 
 
 def check_sources(data: DataConfig, *, triplets: bool = False, marker_field: str | None = "marker",
-                  preference: bool = False) -> None:
+                  preference: bool = False, unpaired: bool = False, prompts: bool = False) -> None:
     """Raise the first source's LorafitError (every bad row of that source listed), or return if all parse.
-    ``triplets``/``preference``: the objective trains on triplet rows or preference pairs (docs/objectives.md),
-    whatever the sources' format says."""
+    ``triplets``/``preference``/``unpaired``/``prompts``: the objective trains on triplet rows, preference pairs, KTO's
+    unpaired answers or GRPO's prompts (docs/objectives.md), whatever the sources' format says."""
     from lorafit.data.preference import read_preference
+    from lorafit.data.prompts import read_prompts
     from lorafit.data.triplet_rows import read_triplets
+    from lorafit.data.unpaired import read_unpaired
 
     for source in [*data.train, *data.eval]:
         if preference or source.format == "preference":
             read_preference(source)
+        elif unpaired or source.format == "unpaired":
+            read_unpaired(source)
+        elif prompts or source.format == "prompts":
+            read_prompts(source)
         elif triplets or source.format == "triplets":
             read_triplets(source, marker_field=marker_field)
         else:
             read_records(source, rank_field=data.curriculum_field)
+
+
+def check_config_sources(config) -> None:
+    """``check_sources`` with the rows the config's objective reads."""
+    kind = config.objective.data_kind
+    check_sources(config.data, triplets=kind == "triplets", marker_field=config.eval.attack.marker_field,
+                  preference=kind == "preference", unpaired=kind == "unpaired", prompts=kind == "prompts")

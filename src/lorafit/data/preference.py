@@ -1,4 +1,4 @@
-"""Preference pairs for ``objective.type: dpo | orpo``: a prompt, the answer to prefer and the answer to avoid.
+"""Preference pairs for ``objective.type: dpo | orpo | simpo``: a prompt, the answer to prefer and the answer to avoid.
 
 Row shapes (JSONL, JSON array, CSV or Parquet; the source's ``fields:`` map renames any key):
 
@@ -51,7 +51,9 @@ class PreferenceRecord:
         return json.dumps([self.prompt, self.chosen, self.rejected], sort_keys=True, ensure_ascii=False)
 
 
-def _prompt(row: dict, fields: FieldMap) -> list[dict]:
+def prompt_turns(row: dict, fields: FieldMap) -> list[dict]:
+    """The prompt conversation of a row: its ``prompt`` (a text, with ``system``) or messages, or its ShareGPT
+    ``conversations``; RowError when it has none."""
     conversations, prompt = fields.key("conversations"), fields.key("prompt")
     system = row.get(fields.key("system"))
     if system is not None and not isinstance(system, str):
@@ -70,7 +72,7 @@ def _prompt(row: dict, fields: FieldMap) -> list[dict]:
     return head + messages_from_row(row, FieldMap({**fields.names, "messages": prompt}))
 
 
-def _answer(row: dict, fields: FieldMap, name: str) -> dict:
+def answer_turn(row: dict, fields: FieldMap, name: str) -> dict:
     """One assistant turn: a text, a message object (role/content or from/value) or a list of one message."""
     key = fields.key(name)
     value = row.get(key)
@@ -100,13 +102,13 @@ def normalise_preference(row: object, fields: FieldMap, where: str) -> Preferenc
     """The PreferenceRecord for one parsed row, or RowError naming the field and what is wrong."""
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
-    prompt = _prompt(row, fields)
+    prompt = prompt_turns(row, fields)
     if not prompt or prompt[-1]["role"] != "user":
         where_from = fields.key("conversations") if fields.key("conversations") in row else fields.key("prompt")
         raise RowError("role_order", f'"{where_from}" must end with the user turn the answers reply to (it ends with '
                        f'{prompt[-1]["role"] if prompt else "nothing"}); the answers go in "{fields.key("chosen")}" '
                        f'and "{fields.key("rejected")}"')
-    chosen, rejected = _answer(row, fields, "chosen"), _answer(row, fields, "rejected")
+    chosen, rejected = answer_turn(row, fields, "chosen"), answer_turn(row, fields, "rejected")
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
         problem = check_messages([*prompt, answer])
         if problem:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lorafit.config import ModelConfig
+from lorafit.data.collate import left_padded
 from lorafit.data.formats import RowError
 from lorafit.data.labels import end_of_turn_token, special_token_strings
 from lorafit.data.templates import render
@@ -71,28 +72,57 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return ids
 
 
-def _generation_config(model):
+def generation_config(model):
     """The generation config of a plain model or of a PeftModel's base (peft forwards the attribute)."""
     return getattr(model, "generation_config", None)
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts right-aligned so that generation starts at the same column in every row."""
-    longest = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)  # (B, T)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, longest - len(prompt):] = 1
-    return input_ids, attention_mask
+def until_stop(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """The generated ids up to and including the first end-of-turn id (rows that finished early are padded after
+    it), and whether there was one."""
+    end = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
+    return (new_ids, False) if end is None else (new_ids[: end + 1], True)
 
 
 def _reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Reply:
-    """Cut at the first end-of-turn id (rows that finished early are padded after it)."""
-    end = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
-    kept = new_ids if end is None else new_ids[: end + 1]
-    text_ids = kept if end is None else kept[:-1]
-    return Reply(tokenizer.decode(text_ids, skip_special_tokens=True).strip(), kept, end is not None)
+    kept, stopped = until_stop(new_ids, stop_ids)
+    text_ids = kept[:-1] if stopped else kept
+    return Reply(tokenizer.decode(text_ids, skip_special_tokens=True).strip(), kept, stopped)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``temperature`` 0), or drawn from the distribution divided by
+    ``temperature`` and cut to its ``top_p`` mass. ``top_k``: None keeps the model's generation-config value (what
+    `lorafit generate` has always sampled with); 0 switches it off, so a sample comes from exactly the tempered
+    distribution (GRPO scores the answers with those probabilities)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"do_sample": False}
+        kwargs = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        return kwargs if self.top_k is None else {**kwargs, "top_k": self.top_k}
+
+
+@torch.no_grad()
+def generate_from_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                      stop_ids: list[int], pad_id: int, sampling: Sampling = Sampling()) -> torch.Tensor:
+    """The ids generated after left-padded prompts (B, new), stopped at every end-of-turn id, with the KV cache on
+    and the model in eval mode (its mode is restored afterwards). Sampling draws from torch's global generator:
+    callers that need a particular stream seed it (``generate_replies``, or training under ``fork_rng``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+                                **sampling.generate_kwargs())  # (B, T + new)
+    finally:
+        model.train(was_training)
+    return output[:, input_ids.shape[1]:]
 
 
 @torch.no_grad()
@@ -100,28 +130,21 @@ def generate_replies(model, tokenizer, conversations, *, max_new_tokens: int, ba
                      temperature: float = 0.0, seed: int = 0, stop_ids: list[int] | None = None) -> list[Reply]:
     """The assistant's next turn for each conversation: chat-templated, batched with left padding, stopped at
     every end-of-turn id; greedy unless ``temperature`` > 0. Batched greedy answers equal one-at-a-time ones."""
-    stop_ids = stop_ids or stop_token_ids(tokenizer, _generation_config(model))
+    stop_ids = stop_ids or stop_token_ids(tokenizer, generation_config(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     prompts = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = Sampling(temperature=temperature)
     replies: list[Reply | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     torch.manual_seed(seed)
-    try:
-        for start in track(range(0, len(order), batch_size), "generation", unit="batches"):
-            rows = order[start: start + batch_size]
-            input_ids, attention_mask = _left_padded([prompts[i] for i in rows], pad_id)
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, **sampling,
-            )  # (B, T + new)
-            for r, i in enumerate(rows):
-                replies[i] = _reply(tokenizer, output[r, input_ids.shape[1]:].tolist(), stop_ids)
-    finally:
-        model.train(was_training)
+    for start in track(range(0, len(order), batch_size), "generation", unit="batches"):
+        rows = order[start: start + batch_size]
+        input_ids, attention_mask = left_padded([prompts[i] for i in rows], pad_id)
+        new = generate_from_ids(model, input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
+                                stop_ids=stop_ids, pad_id=pad_id, sampling=sampling)
+        for r, i in enumerate(rows):
+            replies[i] = _reply(tokenizer, new[r].tolist(), stop_ids)
     return replies
 
 
@@ -160,7 +183,7 @@ def load_generator(*, adapter: str | Path | None = None, model: str | Path | Non
     if torch.cuda.is_available():
         net = net.to("cuda")
     net.eval()
-    return Generator(net, tokenizer, stop_token_ids(tokenizer, _generation_config(net)))
+    return Generator(net, tokenizer, stop_token_ids(tokenizer, generation_config(net)))
 
 
 def read_prompts(path: Path) -> list[list[dict]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from lorafit.errors import LorafitError
 from lorafit.evaluate.harness import harness_section
 from lorafit.evaluate.report_plots import plots
+from lorafit.evaluate.report_rl import read_samples, samples_section
 from lorafit.run_folder import RunFolder, write_atomic
 
 REPORT_FILE, RESULTS_FILE, HISTORY_FILE = RunFolder.REPORT, RunFolder.RESULTS, RunFolder.HISTORY
@@ -181,6 +182,7 @@ greedy decoding. Definitions: docs/eval.md.</p>
 <h2>Sample generations</h2>
 <table class="samples"><tr><th>prompt</th><th>reference</th><th>base (no adapter)</th><th>adapter</th></tr>{sample_rows or
 '<tr><td colspan="4" class="muted">no samples (no eval data, or eval.generate_samples: 0)</td></tr>'}</table>
+{samples_section(results.get("completion_samples") or [])}
 {_attack_section(results.get("attack") or {})}
 {harness_section(results.get("harness"))}
 <h2>Data</h2>
@@ -210,6 +212,9 @@ def write_report(run_dir: Path) -> Path:
     history = read_history(run_dir)
     results_path = run_dir / RESULTS_FILE
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
+    samples = read_samples(run_dir)  # GRPO runs: answers sampled during training
+    if samples:
+        results = {**results, "completion_samples": samples}
     harness_path = run_dir / RunFolder.HARNESS
     if harness_path.is_file():
         results = {**results, "harness": json.loads(harness_path.read_text(encoding="utf-8"))}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import io
 
-from lorafit.config.objective import CONTRASTIVE_METRICS
-from lorafit.config.preference import PREFERENCE_METRICS
+from lorafit.config import GENERATION_METRICS
+from lorafit.evaluate.report_rl import rl_plots
 
 _COLORS = {"train": "#4C72B0", "eval": "#DD8452", "best": "#55A868", "base": "#8C8C8C", "adapter": "#4C72B0"}
 
@@ -126,8 +126,9 @@ def figures(history: list[dict], results: dict) -> list[tuple[str, object, str]]
                 (f"{k} (train)", *_series(history, k), palette[k][0]),
                 (f"{k} (eval)", *_series(history, f"eval_{k}"), palette[k][1]))]), ""))
     out += preference_plots(history)
-    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_") and k not in ("eval_loss", "eval_perplexity")
-                              and k.removeprefix("eval_") not in CONTRASTIVE_METRICS + PREFERENCE_METRICS})
+    out += rl_plots(history, _figure, _series)
+    generation_keys = sorted({k for r in history for k in r if k.startswith("eval_")
+                              and k.removeprefix("eval_") in GENERATION_METRICS})
     if generation_keys:
         palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
         out.append(("Generation metrics during training", _figure("Generation metrics on the eval sample", "rate", [
@@ -144,8 +145,9 @@ def figures(history: list[dict], results: dict) -> list[tuple[str, object, str]]
 
 
 def preference_plots(history: list[dict]) -> list[tuple[str, object, str]]:
-    """DPO/ORPO runs: the rewards of chosen and rejected answers and their margin, and the reward accuracy."""
-    if not any(_series(history, k)[0] for k in ("reward_margin", "eval_reward_margin")):
+    """DPO/ORPO/SimPO/KTO runs: the rewards of chosen (desirable) and rejected answers, their margin, and the
+    reward accuracy."""
+    if not any(_series(history, k)[0] for k in ("reward_chosen", "eval_reward_chosen")):  # KTO logs no margin
         return []
     palette = {"reward_chosen": ("#9FD3AE", "#2E7D46"), "reward_rejected": ("#F0A5A5", "#C44E52"),
                "reward_margin": ("#9DB4D8", "#4C72B0"), "reward_accuracy": ("#9DB4D8", "#4C72B0")}  # (train, eval)

@@ -188,8 +188,8 @@ def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
     from lorafit.data import prepare_data, use_configured_template
     from lorafit.model.loading import load_tokenizer, resolve_model_path
 
-    if config.objective.needs_triplets:
-        return [config.data.max_seq_length]  # triplet rows are planned at full length (no SFT lengths to read)
+    if config.objective.data_kind not in ("sft", None):
+        return [config.data.max_seq_length]  # triplets, pairs, answers, prompts: planned at full length
     tokenizer = load_tokenizer(config.model, resolve_model_path(config.model))
     use_configured_template(tokenizer, config.data)
     t = config.train

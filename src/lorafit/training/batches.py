@@ -68,13 +68,17 @@ class BatchPlan:
         return len(self.steps)
 
 
-def epoch_plan(order: list[int], *, batch_size: int, grad_accum: int, processes: int = 1, rank: int = 0) -> BatchPlan:
-    """Cut an epoch's order into this process's micro-batches, grouped into optimizer steps.
+def epoch_plan(order: list[int], *, batch_size: int, grad_accum: int, processes: int = 1, rank: int = 0,
+               repeat: int = 1) -> BatchPlan:
+    """Cut an epoch's order into this process's micro-batches, grouped into optimizer steps; ``repeat``: each step's
+    micro-batches train that many consecutive steps (GRPO's num_iterations reuses one generation).
 
     >>> epoch_plan(list(range(7)), batch_size=2, grad_accum=2).steps
     [[[0, 1], [2, 3]], [[4, 5], [6]]]
     >>> epoch_plan(list(range(6)), batch_size=2, grad_accum=1, processes=2, rank=1).steps
     [[[2, 3]], [[0, 1]]]
+    >>> epoch_plan(list(range(4)), batch_size=2, grad_accum=1, repeat=2).steps
+    [[[0, 1]], [[0, 1]], [[2, 3]], [[2, 3]]]
     """
     global_batch = batch_size * processes
     if processes > 1 and order:
@@ -84,7 +88,7 @@ def epoch_plan(order: list[int], *, batch_size: int, grad_accum: int, processes:
     micro = [order[start + rank * batch_size : start + (rank + 1) * batch_size]
              for start in range(0, len(order), global_batch)]
     micro = [batch for batch in micro if batch]
-    return BatchPlan([micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)])
+    return BatchPlan([micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum) for _ in range(repeat)])
 
 
 def steps_per_epoch(num_examples: int, *, batch_size: int, grad_accum: int, processes: int = 1) -> int:

@@ -293,7 +293,8 @@ def dataset_fingerprint(dataset) -> str:
     """sha256 of the tokenised examples in order: changes with the data files, the tokenizer or the template."""
     # Triplet examples hold more than one row (training/objectives.py): every sequence they hold counts.
     return token_sequences_digest(seq for example in dataset.examples
-                                  for seq in getattr(example, "token_sequences", (example.input_ids, example.labels)))
+                                  for seq in (example.token_sequences if hasattr(example, "token_sequences")
+                                              else (example.input_ids, example.labels)))
 
 
 def find_resume_point(root: Path, resume: str | None, *, overwrite: bool) -> Path | None:

@@ -97,13 +97,14 @@ def broadcast_from_main(value):
     return box[0]
 
 
-def sum_on_host(values: list[int]) -> list[int]:
-    """Sum of each integer over every process (``values`` itself with one process). Runs on the CPU group (gloo
-    beside nccl, ``init_processes``): a host-side collective that never waits for a GPU."""
+def sum_on_host(values: list, dtype: torch.dtype = torch.int64) -> list:
+    """Sum of each number (integers, or floats with ``dtype`` float64) over every process (``values`` itself with
+    one process). Runs on the CPU group (gloo beside nccl, ``init_processes``): a host-side collective that never
+    waits for a GPU."""
     if not _active():
         return list(values)
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # a pure nccl group, made by another
-    total = torch.tensor(values, dtype=torch.int64, device=device)
+    total = torch.tensor(values, dtype=dtype, device=device)
     torch.distributed.all_reduce(total)
     return total.tolist()
 

@@ -12,6 +12,7 @@ import torch
 
 from lorafit.config import Config
 from lorafit.training.callbacks import peak_memory
+from lorafit.training.objectives import Objective
 
 
 def largest_batch(config: Config, tokenizer, train_data, objective, attn: str = "sdpa") -> dict[str, torch.Tensor]:
@@ -22,10 +23,10 @@ def largest_batch(config: Config, tokenizer, train_data, objective, attn: str = 
 
     if objective.data == "triplets":
         collate = TripletCollator(tokenizer.pad_token_id)
-    elif objective.data == "preference":
-        from lorafit.data.preference import PreferenceCollator
+    elif objective.data in ("preference", "unpaired", "prompts"):
+        from lorafit.training.run_setup import collator_for
 
-        collate = PreferenceCollator(tokenizer.pad_token_id)
+        collate = collator_for(config, objective, tokenizer, None)
     else:
         collate = (packed_collator(config.data.packing, attn, tokenizer.pad_token_id) if config.data.packing != "none"
                    else PadCollator(tokenizer.pad_token_id))
@@ -47,13 +48,16 @@ def largest_batch_step(config: Config, model, tokenizer, train_data, objective) 
         torch.cuda.reset_peak_memory_stats()
     if config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = {k: v.to(device) for k, v in largest_batch(config, tokenizer, train_data, objective,
-                                                            attention_of(model)).items()}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in largest_batch(config, tokenizer, train_data, objective, attention_of(model)).items()}
     precision = mixed_precision(config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
     model.train()
     begun = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        if type(objective).prepare_step is not Objective.prepare_step:  # GRPO samples its answers, KTO pairs rows
+            batch = objective.prepare_step(model, [batch], 1)[0]
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = objective.compute(model, batch)[0]
     loss.backward()
     seconds = time.perf_counter() - begun

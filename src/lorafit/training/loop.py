@@ -91,8 +91,10 @@ class TrainingLoop:
         self.collate = plans.CountingCollator(collate, objective)
         self.workers = t.loader_workers if t.loader_workers is not None else (2 if on_cuda else 0)
         self.pin = on_cuda
-        self.steps_per_epoch = plans.steps_per_epoch(len(train_data), batch_size=t.batch_size,
-                                                     grad_accum=t.grad_accum, processes=self.processes)
+        # GRPO's num_iterations: each step's batches train that many consecutive steps (TRL's RepeatSampler)
+        self.repeat = int(getattr(objective, "repeat_steps", 1))
+        self.steps_per_epoch = self.repeat * plans.steps_per_epoch(len(train_data), batch_size=t.batch_size,
+                                                                   grad_accum=t.grad_accum, processes=self.processes)
         self.max_steps = t.max_steps or math.ceil(self.steps_per_epoch * (t.epochs or 1.0))
         # torch's fused AdamW/SGD skip a flagged step on the device; FSDP2's DTensors and DeepSpeed's own
         # optimizer take the unfused path, where the host reads the flag (one read per step, said in docs).
@@ -144,7 +146,7 @@ class TrainingLoop:
             if kind == "group_by_length" else [0] * len(self.train_data)
         order = plans.epoch_order(lengths, seed=t.seed, epoch=epoch, kind=kind, global_batch=t.batch_size * self.processes)
         return plans.epoch_plan(order, batch_size=t.batch_size, grad_accum=t.grad_accum, processes=self.processes,
-                                rank=self.rank)
+                                rank=self.rank, repeat=self.repeat)
 
     def _steps_of(self, plan: plans.BatchPlan):
         """The remaining steps of an epoch, each a list of (CPU batch, Counts), loaded ahead by the loader."""
@@ -194,13 +196,15 @@ class TrainingLoop:
             torch.cuda.empty_cache()
 
     def _prepared(self, micro_batches: list, step: int) -> list:
-        """Objectives that make their batches during the step (GRPO generates its completions) do it here, before
-        the totals are counted; the counts then come from what they return."""
+        """Objectives that make their batches during the step (GRPO generates its answers, KTO scores its mismatched
+        pairs) do it here, before the totals are counted; the counts then come from what they return (a made batch
+        says its input tokens as the host number ``input_tokens``, else the loaded batch's count stands)."""
         if type(self.objective).prepare_step is Objective.prepare_step:
             return micro_batches  # the default: the batches as loaded
         made = self.objective.prepare_step(self.model, [batch for batch, _ in micro_batches], step)
-        return [(batch, plans.Counts(0, int(self.objective.tokens_in(batch)), int(self.objective.examples_in(batch))))
-                for batch in made]
+        return [(batch, plans.Counts(int(batch.get("input_tokens", counts.tokens)), int(self.objective.tokens_in(batch)),
+                                     int(self.objective.examples_in(batch))))
+                for batch, (_, counts) in zip(made, micro_batches)]
 
     def _no_sync(self, last: bool):
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)

@@ -39,7 +39,9 @@ class Objective:
 
     ``data``: the batches it needs: "sft" (``input_ids``, ``attention_mask``, ``labels``, or a packed row) or
     "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection) or
-    "preference" (``lorafit.data.preference``: 2n rows, the chosen answers first, then the rejected ones).
+    "preference" (``lorafit.data.preference``: 2n rows, the chosen answers first, then the rejected ones) or
+    "unpaired" (``lorafit.data.unpaired``: n answers labelled ``desirable``) or "prompts" (``lorafit.data.prompts``:
+    n left-padded prompts and their rows; the objective makes its answers in ``prepare_step``).
     ``compute`` returns the loss (already normalised by ``totals``, see the module docstring) and a dict of
     metric name -> value, each a mean over the batch's examples (``metric_weight``). Return values as 0-d tensors
     left on the device (no ``.item()``): the training loop reads every metric once, at a logging step, so a step
@@ -222,10 +224,18 @@ def build_objective(objective_config, *, config_dir=None, allow_external_code: b
         return SupervisedObjective()
     if objective_config.type == "contrastive":
         return ContrastiveObjective.from_config(objective_config)
-    if objective_config.type in ("dpo", "orpo"):
+    if objective_config.type in ("dpo", "orpo", "simpo"):
         from lorafit.training.preference import preference_objective
 
         return preference_objective(objective_config)
+    if objective_config.type == "kto":
+        from lorafit.training.kto import KTOObjective
+
+        return KTOObjective(beta=objective_config.beta, desirable_weight=objective_config.desirable_weight,
+                            undesirable_weight=objective_config.undesirable_weight)
+    if objective_config.type == "grpo":
+        raise LorafitError("objective.type: grpo is built with its reward functions and seed",
+                           fix="use lorafit.training.run_setup.objective_for(config, callbacks)")
     from lorafit.training.plugins import load_plugin
 
     cls = load_plugin(objective_config.type, base=Objective, field="objective.type",
@@ -235,7 +245,8 @@ def build_objective(objective_config, *, config_dir=None, allow_external_code: b
     except TypeError as exc:
         raise LorafitError(f"objective.options: {objective_config.type} does not accept them ({exc})",
                            fix="pass only the keyword arguments its constructor takes") from None
-    if objective.data not in ("sft", "triplets", "preference"):
+    if objective.data not in ("sft", "triplets", "preference", "unpaired", "prompts"):
         raise LorafitError(f"objective.type: {objective_config.type}.data is {objective.data!r}",
-                           fix='set the class attribute data to "sft", "triplets" or "preference"')
+                           fix='set the class attribute data to "sft", "triplets", "preference", "unpaired" or '
+                           '"prompts"')
     return objective

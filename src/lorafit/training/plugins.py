@@ -1,4 +1,4 @@
-"""Load an objective or callback class from a dotted path ``package.module:ClassName``.
+"""Load an objective or callback class (``package.module:ClassName``) or a reward function (``package.module:function``).
 
 Importing a module runs its code with the user's rights, so where the module may come from is checked
 *before* anything is imported: the top-level package is located with ``importlib.util.find_spec`` (which
@@ -83,20 +83,42 @@ def check_origin(spec: str, *, field: str, config_dir: Path | None, allow_extern
         )
 
 
+def _module_of(spec: str, *, field: str, config_dir: Path | str | None, allow_external_code: bool):
+    """The module ``spec`` names, imported (run) after its origin was checked."""
+    if not is_dotted_path(spec):
+        raise LorafitError(f"{field}: {spec!r} is not a dotted path", fix="write package.module:Name")
+    config_dir = Path(config_dir) if config_dir is not None else None
+    check_origin(spec, field=field, config_dir=config_dir, allow_external_code=allow_external_code)
+    module_name = spec.split(":")[0]
+    with _searching_first(config_dir):
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise LorafitError(f"{field}: module {module_name!r} not found ({exc})",
+                               fix="check the module path in package.module:Name") from None
+
+
+def load_function(spec: str, *, field: str, config_dir: Path | str | None = None,
+                  allow_external_code: bool = False):
+    """The function ``spec`` (``package.module:function``) names, by the same rules as a plugin class (GRPO's reward
+    functions). Imports (runs) the module."""
+    module = _module_of(spec, field=field, config_dir=config_dir, allow_external_code=allow_external_code)
+    name = spec.split(":")[1]
+    function = getattr(module, name, None)
+    if not callable(function) or isinstance(function, type):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not isinstance(v, type)
+                        and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        raise LorafitError(f"{field}: {spec.split(':')[0]} has no function {name!r}",
+                           why=f"functions it defines: {', '.join(public) or 'none'}",
+                           fix="check the function name after the ':'")
+    return function
+
+
 def load_plugin(spec: str, *, base: type, field: str, config_dir: Path | str | None = None,
                 allow_external_code: bool = False) -> type:
     """The class ``spec`` names, checked to be a subclass of ``base``. Imports (runs) the module."""
-    if not is_dotted_path(spec):
-        raise LorafitError(f"{field}: {spec!r} is not a dotted path", fix="write package.module:ClassName")
-    config_dir = Path(config_dir) if config_dir is not None else None
-    check_origin(spec, field=field, config_dir=config_dir, allow_external_code=allow_external_code)
+    module = _module_of(spec, field=field, config_dir=config_dir, allow_external_code=allow_external_code)
     module_name, class_name = spec.split(":")
-    with _searching_first(config_dir):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise LorafitError(f"{field}: module {module_name!r} not found ({exc})",
-                               fix="check the module path in package.module:ClassName") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         public = sorted(n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_"))

@@ -1,4 +1,5 @@
-"""Preference objectives: DPO (with its IPO and hinge variants) and ORPO, as lorafit ``Objective``s.
+"""Preference objectives: DPO (with its IPO and hinge variants), ORPO and SimPO, as lorafit ``Objective``s (KTO,
+on unpaired answers, is in training/kto.py).
 
 A batch is 2n rows (``lorafit.data.preference.PreferenceCollator``): n prompt + chosen answer rows, then the n
 prompt + rejected answer rows, labelled on the answer tokens only. log p(answer | prompt) is the sum of the answer
@@ -20,7 +21,7 @@ tests/test_preference.py checks the DPO loss and rewards against TRL's DPOTraine
 written here rather than run through TRL's trainers because those re-tokenise every row with their own chat-template
 call (DPOTrainer._prepare_dataset takes no pre-tokenised pairs), keep their metric accumulators outside
 checkpoints (a resumed run would log different means) and replace the model's forward with a fused LM head; as
-an Objective the loss runs inside LorafitTrainer, so lorafit's labels, checkpoints, exact resume, gradient
+an Objective the loss runs inside lorafit's loop (training/loop.py), so lorafit's labels, checkpoints, exact resume, gradient
 accumulation and metrics history apply unchanged.
 
 Every loss term is per pair: a micro-batch returns sum over its pairs / ``totals.examples`` (the pairs of the whole
@@ -141,8 +142,32 @@ class ORPOObjective(PreferenceObjective):
         return loss, metrics
 
 
+class SimPOObjective(PreferenceObjective):
+    """SimPO (Meng et al. 2024): reference-free, on length-normalised log-probabilities a = log pi / tokens,
+
+        loss = -log sigmoid(beta * (a(c) - a(r)) - gamma)
+
+    TRL's CPOTrainer with loss_type "simpo" and cpo_alpha 0 (trl/experimental/cpo: cpo_loss writes it as
+    beta * (a(c) - a(r) - gamma / beta)); rewards (logged): beta * a of each answer."""
+
+    metric_names = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
+
+    def __init__(self, *, beta: float = 2.0, gamma: float = 0.5):
+        super().__init__(beta=beta)
+        self.gamma = gamma
+
+    def compute(self, model, batch, totals=None):
+        logps, tokens = _forward_logps(model, batch)
+        chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)  # (n,) each
+        losses = -F.logsigmoid(self.beta * (chosen - rejected) - self.gamma)
+        loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
+        return loss, self._rewards(self.beta * chosen.detach(), self.beta * rejected.detach())
+
+
 def preference_objective(objective_config) -> PreferenceObjective:
-    """The Objective of ``objective.type: dpo | orpo``."""
+    """The Objective of ``objective.type: dpo | orpo | simpo``."""
     if objective_config.type == "dpo":
         return DPOObjective(beta=objective_config.beta, loss_type=objective_config.loss_type)
+    if objective_config.type == "simpo":
+        return SimPOObjective(beta=objective_config.beta, gamma=objective_config.simpo_gamma)
     return ORPOObjective(beta=objective_config.beta)

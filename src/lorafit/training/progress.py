@@ -117,6 +117,7 @@ def format_values(step: int, max_steps: int, values: dict) -> str:
         ppl = f" (ppl {values['eval_perplexity']:.2f})" if "eval_perplexity" in values else ""
         parts.append(f"eval_loss {values['eval_loss']:.4f}{ppl}")
     parts += [f"{key} {values[key]:.3f}" for key in ("reward_margin", "reward_accuracy", "eval_reward_margin",
-                                                     "eval_reward_accuracy") if key in values]
+                                                     "eval_reward_accuracy", "reward", "eval_reward", "kl",
+                                                     "generation_seconds") if key in values]
     parts += [f"{name} {values[f'eval_{name}']:.3f}" for name in GENERATION_METRICS if f"eval_{name}" in values]
     return "  ".join(parts)

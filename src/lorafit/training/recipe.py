@@ -38,7 +38,8 @@ from lorafit.training.memory_record import memory_summary, predict_for_run
 from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
                                       merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
                                       write_results_and_report)  # RunStopped: raised here, caught by callers
-from lorafit.training.run_setup import attack_comparison, build_loop, objective_for, prepare_run_data
+from lorafit.training.run_setup import (apply_dropout_policy, attack_comparison, build_loop, objective_for,
+                                        prepare_run_data)
 from lorafit.training.tracking import offline_tracking_env
 
 
@@ -150,6 +151,9 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
              "(model.kernels: none keeps them, at the fused loss's memory cost)")
     trainable, total = count_parameters(model)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if apply_dropout_policy(config, model):
+        say(f"dropout off for objective.type: {config.objective.type}, as TRL trains it "
+            "(objective.disable_dropout: false keeps lora.dropout)")
     if dry_run:
         from lorafit.training.dry_run import largest_batch_step
 

@@ -18,7 +18,15 @@ def objective_for(config: Config, user_callbacks) -> tuple:
     from lorafit.training.source_loss import source_names
 
     plugins = config.plugins
-    objective = build_objective(config.objective, allow_external_code=plugins.allow_external_code)
+    if config.objective.type == "grpo":  # its reward plugins are imported here too, before any data or model
+        from lorafit.training.grpo import GRPOObjective
+        from lorafit.training.rewards import build_rewards
+
+        rewards = build_rewards(config.objective.grpo, eval_config=config.eval, config_dir=config.objective.config_dir,
+                                allow_external_code=plugins.allow_external_code)
+        objective = GRPOObjective(config.objective.grpo, rewards, seed=config.train.seed)
+    else:
+        objective = build_objective(config.objective, allow_external_code=plugins.allow_external_code)
     if type(objective) is SupervisedObjective and len(config.data.train) > 1:
         objective = SupervisedObjective(source_names([s.path for s in config.data.train]))  # loss/<source>
     loaded = [load_plugin(spec, base=LorafitCallback, field=f"plugins.callbacks[{i}]", config_dir=plugins.config_dir,
@@ -28,10 +36,26 @@ def objective_for(config: Config, user_callbacks) -> tuple:
 
 
 def prepare_run_data(config: Config, tokenizer, objective, *, use_cache: bool):
-    """SFT rows, or triplets or preference pairs when the objective trains on them."""
+    """SFT rows, or triplets, preference pairs, unpaired answers or prompts when the objective trains on them.
+    An objective that makes or pairs rows during training gets the tokenizer (``use_tokenizer``); GRPO's built-in
+    rewards check every row has what they compare against."""
     from lorafit.data import prepare_data
     from lorafit.data.triplets import prepare_triplets
 
+    if hasattr(objective, "use_tokenizer"):
+        objective.use_tokenizer(tokenizer)
+    if objective.data == "prompts":
+        from lorafit.data.prompts import data_limit, prepare_prompts
+        from lorafit.training.rewards import check_rows
+
+        prepared = prepare_prompts(config.data, tokenizer, seed=config.train.seed, max_prompt_length=data_limit(config))
+        check_rows(getattr(objective, "rewards", []), [*prepared.train_examples, *prepared.eval_examples],
+                   citation_pattern=config.eval.citation_pattern)
+        return prepared
+    if objective.data == "unpaired":
+        from lorafit.data.unpaired import prepare_unpaired
+
+        return prepare_unpaired(config.data, tokenizer, seed=config.train.seed)
     if objective.data == "preference":
         from lorafit.data.preference import prepare_preference
 
@@ -57,6 +81,14 @@ def collator_for(config: Config, objective, tokenizer, model):
         from lorafit.data.preference import PreferenceCollator
 
         return PreferenceCollator(tokenizer.pad_token_id)
+    if objective.data == "unpaired":
+        from lorafit.data.unpaired import UnpairedCollator
+
+        return UnpairedCollator(tokenizer.pad_token_id)
+    if objective.data == "prompts":
+        from lorafit.data.prompts import PromptCollator
+
+        return PromptCollator(pad_id(tokenizer))
     with_sources = bool(getattr(objective, "sources", None))
     if config.data.packing == "none":
         return PadCollator(tokenizer.pad_token_id, with_sources)
@@ -86,6 +118,10 @@ def build_loop(config: Config, model, tokenizer, objective, prepared, run, *, hi
         from lorafit.model.quantization import check_training_layout
 
         layout_check = check_training_layout
+    if objective.data == "prompts" and hasattr(objective, "samples"):  # a few answers per logged step, for the report
+        from lorafit.training.rollout import CompletionSamples
+
+        callbacks = [*callbacks, CompletionSamples(run, objective)]
     parts = LoopParts(run=run, history=history, guard=guard, best=best, stop=stop, callbacks=callbacks,
                       progress=progress, generation=generation if config.eval.generate_every else None,
                       layout_check=layout_check, checkpoints=checkpoints)
@@ -108,3 +144,25 @@ def attack_comparison(config: Config, model, tokenizer, objective, eval_examples
     records = attack_sample([e.record for e in eval_examples], attack)
     return compare_attack_success(model, tokenizer, records, attack, max_new_tokens=config.eval.max_new_tokens,
                                   batch_size=config.eval.batch_size or config.train.batch_size)
+
+
+def pad_id(tokenizer) -> int:
+    """The id prompts are left-padded with (masked; the EOS when the tokenizer has no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def apply_dropout_policy(config: Config, model) -> int:
+    """Preference and RL objectives train with every dropout layer off, LoRA's included, as TRL does by default
+    (``disable_dropout``): the policy's log-probabilities must come from the same network as the reference's (or
+    as the generation's), else early rewards are noise. ``objective.disable_dropout: false`` keeps them. Returns
+    how many layers were switched off."""
+    import torch
+
+    if not config.objective.dropout_off:
+        return 0
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p != 0:
+            module.p = 0.0
+            switched += 1
+    return switched

@@ -1,0 +1,282 @@
+"""Prompt rows for ``objective.type: grpo``: what the model is asked, and what its answers are scored against.
+
+Row shapes (JSONL, JSON array, CSV or Parquet; the source's ``fields:`` map renames any key):
+
+    {"prompt": "Give Ana's age as JSON.", "reference": "{\\"age\\": 41}"}     # text prompt (+ system) and fields
+    {"prompt": [{"role": "user", "content": "..."}], "reference": "..."}     # TRL's conversational prompt
+    {"messages": [{"role": "system", ...}, {"role": "user", ...}]}          # a conversation without its answer
+    {"messages": [..., {"role": "user", ...}, {"role": "assistant", ...}]}  # SFT rows: the last answer becomes
+    {"conversations": [...]}                                                # the reference (ShareGPT alike)
+
+Every other key of the row is a row field: reward functions receive it, one value per answer, as TRL's reward
+functions receive the dataset's extra columns (``f(prompts, completions, reference=[...], my_field=[...])``). The
+prompt is rendered with the chat template and its generation prompt, exactly as `lorafit generate` renders it, and
+tokenised once; a prompt longer than ``data.max_seq_length - objective.grpo.max_completion_length`` tokens is
+dropped (``truncation: drop``) or keeps its last tokens (``truncate``: the generation prompt is at the end). Module
+import stays light (no torch): data/precheck.py reads rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafit.data.formats import FieldMap, RowError, _from_sharegpt, check_messages, messages_from_row
+from lorafit.data.preference import prompt_turns
+from lorafit.data.readers import read_rows
+from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
+from lorafit.data.templates import apply_system_turn, render
+from lorafit.errors import LorafitError
+from lorafit.hashing import sha256_text
+
+PROMPT_KEYS = ("prompt", "messages", "conversations", "system")
+ROW_HELP = ('each row must be an object like {"prompt": "...", "reference": "..."} (prompt a text or a messages list '
+            'ending with the user turn) or {"messages": [...]} (a conversation ending with the user turn, or with an '
+            'assistant turn that becomes the reference); other keys are passed to the reward functions; see '
+            "docs/objectives.md")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    where: str
+    messages: tuple[dict, ...]  # rendered with the generation prompt; ends with a user turn
+    given: object  # the prompt as the row gave it (text or messages): what reward functions receive as `prompts`
+    fields: dict = field(default_factory=dict, compare=False, hash=False)  # every other key, reference included
+
+    def identity(self) -> str:
+        return json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+
+
+def _conversation(row: dict, fields: FieldMap) -> tuple[list[dict], str] | None:
+    """(messages, key) from a messages or conversations key, or None when the row has neither."""
+    for canonical, parse in (("messages", messages_from_row), ("conversations", _from_sharegpt)):
+        if fields.key(canonical) in row:
+            return parse(row, fields), fields.key(canonical)
+    return None
+
+
+def normalise_prompt(row: object, fields: FieldMap, where: str) -> PromptRecord:
+    """The PromptRecord of one parsed row, or RowError naming the field and what is wrong."""
+    if not isinstance(row, dict):
+        raise RowError("not_an_object", f"expected a JSON object, got {type(row).__name__}")
+    reference_key = fields.key("reference")
+    found = _conversation(row, fields) if fields.key("prompt") not in row else None
+    extra = {}
+    if found is not None:
+        messages, key = found
+        given = [dict(m) for m in messages]
+        if messages and messages[-1]["role"] == "assistant":  # an SFT row: its last answer is the reference
+            if reference_key in row:
+                raise RowError("ambiguous_reference", f'"{key}" ends with an assistant turn and the row has a '
+                               f'"{reference_key}" too: give the reference once')
+            extra["reference"] = messages[-1]["content"]
+            messages, given = messages[:-1], given[:-1]
+    else:
+        messages, key = prompt_turns(row, fields), fields.key("prompt")
+        given = row[key] if isinstance(row[key], str) else messages
+    if not messages or messages[-1]["role"] != "user":
+        raise RowError("role_order", f'"{key}" must end with the user turn the model answers (it ends with '
+                       f'{messages[-1]["role"] if messages else "nothing"})')
+    problem = check_messages([*messages, {"role": "assistant", "content": "x"}])
+    if problem:
+        raise RowError(*problem)
+    used = {fields.key(k) for k in PROMPT_KEYS} | {reference_key}
+    extra |= {k: v for k, v in row.items() if k not in used}
+    if reference_key in row:
+        value = row[reference_key]
+        extra["reference"] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return PromptRecord(where, tuple(messages), given, extra)
+
+
+def read_prompts(source) -> tuple[list[PromptRecord], SourceStats, list[dict]]:
+    """Parse and check every row of ``source`` (a DataSource); its on_error policy applies as for SFT rows."""
+    known = set(PROMPT_KEYS) | {"reference", "role", "content", "from", "value", "part_text"}
+    unknown = sorted(set(source.fields) - known)
+    if unknown:
+        raise LorafitError(f"{source.path}: fields map names {unknown}, not prompt fields",
+                           fix=f"map only {', '.join(sorted(known))} for a prompt source")
+    rows = read_rows(Path(source.path))
+    fields = FieldMap(source.fields)
+    stats = SourceStats(path=str(source.path), format="prompts", rows=len(rows))
+    records, problems, skipped = [], [], []
+    for row in rows:
+        if row.problem is not None:
+            problems.append((row.where, *row.problem))
+            continue
+        try:
+            records.append(normalise_prompt(row.value, fields, row.where))
+        except RowError as error:
+            problems.append((row.where, error.reason, error.message))
+    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
+                   what=f"invalid row{'s' if len(problems) > 1 else ''} (prompts)", why=ROW_HELP)
+    if not records:
+        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
+    return records, stats, skipped
+
+
+# ------------------------------------------------------------------------------------------------- tokenising
+
+
+@dataclass
+class PromptExample:
+    """A tokenised prompt (``input_ids``: the rendered conversation up to and including the generation prompt)."""
+
+    input_ids: list[int]
+    where: str
+    identity: str
+    record: PromptRecord
+    rank: float | None = None
+    truncated: bool = False
+
+    @property
+    def token_sequences(self) -> tuple[list[int], ...]:
+        return (self.input_ids,)
+
+    def as_features(self) -> dict:
+        return {"input_ids": self.input_ids, "record": self.record}
+
+
+def tokenise_prompt(tokenizer, record: PromptRecord, *, system_turn: str, stats: SourceStats, max_prompt_length: int,
+                    truncation: str) -> PromptExample | None:
+    """The prompt's ids with the length policy applied; None (counted) when dropped."""
+    text = render(tokenizer, apply_system_turn(record.messages, system_turn), add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    truncated = len(ids) > max_prompt_length
+    if truncated and truncation == "drop":
+        stats.dropped_too_long += 1
+        return None
+    if truncated:
+        stats.truncated += 1
+        ids = ids[-max_prompt_length:]
+    return PromptExample(ids, record.where, sha256_text(record.identity()), record, truncated=truncated)
+
+
+def load_prompt_source(source, tokenizer, data, max_prompt_length: int) -> tuple[list[PromptExample], SourceStats, list[dict]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorafitError(f"{source.path}: prompts need a chat template and the tokenizer has none",
+                           why="each prompt is rendered with its generation prompt, as `lorafit generate` does",
+                           fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer "
+                           "has one")
+    records, stats, skipped = read_prompts(source)
+    examples, problems = [], []
+    for record in records:
+        try:
+            example = tokenise_prompt(tokenizer, record, system_turn=data.system_turn, stats=stats,
+                                      max_prompt_length=max_prompt_length, truncation=data.truncation)
+        except RowError as error:
+            problems.append((record.where, error.reason, error.message))
+            continue
+        if example is not None:
+            examples.append(example)
+            stats.tokens += len(example.input_ids)
+    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
+                   what="rows the chat template cannot render", why=ROW_HELP)
+    stats.kept = len(examples)
+    return examples, stats, skipped
+
+
+class PromptDataset(ExampleDataset):
+    """Prompts as the features ``PromptCollator`` takes."""
+
+
+@dataclass(frozen=True)
+class PromptCollator:
+    """n prompts -> left-padded ``input_ids`` and ``attention_mask`` (n, T), so that every row's answer starts in
+    the same column, and their ``records`` (the reward functions' inputs)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        from lorafit.data.collate import left_padded  # torch: only when batches are made
+
+        input_ids, attention_mask = left_padded([f["input_ids"] for f in features], self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "records": [f["record"] for f in features]}
+
+
+def prompt_audit(stats: list[SourceStats], *, max_prompt_length: int) -> list[str]:
+    """Sources that leave most prompts out or cut (the answers would be trained on other prompts than intended)."""
+    problems = []
+    for s in stats:
+        over, read = s.truncated + s.dropped_too_long, s.rows - sum(s.skipped.values())
+        if read and over / read > 0.5:
+            what = "truncated" if s.truncated else "dropped as too long"
+            problems.append(f"{s.path}: {over} of {read} prompts ({100 * over / read:.0f}%) are longer than "
+                            f"{max_prompt_length} tokens (data.max_seq_length - objective.grpo.max_completion_length) "
+                            f"and were {what} (fix: raise data.max_seq_length)")
+    return problems
+
+
+def prepare_prompts(data, tokenizer, *, seed: int, max_prompt_length: int, enforce_audit: bool = True):
+    """Both splits of prompt data: the same hold-out, budgets, weights, order and overlap check as
+    ``prepare_data``, and the length audit, in a ``PreparedData``."""
+    from lorafit.data import PreparedData
+    from lorafit.data.mixing import split_and_mix
+
+    loaded = {split: [load_prompt_source(s, tokenizer, data, max_prompt_length) for s in sources]
+              for split, sources in (("train", data.train), ("eval", data.eval))}
+    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
+                          {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
+                          what="prompts")
+    problems = prompt_audit([s for split in loaded for _, s, _ in loaded[split]], max_prompt_length=max_prompt_length)
+    if problems and enforce_audit and data.audit:
+        raise LorafitError("the prompt audit failed before training", details=problems,
+                           why="training would run on prompts other than the ones written",
+                           fix="fix the causes above; data.audit: false turns these into warnings")
+    report = {"format": "prompts", **mixed.report, "packing": "none",
+              "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
+    skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
+    return PreparedData(PromptDataset(mixed.train), PromptDataset(mixed.eval), mixed.train, mixed.eval,
+                        mixed.train_stats, mixed.eval_stats, report, skipped,
+                        mixed.warnings + [f"audit: {p}" for p in problems], problems)
+
+
+def inspect_prompts(config, tokenizer) -> dict:
+    """`lorafit data inspect` for prompt rows: per source the counts and prompt lengths, the audit, and one prompt as
+    the model sees it, with the fields its answers are scored against."""
+    from lorafit.data.inspect import lengths_summary
+
+    data, limit = config.data, data_limit(config)
+    prepared = prepare_prompts(data, tokenizer, seed=config.train.seed, max_prompt_length=limit, enforce_audit=False)
+    sources = []
+    for split, split_sources in (("train", data.train), ("eval", data.eval)):
+        for source in split_sources:
+            examples, s, _ = load_prompt_source(source, tokenizer, data, limit)
+            sources.append({"split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept,
+                            "skipped": s.skipped, "dropped_too_long": s.dropped_too_long, "truncated": s.truncated,
+                            "tokens": {"prompt": lengths_summary([len(e.input_ids) for e in examples])}})
+    example = prepared.train_examples[0]
+    return {"format": "prompts", "sources": sources, "train_examples": len(prepared.train_examples),
+            "eval_examples": len(prepared.eval_examples), "train_eval_overlap": prepared.report["train_eval_overlap"],
+            "max_prompt_length": limit, "warnings": [w for w in prepared.warnings if not w.startswith("audit: ")],
+            "audit": prepared.audit, "audit_enforced": data.audit,
+            "example": {"where": example.where, "prompt": tokenizer.decode(example.input_ids),
+                        "fields": example.record.fields}}
+
+
+def data_limit(config) -> int:
+    """The longest prompt a run keeps: data.max_seq_length minus the room its answers need."""
+    return config.data.max_seq_length - config.objective.grpo.max_completion_length
+
+
+def render_prompts(report: dict) -> str:
+    lines = []
+    for s in report["sources"]:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
+        t = s["tokens"]["prompt"]
+        lines += [f"{s['split']} source {s['path']} (prompts)",
+                  f"  rows {s['rows']}, kept {s['kept']}, skipped {skipped}; dropped too long {s['dropped_too_long']}, "
+                  f"truncated {s['truncated']} (longest prompt kept: {report['max_prompt_length']} tokens)",
+                  f"  prompt tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"]
+    lines.append(f"{report['train_examples']} train prompts, {report['eval_examples']} eval, "
+                 f"{report['train_eval_overlap']} eval prompts identical to training ones")
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    if report["audit"]:
+        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
+        lines += [f"  {problem}" for problem in report["audit"]]
+    else:
+        lines.append("audit: passed")
+    e = report["example"]
+    lines += [f"example ({e['where']}), as the model sees it before answering:", e["prompt"],
+              f"fields the rewards see: {json.dumps(e['fields'], ensure_ascii=False)}"]
+    return "\n".join(lines)

@@ -75,3 +75,20 @@ def train_said_twice(folder: Path, model_dir: Path, **sections):
         "eval": {"every": None, "at_start": False},
         **sections,
     }))
+
+
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS above)
+
+from lorafit import LorafitCallback  # noqa: E402
+
+
+class FirstGrads(LorafitCallback):
+    """The gradients of the first optimizer step, as the optimizer is about to see them (after clipping)."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, step, loop):
+        if not self.grads:
+            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}

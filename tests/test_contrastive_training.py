@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
+from conftest import FirstGrads, write_jsonl
 
 from lorafit import LorafitCallback, load_config, train
 from lorafit.data.sample_triplets import generate_triplets
@@ -40,15 +40,6 @@ def _config(folder: Path, model_dir: Path, *, objective=None, train_overrides=No
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
-
-
-class FirstGrads(LorafitCallback):
-    def __init__(self):
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, step, loop):
-        if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -198,3 +189,18 @@ def test_contrastive_training_on_a_4bit_base_trains_and_keeps_the_base(tmp_path,
     assert summary["base_weights_unchanged"] is True
     metadata = json.loads((result.adapter_dir / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["base_model"]["quantization"]["bits"] == 4
+
+
+def test_the_summary_shows_the_parts_base_to_adapter_not_a_combined_loss_change(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    config = _config(tmp_path, tiny_model_dir, train_overrides={"max_steps": 3},
+                     eval_section={"every": None, "at_start": True, "generate_samples": 0, "attack": {"samples": 0}})
+    out = CliRunner().invoke(app, ["train", str(config)])
+    assert out.exit_code == 0, out.output
+    summary = out.output.split("training finished")[1]
+    for part in ("causal_stability", "spurious_separation", "causal_discrimination", "task_loss"):
+        assert f"  {part} " in summary and "(first -> final evaluation)" in summary, summary
+    assert "eval loss" not in summary and "% lower" not in summary and "ppl" not in summary

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_jsonl
+from conftest import FirstGrads, REPO, write_jsonl
 
 from lorafit import LorafitCallback, load_config, train
 from lorafit.config import DataSource, validate_config
@@ -415,15 +415,6 @@ def test_a_grpo_run_logs_rewards_kl_and_samples_and_its_report_shows_them(tmp_pa
     report = (result.run_dir / "report.html").read_text()
     assert 'alt="Rewards"' in report and "Sampled answers during training" in report
     assert samples[0]["completion"][:20] in report.replace("&quot;", '"').replace("&#x27;", "'")
-
-
-class FirstGrads(LorafitCallback):
-    def __init__(self):
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, step, loop):
-        if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("grpo", [{"loss_type": "dapo", "scale_rewards": "batch"}, {"loss_type": "grpo"}])

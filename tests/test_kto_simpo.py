@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
+from conftest import FirstGrads, write_jsonl
 
-from lorafit import LorafitCallback, load_config, train
+from lorafit import load_config, train
 from lorafit.config import DataSource
 from lorafit.data.formats import FieldMap
 from lorafit.data.labels import IGNORE_INDEX
@@ -223,15 +223,6 @@ def _config(folder: Path, model_dir: Path, objective: dict, *, train_overrides=N
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
-
-
-class FirstGrads(LorafitCallback):
-    def __init__(self):
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, step, loop):
-        if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("objective", [{"type": "kto", "beta": 0.2}, {"type": "simpo"}])

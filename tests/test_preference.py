@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_jsonl
+from conftest import FirstGrads, REPO, write_jsonl
 
 from lorafit import LorafitCallback, load_config, train
 from lorafit.config import DataSource
@@ -383,15 +383,6 @@ def test_orpo_trains_its_loss_and_nll_decrease(tmp_path, tiny_model_dir):
     first, last = history[0], sum(r["loss"] for r in history[-3:]) / 3
     assert last < first["loss"] - 0.5, history
     assert sum(r["nll_loss"] for r in history[-3:]) / 3 < first["nll_loss"] - 0.5
-
-
-class FirstGrads(LorafitCallback):
-    def __init__(self):
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, step, loop):
-        if not self.grads:
-            self.grads = {n: p.grad.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("objective", [{"type": "dpo", "loss_type": "ipo"}, {"type": "orpo"}])

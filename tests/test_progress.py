@@ -81,3 +81,14 @@ def test_a_real_run_draws_the_bar_with_its_derived_values(tmp_path, tiny_model_d
     screen = out.getvalue()
     assert "4/4" in screen and "tok/s" in screen and "RSS" in screen  # values MetricsHistory derived
     assert "step     4/4  eval_loss" in screen
+
+
+def test_a_contrastive_evaluation_shows_its_parts_and_no_perplexity_of_the_combined_loss():
+    out = io.StringIO()
+    progress = Progress(out, console=Console(file=out))
+    progress.evaluated(3, {"eval_loss": -1.9933, "eval_causal_stability": 0.91, "eval_spurious_separation": 0.42,
+                           "eval_causal_discrimination": 0.77, "eval_task_loss": 2.5, "eval_perplexity": 12.18})
+    line = out.getvalue().splitlines()[-1]
+    assert line.endswith("eval_causal_stability 0.9100  eval_spurious_separation 0.4200  "
+                         "eval_causal_discrimination 0.7700  eval_task_loss 2.5000  (task ppl 12.18)"), line
+    assert "eval_loss" not in line

@@ -174,9 +174,16 @@ def _print_summary(result) -> None:
     typer.echo(f"  artifact       {result.adapter_dir}")
     diverged = result.health.get("status", "ok") != "ok"
     # GRPO's loss is a policy-gradient surrogate (about 0 on the answers just sampled): its eval_reward says more
-    surrogate = "eval_reward" in m.get("series", {})
+    series = m.get("series", {})
+    surrogate = "eval_reward" in series
     if surrogate:
         pass
+    elif "eval_causal_stability" in series:  # contrastive: its parts, not a combined loss that can go negative
+        from lorafit.config.objective import CONTRASTIVE_METRICS
+
+        for part in (p for p in CONTRASTIVE_METRICS if f"eval_{p}" in series):
+            s = series[f"eval_{part}"]
+            typer.echo(f"  {part:<22} {s['first']:.4f} -> {s['final']:.4f} (first -> final evaluation)")
     elif "eval_loss_first" in m and diverged:  # no "% lower, best at ...": nothing was learned
         typer.echo(f"  eval loss      {m['eval_loss_first']:.4f} -> {m['eval_loss_final']:.4f} (diverged)")
     elif "eval_loss_first" in m:

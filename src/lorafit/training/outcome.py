@@ -77,7 +77,7 @@ def summarise_series(records: list[dict]) -> dict:
 
 
 def assess_health(records: list[dict], vocab_size: int | None, *, trace: list | None = None,
-                  window: int = 3) -> dict:
+                  window: int = 3, zero_gradients_expected: bool = False) -> dict:
     """Did the run learn, or did it diverge or collapse? A too-high learning rate can drive a model to predict
     the uniform distribution (loss = ln(vocab_size)) with zero gradients: finite values, no NaN guard trips, and
     the run would look like a success.
@@ -87,7 +87,9 @@ def assess_health(records: list[dict], vocab_size: int | None, *, trace: list | 
     ``VANISHED_GRAD_NORM`` over the last ``window`` steps, or when the losses moved TO the uniform guess: the final
     train loss (and the final eval loss, where there is one) sits at ln(vocab_size) while the start (the first
     evaluation, else the first step's loss) did not. A run that starts at the uniform guess (a random base) and
-    has not moved yet is not called diverged: it is compared with its start.
+    has not moved yet is not called diverged: it is compared with its start. ``zero_gradients_expected``: GRPO,
+    whose step has exactly zero gradient when every answer of every group got the same reward (no advantage), so
+    vanished gradients say nothing there.
 
     >>> trace = [[7.03, 3.3], [6.9315, 0.0], [6.9315, 0.0], [6.9315, 0.0]]
     >>> assess_health([], 1024, trace=trace)["status"], assess_health([], 1024, trace=trace[:1] + [[5.3, 0.7]])["status"]
@@ -113,7 +115,7 @@ def assess_health(records: list[dict], vocab_size: int | None, *, trace: list | 
         ends.append(evals[-1])
     signals = {
         "loss_not_improved": len(losses) >= 2 and losses[-1] >= losses[0],
-        "gradients_vanished": len(norms) >= 2 and all(math.isfinite(n) and n < VANISHED_GRAD_NORM for n in last),
+        "gradients_vanished": not zero_gradients_expected and len(norms) >= 2 and all(math.isfinite(n) and n < VANISHED_GRAD_NORM for n in last),
         "loss_at_uniform": bool(ends) and all(at_uniform(v) for v in ends),
         "started_at_uniform": at_uniform(start),
     }

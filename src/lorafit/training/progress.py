@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from lorafit.config import GENERATION_METRICS
+from lorafit.config.objective import CONTRASTIVE_METRICS  # its parts, shown instead of its combined loss
 
 
 class Progress:
@@ -113,7 +114,11 @@ def format_values(step: int, max_steps: int, values: dict) -> str:
         parts.append(f"grad {values['grad_norm']:.3f}")
     if "tokens_per_second" in values:
         parts.append(f"{values['tokens_per_second']:,.0f} tok/s")
-    if "eval_loss" in values:  # a preference loss has no perplexity
+    if "eval_causal_stability" in values:  # contrastive: a combined loss (may be negative) has no perplexity
+        parts += [f"eval_{k} {values[f'eval_{k}']:.4f}" for k in CONTRASTIVE_METRICS if f"eval_{k}" in values]
+        if "eval_perplexity" in values:
+            parts.append(f"(task ppl {values['eval_perplexity']:.2f})")
+    elif "eval_loss" in values:  # a preference loss has no perplexity
         ppl = f" (ppl {values['eval_perplexity']:.2f})" if "eval_perplexity" in values else ""
         parts.append(f"eval_loss {values['eval_loss']:.4f}{ppl}")
     parts += [f"{key} {values[key]:.3f}" for key in ("reward_margin", "reward_accuracy", "eval_reward_margin",

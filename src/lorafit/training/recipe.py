@@ -202,7 +202,8 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     comparison = compare_generation(model, tokenizer, sample)
     attack = attack_comparison(config, model, tokenizer, objective, prepared.eval_examples)
     metrics = summarise_metrics(history, loop, prepared.train_stats)
-    health = assess_health(history.records, getattr(model.config, "vocab_size", None), trace=loop.window.trace)
+    health = assess_health(history.records, getattr(model.config, "vocab_size", None), trace=loop.window.trace,
+                           zero_gradients_expected=objective.data == "prompts")
     metrics["health"] = health["status"]
     if health["status"] != "ok":
         warn(diverged_advice(health))

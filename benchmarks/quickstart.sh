@@ -11,9 +11,12 @@ PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-$repo/.venv/bin/pyt
 end=$(date +%s.%N)
 python3 - "$work/runs/quickstart/training_summary.json" "$start" "$end" <<'PY'
 import json, sys
-m = json.load(open(sys.argv[1]))["metrics"]
+summary = json.load(open(sys.argv[1]))
+m, g = summary["metrics"], summary.get("generation") or {}
+held_out = " | ".join(f"{k} {g['base'][k]:.3f} -> {g['adapter'][k]:.3f}" for k in ("json_valid", "field_accuracy")
+                      if k in g.get("adapter", {}))
 print(f"wall {float(sys.argv[3]) - float(sys.argv[2]):.1f} s | training {m['train_seconds']} s | "
       f"{m['tokens_per_second']:,.0f} tok/s | eval loss {m['eval_loss_first']:.3f} -> {m['eval_loss_final']:.3f} "
-      f"({100 * m['eval_loss_reduction']:.1f}% lower)")
+      f"({100 * m['eval_loss_reduction']:.1f}% lower) | {held_out}")
 PY
 rm -rf "$work"

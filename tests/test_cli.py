@@ -4,6 +4,7 @@ process for the message checks, which would otherwise pay ~11 s of imports each.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -189,9 +190,20 @@ def test_init_tiny_model_and_version(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path):
-    """The bundled default, exactly as `make quickstart` runs it: eval loss falls by >= 30%."""
+    """The bundled default, exactly as `make quickstart` runs it: the adapter answers held-out rows right (valid JSON
+    with the right values) where the base does not, and the summary shows both answers side by side (issue 24)."""
     done = lorafit("train", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "quickstart" / "training_summary.json").read_text())
     assert summary["metrics"]["eval_loss_reduction"] >= 0.30
     assert summary["data"]["train"]["kept"] >= 1000 and summary["data"]["eval"]["kept"] >= 100
+    base, adapter = summary["generation"]["base"], summary["generation"]["adapter"]
+    assert adapter["json_valid"] >= 0.9 and adapter["field_accuracy"] >= 0.8, adapter
+    assert base["json_valid"] <= 0.1 and base["field_accuracy"] <= 0.1, base  # the base does not know the task
+    samples = summary["generation"]["samples"]
+    assert samples and all(s["prompt"] and s["base"] != s["adapter"] for s in samples)
+    first = samples[0]
+    assert f"input    {first['prompt']}" in done.stdout and f"adapter  {first['adapter']}" in done.stdout
+    assert "base -> adapter" in done.stdout
+    report = (tmp_path / "runs" / "quickstart" / "report.html").read_text()
+    assert "base (no adapter)" in report and html.escape(first["adapter"]) in report

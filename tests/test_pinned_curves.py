@@ -1,5 +1,5 @@
 """Pinned loss curves (torchtune's regression tests): 20 steps of SFT, DPO, ORPO and the contrastive objective on
-the embedded tiny model, each step's training loss pinned to 1e-4 in tests/data/pinned_curves.json.
+the all-random tiny model (the tiny_model_dir fixture), each step's training loss pinned to 1e-4 in tests/data/pinned_curves.json.
 
 A change in these numbers is a change in what training computes (masks, normalisation, accumulation, schedule,
 optimizer, the objective's formula, the data order): the failure names the objective and the first step that moved.
@@ -87,7 +87,7 @@ if __name__ == "__main__":  # re-pin (see the docstring)
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LORAFIT_CACHE"] = str(Path(tmp) / "cache")
-        model_dir = ensure_tiny_model()
+        model_dir = ensure_tiny_model(constructed=False)  # as the tiny_model_dir fixture (tests/conftest.py)
         curves = {name: curve(name, Path(tmp) / name, model_dir) for name in OBJECTIVES}
     PINNED.write_text(json.dumps({"steps": STEPS, "model": model_dir.name, "curves": curves}, indent=1) + "\n")
     print(f"pinned {', '.join(curves)} in {PINNED}")

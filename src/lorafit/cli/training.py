@@ -202,6 +202,7 @@ def _print_summary(result) -> None:
         base, adapter = generation.get("base", {}).get(name), generation.get("adapter", {}).get(name)
         if base is not None and adapter is not None:
             typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
+    echo_answers(generation.get("samples") or [])
     series = m.get("series", {})
     for label, name in (("stability", "eval_causal_stability"), ("separation", "eval_spurious_separation"),
                         ("task loss", "eval_task_loss"), ("reward margin", "eval_reward_margin"),
@@ -229,3 +230,22 @@ def _print_summary(result) -> None:
         typer.secho(f"  report         {result.report}", bold=True)
 
 
+
+
+SHOWN_ANSWERS = 3  # held-out rows the summary shows (report.html shows every sampled row)
+
+
+def echo_answers(samples: list[dict], width: int = 100) -> None:
+    """A few held-out rows with the base's answer next to the adapter's: the difference seen, not only counted."""
+    if not samples:
+        return
+
+    def line(text: str) -> str:
+        text = " ".join(str(text).split())  # one line: a model's newlines and runs of spaces would break the layout
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    typer.echo(f"  held-out answers (base -> adapter, {min(SHOWN_ANSWERS, len(samples))} rows; all in the report)")
+    for sample in samples[:SHOWN_ANSWERS]:
+        typer.echo(f"    input    {line(sample['prompt'])}")
+        typer.echo(f"    base     {line(sample['base']) or '(empty)'}")
+        typer.echo(f"    adapter  {line(sample['adapter']) or '(empty)'}")

@@ -178,6 +178,7 @@ def write_results_and_report(run: RunFolder, config: Config, summary: dict, comp
     summary["report"] = str(path)
     if comparison:
         summary["generation"] = {side: {k: v["value"] for k, v in comparison[side].items()} for side in ("base", "adapter")}
+        summary["generation"]["samples"] = comparison["samples"]  # a few held-out answers, base next to adapter
 
 
 def merge_at_end(config: Config, adapter_dir: Path, run: RunFolder) -> dict:

@@ -53,7 +53,7 @@ class TrainResult:
     data: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
     report: Path | None = None
-    generation: dict = field(default_factory=dict)  # {"base": {metric: value}, "adapter": {...}} on the eval sample
+    generation: dict = field(default_factory=dict)  # {"base": {metric: value}, "adapter": {...}, "samples": [...]}
     best: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)
     health: dict = field(default_factory=dict)  # assess_health: status "ok" or "diverged", and why

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lorafit.data.sample import CITIES, FIRST_NAMES, JOBS
 from lorafit.model.tiny import build_model, build_tokenizer
@@ -65,3 +68,24 @@ def test_words_of_one_kind_lie_near_each_other(tiny):
     same_kind = sum(cosine(a, b) for a, b in zip(CITIES, CITIES[1:])) / (len(CITIES) - 1)
     other_kind = sum(cosine(a, b) for a, b in zip(CITIES, JOBS)) / len(JOBS)
     assert same_kind > other_kind + 0.08, (same_kind, other_kind)
+
+
+def test_the_random_variant_is_the_same_architecture_all_random(tmp_path, monkeypatch):
+    """``lorafit:tiny-random`` (the contrastive example's base) resolves to the all-random weights, in its own cache
+    folder; ``lorafit:tiny`` to the constructed ones."""
+    from lorafit.config import ModelConfig
+    from lorafit.model.loading import resolve_model_path
+
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    random_dir = Path(resolve_model_path(ModelConfig(path="lorafit:tiny-random")))
+    constructed_dir = Path(resolve_model_path(ModelConfig(path="lorafit:tiny")))
+    assert (random_dir.name, constructed_dir.name) == ("tiny-llama-random-seed0", "tiny-llama-v2-seed0")
+    random_weights = load_file(random_dir / "model.safetensors")
+    constructed_weights = load_file(constructed_dir / "model.safetensors")
+    expected = build_model(build_tokenizer(0), 0, constructed=False).state_dict()
+    name = "model.embed_tokens.weight"
+    assert torch.equal(random_weights[name], expected[name])
+    assert not torch.equal(constructed_weights[name], expected[name])
+    # the layers the construction leaves alone are the same random draw in both
+    untouched = "model.layers.2.mlp.down_proj.weight"
+    assert torch.equal(random_weights[untouched], constructed_weights[untouched])

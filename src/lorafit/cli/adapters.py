@@ -10,7 +10,7 @@ import typer
 
 from lorafit.errors import LorafitError
 
-from lorafit.cli.app import AllowPickle, _fail, _quiet_libraries, app, starting
+from lorafit.cli.app import AllowPickle, LorafitTyper, _quiet_libraries, app, starting
 
 
 # `lorafit verify` exit codes: 0 verified, 1 a problem found, 3 no problem found but integrity not provable
@@ -34,10 +34,7 @@ def verify(
     from lorafit.artifact.serving import SERVERS, serving_warnings
     from lorafit.artifact.verify import verify_artifact
 
-    try:
-        _check_choice("--serving", serving, SERVERS)
-    except LorafitError as error:
-        _fail(error)
+    _check_choice("--serving", serving, SERVERS)
     report = verify_artifact(artifact_dir, base, allow_pickle=allow_pickle)
     if serving is not None:
         report.warnings += [f"{serving}: {w}" for w in serving_warnings(report.artifact, serving)]
@@ -93,26 +90,22 @@ def eval_command(
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
     result: dict = {}
-    try:
-        if not data and harness is None:
-            raise LorafitError("nothing to evaluate on", fix="pass --data FILE (held-out data) and/or --harness TASKS")
-        _check_choice("--truncation", truncation, ("drop", "truncate"))
-        _check_choice("--train-on", train_on, ("all_assistant", "last_assistant", "all"))
-        if harness is not None:
-            from lorafit.evaluate.harness import harness_eval, resolve_tasks
+    if not data and harness is None:
+        raise LorafitError("nothing to evaluate on", fix="pass --data FILE (held-out data) and/or --harness TASKS")
+    _check_choice("--truncation", truncation, ("drop", "truncate"))
+    _check_choice("--train-on", train_on, ("all_assistant", "last_assistant", "all"))
+    if harness is not None:
+        from lorafit.evaluate.harness import harness_eval, resolve_tasks
 
-            tasks = resolve_tasks(harness, harness_tasks_dir)
-        with reporting():  # stages and counts on stderr (evaluate/progress.py)
-            if data:
-                result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline,
-                                  limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  max_seq_length=max_seq_length, train_on=train_on, truncation=truncation)
-            if harness is not None:
-                result["harness"] = harness_eval(adapter=adapter, model=model, tasks=tasks, batch_size=batch_size,
-                                                 limit=limit, num_fewshot=harness_fewshot, chat_template=harness_chat)
-    except LorafitError as error:
-        _fail(error)
-        return
+        tasks = resolve_tasks(harness, harness_tasks_dir)
+    with reporting():  # stages and counts on stderr (evaluate/progress.py)
+        if data:
+            result = run_eval(adapter=adapter, model=model, data=data, metrics=chosen, baseline=baseline,
+                              limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              max_seq_length=max_seq_length, train_on=train_on, truncation=truncation)
+        if harness is not None:
+            result["harness"] = harness_eval(adapter=adapter, model=model, tasks=tasks, batch_size=batch_size,
+                                             limit=limit, num_fewshot=harness_fewshot, chat_template=harness_chat)
     if as_json:
         import json
 
@@ -141,11 +134,7 @@ def report_command(run_dir: Path = typer.Argument(..., help="A run folder (train
     starting(f"rebuilding {run_dir / 'report.html'}")
     from lorafit.evaluate.report import write_report
 
-    try:
-        path = write_report(run_dir)
-    except LorafitError as error:
-        _fail(error)
-        return
+    path = write_report(run_dir)
     typer.echo(f"wrote {path}")
 
 
@@ -163,12 +152,8 @@ def merge(
     from lorafit.evaluate.progress import reporting
     from lorafit.export.merge import merge_adapter
 
-    try:
-        with reporting():
-            report = merge_adapter(artifact_dir, out, dtype=dtype, base=base)
-    except LorafitError as error:
-        _fail(error)
-        return
+    with reporting():
+        report = merge_adapter(artifact_dir, out, dtype=dtype, base=base)
     typer.secho(f"merged model written to {out.resolve()}", fg=typer.colors.GREEN)
     typer.echo(f"  logits vs adapter-on-base  max {report['max_abs_logit_diff']:.3g}  mean {report['mean_abs_logit_diff']:.3g}"
                f"  (tolerance {report['tolerance']:g} for {report['dtype']})")
@@ -178,7 +163,7 @@ def merge(
                    f"max {gap['max_abs_logit_diff']:.3g}  mean {gap['mean_abs_logit_diff']:.3g}")
 
 
-export_app = typer.Typer(help="Write a finished adapter in another format (llama.cpp GGUF).", no_args_is_help=True)
+export_app = LorafitTyper(help="Write a finished adapter in another format (llama.cpp GGUF).", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
 
@@ -193,12 +178,8 @@ def export_gguf_command(
     from lorafit.evaluate.progress import reporting
     from lorafit.export.gguf import export_gguf
 
-    try:
-        with reporting():
-            written = export_gguf(artifact_dir, out, base=base)
-    except LorafitError as error:
-        _fail(error)
-        return
+    with reporting():
+        written = export_gguf(artifact_dir, out, base=base)
     typer.secho(f"wrote {written['out']}", fg=typer.colors.GREEN)
     typer.echo(f"  {written['pairs']} lora_a/lora_b pairs, architecture {written['architecture']}, "
                f"adapter.lora.alpha {written['alpha']:g}, rank {'/'.join(map(str, written['ranks']))}")
@@ -236,23 +217,20 @@ def generate(
     from lorafit.evaluate.generate import read_prompts
     from lorafit.evaluate.progress import reporting, stage, track
 
-    try:
-        if (prompt is None) == (file is None):
-            raise LorafitError("give exactly one of --prompt TEXT or --file prompts.jsonl")
-        conversations = read_prompts(file) if file is not None else [[{"role": "user", "content": prompt}]]
-        with reporting():  # on stderr: the loading, then a count of the file's prompts; the answers go to stdout
-            stage(f"loading {'the adapter on its base' if adapter is not None else 'the model'}")
-            generator = _generator(adapter, model, base, dtype)
-            for messages in track(conversations, "prompts", unit="answered"):
-                reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-                if file is None:
-                    typer.echo(reply["text"])
-                else:
-                    typer.echo(json.dumps({"messages": messages, "response": reply["text"],
-                                           "stopped_at_end_of_turn": reply["stopped_at_end_of_turn"]},
-                                          ensure_ascii=False))
-    except LorafitError as error:
-        _fail(error)
+    if (prompt is None) == (file is None):
+        raise LorafitError("give exactly one of --prompt TEXT or --file prompts.jsonl")
+    conversations = read_prompts(file) if file is not None else [[{"role": "user", "content": prompt}]]
+    with reporting():  # on stderr: the loading, then a count of the file's prompts; the answers go to stdout
+        stage(f"loading {'the adapter on its base' if adapter is not None else 'the model'}")
+        generator = _generator(adapter, model, base, dtype)
+        for messages in track(conversations, "prompts", unit="answered"):
+            reply = generator.reply(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            if file is None:
+                typer.echo(reply["text"])
+            else:
+                typer.echo(json.dumps({"messages": messages, "response": reply["text"],
+                                       "stopped_at_end_of_turn": reply["stopped_at_end_of_turn"]},
+                                      ensure_ascii=False))
 
 
 @app.command()
@@ -269,11 +247,7 @@ def chat(
     """Interactive chat: one line per user turn; the conversation is kept; /exit or end of input ends it."""
     starting(f"chat with {adapter or model} (one line per turn; /exit ends)")
     _quiet_libraries()
-    try:
-        generator = _generator(adapter, model, base, dtype)
-    except LorafitError as error:
-        _fail(error)
-        return
+    generator = _generator(adapter, model, base, dtype)
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:

@@ -3,6 +3,7 @@ library chatter."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -12,15 +13,38 @@ import typer
 from lorafit import __version__
 from lorafit.errors import LorafitError
 
-app = typer.Typer(
+
+class LorafitTyper(typer.Typer):
+    """A typer app whose every command turns a LorafitError (a user mistake, said with what, why and fix) into its
+    message on stderr and exit 1: the one place that does it, so no command can let a traceback through
+    (tests/test_cli_errors.py runs every registered command with bad input)."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(function):
+            @functools.wraps(function)  # typer reads the signature and annotations through __wrapped__
+            def failing_cleanly(*call_args, **call_kwargs):
+                try:
+                    return function(*call_args, **call_kwargs)
+                except LorafitError as error:
+                    _fail(error)
+
+            register(failing_cleanly)
+            return function
+
+        return decorator
+
+
+app = LorafitTyper(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Fine-tune causal language models with LoRA adapters from one YAML file.",
 )
-config_app = typer.Typer(no_args_is_help=True, help="Check and print configs.")
+config_app = LorafitTyper(no_args_is_help=True, help="Check and print configs.")
 app.add_typer(config_app, name="config")
-data_app = typer.Typer(no_args_is_help=True, help="Look at what the data layer makes of a config's data.")
+data_app = LorafitTyper(no_args_is_help=True, help="Look at what the data layer makes of a config's data.")
 app.add_typer(data_app, name="data")
 
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable).")

@@ -183,13 +183,8 @@ def check_machine(nproc: int, machine: Machine, worker_bytes: int | None) -> Non
 def relaunch(launch: Launch, argv: list[str], config) -> None:
     """Run the command in ``launch.nproc`` processes under torchrun's launcher, and exit with their outcome (never
     returns): 0, or the first failed process's own exit status; a launcher mistake exits 1 with what/why/fix."""
-    from lorafit.cli.app import _fail
-
-    try:
-        check_launch(launch)
-        check_machine(launch.nproc, Machine.here(), process_bytes(config))
-    except LorafitError as error:
-        _fail(error)
+    check_launch(launch)
+    check_machine(launch.nproc, Machine.here(), process_bytes(config))
     raise typer.Exit(run_processes(launch, argv))
 
 

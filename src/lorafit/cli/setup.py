@@ -8,9 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from lorafit.errors import LorafitError
-
-from lorafit.cli.app import (SetOption, _fail, _load, _preflight, _quiet_libraries, app, config_app, data_app,
+from lorafit.cli.app import (SetOption, _load, _preflight, _quiet_libraries, app, config_app, data_app,
                              starting)
 
 
@@ -21,11 +19,7 @@ def config_validate(config: Path = typer.Argument(..., help="Config file."), ove
     lengths (tokenizer.json, no template) and target module names (config.json on the meta device). Says what it
     could not check."""
     starting(f"validating {config}")
-    try:
-        report = _preflight(_load(config, overrides))
-    except LorafitError as error:
-        _fail(error)
-        return
+    report = _preflight(_load(config, overrides))
     typer.echo(f"{config}: valid\n{report.render()}")
 
 
@@ -36,10 +30,7 @@ def config_show(
 ) -> None:
     """Print the resolved config (every default filled in, paths resolved) as YAML."""
     starting(f"resolving {config or 'the bundled quickstart'}")
-    try:
-        typer.echo(_load(config, overrides, check_data=False).to_yaml(), nl=False)
-    except LorafitError as error:
-        _fail(error)
+    typer.echo(_load(config, overrides, check_data=False).to_yaml(), nl=False)
 
 
 @data_app.command("inspect")
@@ -54,17 +45,13 @@ def data_inspect(
     starting(f"inspecting the data of {config}")
     import json
 
-    try:
-        cfg = _load(config, overrides)  # a config or data mistake answers before the heavy imports
-        _quiet_libraries()
-        from lorafit.data.inspect import build_report, render_text
-        from lorafit.model.loading import load_tokenizer, resolve_model_path
+    cfg = _load(config, overrides)  # a config or data mistake answers before the heavy imports
+    _quiet_libraries()
+    from lorafit.data.inspect import build_report, render_text
+    from lorafit.model.loading import load_tokenizer, resolve_model_path
 
-        tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
-        report = build_report(cfg, tokenizer, use_cache=not no_cache)
-    except LorafitError as error:
-        _fail(error)
-        return
+    tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+    report = build_report(cfg, tokenizer, use_cache=not no_cache)
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -83,11 +70,7 @@ def init_tiny_model(
     _quiet_libraries()
     from lorafit.model.tiny import write_tiny_model
 
-    try:
-        written = write_tiny_model(out_dir, seed=seed)
-    except LorafitError as error:
-        _fail(error)
-        return
+    written = write_tiny_model(out_dir, seed=seed)
     typer.echo(f"wrote tiny model and tokenizer to {written}")
 
 

@@ -65,10 +65,7 @@ def train(
         overrides = [*(overrides or []), f"train.max_steps={max_steps}", "train.epochs=null"]
     launch = Launch(nproc, nnodes, node_rank, master_addr, master_port) if nproc is not None else None
     if launch is not None:
-        try:
-            check_launch(launch)  # --nproc 0, a missing --master-addr: before anything is read
-        except LorafitError as error:
-            _fail(error)
+        check_launch(launch)  # --nproc 0, a missing --master-addr: before anything is read
     cfg = _checked_config(config, overrides, allow_pickle=allow_pickle)
     if launch is not None:  # the same command in N processes under torchrun; does not return
         relaunch(launch, sys.argv[1:], cfg)
@@ -81,15 +78,12 @@ def _checked_config(config: Optional[Path], overrides: Optional[List[str]], *, a
     rows (before torch is imported), a live run in the output folder, and the preflight (model folder, plugins,
     row lengths, target modules). Under a launcher only the main process checks (it stops the others if it
     fails), and none of the processes `--nproc` started: the launching process checked before starting them."""
-    try:
-        cfg = _load(config, overrides)
-        # Under a launcher the main process holds the lock: not for the others to test.
-        if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHED):
-            check_free(Path(cfg.train.output_dir))  # a live run there: say so now, not after minutes of loading
-            for warning in _preflight(cfg, allow_pickle=allow_pickle).warnings:
-                typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
-    except LorafitError as error:
-        _fail(error)
+    cfg = _load(config, overrides)
+    # Under a launcher the main process holds the lock: not for the others to test.
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHED):
+        check_free(Path(cfg.train.output_dir))  # a live run there: say so now, not after minutes of loading
+        for warning in _preflight(cfg, allow_pickle=allow_pickle).warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     return cfg
 
 
@@ -112,9 +106,6 @@ def _run(cfg, *, overwrite: bool, resume: Optional[str], force_resume: bool, all
         typer.secho(f"stopped: {stopped.render()}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume with: {resume_command()}", err=True)
         raise typer.Exit(stopped.exit_code)
-    except LorafitError as error:
-        _fail(error)
-        return
     except KeyboardInterrupt:
         typer.secho("\ninterrupted at once (no checkpoint for the current step)", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"resume from the last checkpoint with: {resume_command()}", err=True)

@@ -10,6 +10,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 BUILTIN_TINY_MODEL = "lorafit:tiny"
+# The built-in models and whether their weights are constructed (model/tiny_weights.py). "lorafit:tiny-random" is
+# the same architecture all random (what "lorafit:tiny" was before version 2): the contrastive, preference and
+# GRPO examples use it, because on the constructed base every pooled state shares one large constant direction
+# and the contrastive metrics start saturated (stability 0.998, separation 0.001) and show nothing.
+BUILTIN_TINY_MODELS = {BUILTIN_TINY_MODEL: True, "lorafit:tiny-random": False}
 
 
 class Section(BaseModel):
@@ -18,7 +23,7 @@ class Section(BaseModel):
 
 def resolve_input_path(value: str, info: ValidationInfo) -> str:
     """Relative input paths are taken from the config file's folder (passed as validation context)."""
-    if value == BUILTIN_TINY_MODEL:
+    if value in BUILTIN_TINY_MODELS:
         return value
     base = (info.context or {}).get("base_dir")
     path = Path(value).expanduser()
@@ -31,7 +36,8 @@ class ModelConfig(Section):
     path: str = Field(
         BUILTIN_TINY_MODEL,
         description=f"Local folder with an HF model and tokenizer, or '{BUILTIN_TINY_MODEL}' for the embedded tiny "
-        "model (built on first use into the cache). Never downloaded from a hub.",
+        "model (built on first use into the cache; 'lorafit:tiny-random': the same model with all-random weights). "
+        "Never downloaded from a hub.",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Precision the base weights load in. 'auto': bf16 on a GPU that supports it, else fp32 "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig, QuantConfig
+from lorafit.config import BUILTIN_TINY_MODELS, LoraConfig, ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.model import PICKLE_SUFFIXES
 from lorafit.model.attention import load_with_attention
@@ -38,10 +38,10 @@ def with_resolved_dtype(config):
 
 def resolve_model_path(model: ModelConfig) -> str:
     """A local folder for ``model.path``; builds the embedded tiny model on first use. Never downloads."""
-    if model.path == BUILTIN_TINY_MODEL:
+    if model.path in BUILTIN_TINY_MODELS:
         from lorafit.model.tiny import ensure_tiny_model
 
-        return str(ensure_tiny_model())
+        return str(ensure_tiny_model(constructed=BUILTIN_TINY_MODELS[model.path]))
     return locate_model(model.path)  # model/folder.py: a folder, or a hub-style name for the local cache
 
 

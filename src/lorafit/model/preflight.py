@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.config import BUILTIN_TINY_MODEL, Config, DataSource
+from lorafit.config import BUILTIN_TINY_MODELS, Config, DataSource
 from lorafit.errors import LorafitError
 from lorafit.model.folder import ModelFolder, cached_hub_folder, locate_model
 
@@ -72,7 +72,7 @@ def check_model_folder(config: Config, report: Preflight, *, allow_pickle: bool 
     """The model folder's files; returns the folder (None: the embedded tiny model, which lorafit builds; finding
     its cache folder would import the data package, and with it torch)."""
     model = config.model
-    if model.path == BUILTIN_TINY_MODEL:
+    if model.path in BUILTIN_TINY_MODELS:
         report.checked.append("model: the embedded tiny model (lorafit builds it)")
         return None
     located = locate_model(model.path)

@@ -68,3 +68,13 @@ def test_a_user_mistake_is_a_message_and_exit_1_never_a_traceback(command, tmp_p
     assert "Traceback" not in result.output
     assert "error:" in result.stderr or "fail" in result.output.lower(), result.output
     assert (full / "keep.txt").read_text() == "mine\n"  # nothing of the user's was touched
+
+
+def test_the_launchers_rank_is_read_in_one_place():
+    """One main-process notion (issue 20): lorafit/processes.py reads RANK; accelerate decides once the loop runs."""
+    import lorafit
+
+    src = Path(lorafit.__file__).parent
+    readers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                     if '"RANK"' in p.read_text(encoding="utf-8"))
+    assert readers == ["processes.py"], readers

@@ -204,3 +204,4 @@ def test_the_summary_shows_the_parts_base_to_adapter_not_a_combined_loss_change(
     for part in ("causal_stability", "spurious_separation", "causal_discrimination", "task_loss"):
         assert f"  {part} " in summary and "(first -> final evaluation)" in summary, summary
     assert "eval loss" not in summary and "% lower" not in summary and "ppl" not in summary
+    assert "(eval_causal_stability)" not in summary  # each part once, not again under a short label

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lorafit"
 LAYERS = [
-    {"errors", "hashing", "run_folder", "run_lock", "config"},
+    {"errors", "hashing", "processes", "run_folder", "run_lock", "config"},
     {"data"},
     {"model"},
     {"evaluate"},

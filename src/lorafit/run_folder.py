@@ -1,12 +1,12 @@
 """The run folder: every file name in it, claiming it, and the only code that writes run files into it.
 
-Bottom layer: imports only ``lorafit.errors`` and ``lorafit.run_lock``. Every write is crash-safe: a temporary file beside the target,
+Bottom layer: imports only ``lorafit.errors``, ``lorafit.processes`` and ``lorafit.run_lock``. Every write is crash-safe: a temporary file beside the target,
 fsynced, renamed over it (``write_atomic``), so a crash never leaves a half-written file; files get the normal
 permissions (``0o666 & ~umask``), not tempfile's private 0600.
 
 Only the main process writes (``RunFolder.main_process``): under a multi-process launcher every process runs the
-same recipe, and the others must not race it on the same files. Checkpoints are written by Trainer hooks that
-check ``args.should_save`` (main process only) and use ``write_durable``/``write_atomic`` from here.
+same recipe, and the others must not race it on the same files. Checkpoints (training/checkpoint.py) are written
+by the main process too, with ``write_durable``/``write_atomic`` from here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lorafit.errors import LorafitError
+from lorafit.processes import is_main_process
 from lorafit.run_lock import LOCK_FILE, RunLock
 
 
@@ -43,9 +44,8 @@ class RunFolder:
     def __init__(self, path: Path, *, main_process: bool | None = None):
         self.path = Path(path)
         self.lock: RunLock | None = None  # taken by claim() on the main process, given back by release()
-        # A launcher (torchrun, accelerate) sets RANK before the process starts; the recipe sets the flag again
-        # from the Trainer's own state once it exists (``trainer.is_world_process_zero()``).
-        self.main_process = os.environ.get("RANK", "0") == "0" if main_process is None else main_process
+        # The launcher's RANK until the training loop sets the flag from accelerate (lorafit/processes.py).
+        self.main_process = is_main_process() if main_process is None else main_process
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

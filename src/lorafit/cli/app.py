@@ -12,6 +12,7 @@ import typer
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
+from lorafit.processes import is_main_process
 
 
 class LorafitTyper(typer.Typer):
@@ -54,7 +55,7 @@ def starting(what: str) -> None:
     """Every command's first line, on stderr, before any heavy import: at once, the user sees it runs and what it
     does (torch and transformers take seconds to minutes to import on a busy machine). Under a launcher only the
     main process says it, and not when `--nproc` started it (the launching process said it)."""
-    if os.environ.get("RANK", "0") == "0" and not os.environ.get("LORAFIT_LAUNCHED"):
+    if is_main_process() and not os.environ.get("LORAFIT_LAUNCHED"):
         typer.echo(f"lorafit {__version__}: {what}", err=True)
 
 

@@ -11,6 +11,7 @@ import typer
 
 from lorafit import __version__
 from lorafit.errors import LorafitError
+from lorafit.processes import is_main_process
 from lorafit.run_folder import RunFolder
 from lorafit.run_lock import check_free
 
@@ -80,7 +81,7 @@ def _checked_config(config: Optional[Path], overrides: Optional[List[str]], *, a
     fails), and none of the processes `--nproc` started: the launching process checked before starting them."""
     cfg = _load(config, overrides)
     # Under a launcher the main process holds the lock: not for the others to test.
-    if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHED):
+    if is_main_process() and not os.environ.get(LAUNCHED):
         check_free(Path(cfg.train.output_dir))  # a live run there: say so now, not after minutes of loading
         for warning in _preflight(cfg, allow_pickle=allow_pickle).warnings:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
@@ -96,7 +97,7 @@ def _run(cfg, *, overwrite: bool, resume: Optional[str], force_resume: bool, all
     from lorafit.training.recipe import RunStopped
     from lorafit.training.recipe import train as run_training
 
-    main = os.environ.get("RANK", "0") == "0"  # under --nproc/torchrun the main process alone prints the summary
+    main = is_main_process()  # under --nproc/torchrun the main process alone prints the summary
     try:
         verb = "checking (dry run)" if dry_run else "training"
         typer.echo(f"{verb} {cfg.model.path} -> {cfg.train.output_dir}") if main else None
@@ -195,9 +196,9 @@ def _print_summary(result) -> None:
             typer.echo(f"  {name:<14} {base:.3f} -> {adapter:.3f} (base -> adapter, greedy, eval sample)")
     echo_answers(generation.get("samples") or [])
     series = m.get("series", {})
-    for label, name in (("stability", "eval_causal_stability"), ("separation", "eval_spurious_separation"),
-                        ("task loss", "eval_task_loss"), ("reward margin", "eval_reward_margin"),
-                        ("reward acc.", "eval_reward_accuracy"), ("reward", "eval_reward"), ("kl", "eval_kl")):
+    # (the contrastive parts are printed once, above, with their full names)
+    for label, name in (("reward margin", "eval_reward_margin"), ("reward acc.", "eval_reward_accuracy"),
+                        ("reward", "eval_reward"), ("kl", "eval_kl")):
         if name in series:
             typer.echo(f"  {label:<14} {series[name]['first']:.3f} -> {series[name]['final']:.3f} ({name})")
     attack = getattr(result, "attack", None) or {}

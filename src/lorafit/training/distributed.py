@@ -26,6 +26,7 @@ import torch
 
 from lorafit.config import Config
 from lorafit.errors import LorafitError
+from lorafit.processes import launcher_rank
 
 
 def world_size() -> int:
@@ -37,7 +38,7 @@ def world_size() -> int:
 def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return launcher_rank()
 
 
 def _active() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import re
 import tempfile
 from pathlib import Path
@@ -208,6 +209,14 @@ def fsync_tree(folder: Path, *, files: bool = True) -> None:
         fsync_dir(path)
 
 
+def publish_folder(staging: Path, target: Path) -> None:
+    """The one way a folder built in ``staging`` appears at ``target`` (an absent or empty folder): every file and
+    folder fsynced, one rename, the parent fsynced, so after a crash ``target`` is whole or absent."""
+    fsync_tree(staging)
+    os.replace(staging, target)
+    fsync_dir(Path(target).parent)
+
+
 def write_durable(path: Path, data: bytes) -> None:
     """Write a new file and fsync it (no rename: for files inside a staging folder that is renamed as a whole)."""
     with open(path, "xb") as handle:
@@ -216,15 +225,17 @@ def write_durable(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+@contextmanager
+def atomic_path(path: Path):
+    """The one atomic file writer: yields a temporary path beside ``path`` for the caller (or a library) to write;
+    when the block ends, the file gets normal permissions, is fsynced, renamed over ``path`` and the folder fsynced
+    (so the new name is durable too). If the block raises, the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -232,6 +243,12 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through ``atomic_path``: all of it or, after a crash, the old file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def write_json(path: Path, value) -> None:

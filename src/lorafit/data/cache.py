@@ -20,6 +20,7 @@ import torch
 
 from lorafit.data.sources import Example, SourceData, SourceStats
 from lorafit.hashing import sha256_file, sha256_json
+from lorafit.run_folder import publish_folder
 
 CACHE_VERSION = "3"  # bump when reading, normalising or labelling changes what a source tokenises to
 
@@ -92,6 +93,6 @@ def store(key: str, data: SourceData) -> None:
     try:
         save_file(tensors, staging / "tokens.safetensors")
         (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(staging, root / key)
+        publish_folder(staging, root / key)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another process stored the same key first: theirs is as good

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from lorafit.artifact.verify import _ADAPTER_KEY, verify_artifact
 from lorafit.errors import LorafitError
 from lorafit.evaluate.progress import stage
 from lorafit.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_adapter
+from lorafit.run_folder import atomic_path
 
 INSTALL_HINT = "pip install 'lorafit[gguf]'  (installs the gguf package)"
 
@@ -181,10 +180,8 @@ def export_gguf(adapter: str | Path, out: str | Path, *, base: str | Path | None
     pairs = gguf_pairs(resolved.adapter_dir, arch, permute, base_config)
     alpha = _written_alpha(resolved.adapter_dir, resolved.config, {p.lora_a.shape[0] for p in pairs})
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(handle)
-    try:
-        writer = gguf.GGUFWriter(staging, arch=arch)
+    with atomic_path(out) as staging:  # run_folder.py: fsynced file and folder; no partial .gguf after a crash
+        writer = gguf.GGUFWriter(str(staging), arch=arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -196,12 +193,6 @@ def export_gguf(adapter: str | Path, out: str | Path, *, base: str | Path | None
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(staging, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(staging, out)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
     return {"out": str(out), "adapter": str(resolved.adapter_dir), "architecture": arch, "alpha": alpha,
             "pairs": len(pairs), "permuted": sum(p.permuted for p in pairs),
             "ranks": sorted({p.lora_a.shape[0] for p in pairs})}

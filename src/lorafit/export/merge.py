@@ -14,7 +14,6 @@ which is why a quantized base is never the merge target.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from lorafit.evaluate.progress import stage
 from lorafit.model.adapters import load_adapter_model, resolve_adapter, training_quant
 from lorafit.model.loading import DTYPES, load_base_model
 from lorafit.model.lora_init import mutating_init_problem
-from lorafit.run_folder import fsync_tree, public_tree
+from lorafit.run_folder import public_tree, publish_folder
 
 # Max |logit difference| allowed between the merged model as saved (reloaded from disk) and adapter-on-base in
 # fp32. fp32 is exact up to summation order (measured 3e-6 on the tiny model); bf16/fp16 round every weight to
@@ -126,12 +125,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         say("writing checksums and moving the merged model into place")
         write_checksums(staging)
         public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; a model is shared
-        fsync_tree(staging)
         if replace and out_dir.exists():
             shutil.rmtree(out_dir)
         elif out_dir.exists():
             out_dir.rmdir()  # checked empty by claim_output
-        os.rename(staging, out_dir)
+        publish_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

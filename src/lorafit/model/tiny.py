@@ -11,7 +11,6 @@ Widths are multiples of 64 because 4-bit kernels (QLoRA) require it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -146,6 +145,8 @@ def ensure_tiny_model(seed: int = 0, *, constructed: bool = True) -> Path:
     It is built in a temporary sibling and renamed into place, so an interrupted build never leaves a
     folder that looks complete, and two processes racing here both end with the same files.
     """
+    from lorafit.run_folder import publish_folder
+
     target = cache_root() / tiny_model_name(seed, constructed=constructed)
     if (target / "config.json").is_file():
         return target
@@ -154,7 +155,7 @@ def ensure_tiny_model(seed: int = 0, *, constructed: bool = True) -> Path:
     try:
         write_tiny_model(staging / "model", seed, constructed=constructed)
         try:
-            os.rename(staging / "model", target)
+            publish_folder(staging / "model", target)
         except OSError:
             if not (target / "config.json").is_file():  # not a lost race: a real failure
                 raise

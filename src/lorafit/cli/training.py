@@ -15,7 +15,7 @@ from lorafit.processes import is_main_process
 from lorafit.run_folder import RunFolder
 from lorafit.run_lock import check_free
 
-from lorafit.cli.app import AllowPickle, SetOption, _fail, _load, _preflight, _quiet_libraries, app, starting
+from lorafit.cli.app import AllowPickle, SetOption, _load, _preflight, _quiet_libraries, app, starting
 from lorafit.cli.launch import (Launch, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
                                 LAUNCHED, check_launch, relaunch)
 
@@ -57,7 +57,7 @@ def train(
     starting(f"{'checking (dry run)' if dry_run else 'training'} {config or 'the bundled quickstart'}")
     if verify_only:
         if artifact_dir is None:
-            _fail(LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact"))
+            raise LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact")
         from lorafit.cli.adapters import verify
 
         verify(artifact_dir, None, False, allow_pickle, serving=None)

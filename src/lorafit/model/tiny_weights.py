@@ -41,7 +41,7 @@ BIAS_WEIGHT = 1.0      # the constant direction's norm, relative to a word vecto
 POSITION_PAIRS = 8     # rotary frequency pairs the previous-token heads use: the fastest 8 give a unique maximum
 # Attention logit margin of the previous position over the next best one: 4 puts ~95% of the weight there. Sharper
 # heads copy no better and hurt float32: a saturated softmax's backward subtracts nearly equal numbers (error
-# ~eps / (1 - p)), which broke the 1e-5 batch-layout parity tests at margin 6 and above.
+# ~eps / (1 - p)), which broke the 1e-5 batch-layout parity tests at margin 5 and above.
 POSITION_SHARPNESS = 4.0
 BACK_WIDTH = 32        # what a previous-token head writes: a projection of the word, enough to tell words apart
 KIND_WEIGHT = 0.8      # share of a word's features its kind gives (without kinds, occupations were not copied reliably)

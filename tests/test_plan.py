@@ -3,6 +3,7 @@ against the peaks measured on an H200, its advice, and the command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -233,3 +234,17 @@ def test_the_distributed_section_is_read_when_the_config_has_one():
 
     with pytest.raises(LorafitError, match="unknown"):
         distributed_of(SimpleNamespace(), 2, "zero9")
+
+
+@pytest.mark.parametrize("kernels", ["auto", "none"])
+def test_the_plan_resolves_kernels_with_the_runs_own_resolver(tmp_path, tiny_model_dir, kernels):
+    """One resolver for `auto` (issue 20): the planner asks model/kernels.resolve_kernels with the model's type, as
+    the run does (apply_kernels), instead of "is liger installed"; a model type liger lacks is never planned fused."""
+    from lorafit.model.kernels import resolve_kernels
+
+    shape = read_shape(str(tiny_model_dir))
+    assert shape.model_type == "llama"
+    config = _config(tmp_path, str(tiny_model_dir), f"model.kernels={kernels}")
+    planned = plan_input(config, shape, [40]).setup.liger
+    assert planned == (resolve_kernels(kernels, shape.model_type) == "liger")
+    assert plan_input(config, dataclasses.replace(shape, model_type="no-such-type"), [40]).setup.liger is False

@@ -54,6 +54,7 @@ def shape_from_config(hf_config, *, trust_remote_code: bool = False) -> Shape:
         total_params=sum(p.numel() for p in model.parameters()), linears=linears,
         head_params=0 if head is None or tied else head.weight.numel(),
         gated_mlp=any(re.search(r"gate", l.name) for l in linears),
+        model_type=getattr(hf_config, "model_type", "") or "",
     )
 
 
@@ -143,14 +144,15 @@ def _resolved_attention(config: Config, dtype: str) -> str:
     return resolve_attention("auto", DTYPES[dtype]) if torch.cuda.is_available() else "sdpa"
 
 
-def _resolved_liger(config: Config) -> bool:
+def _resolved_liger(config: Config, model_type: str) -> bool:
+    """What the run will use: ``auto`` goes through the run's own resolver (model/kernels.py), which also asks
+    whether liger has kernels for this model type; an explicit ``liger`` is planned as asked (the run refuses it
+    where it cannot run, with the reason)."""
     if config.model.kernels != "auto":
         return config.model.kernels == "liger"
-    import torch
+    from lorafit.model.kernels import resolve_kernels
 
-    from lorafit.model.kernels import liger_installed
-
-    return torch.cuda.is_available() and liger_installed()
+    return resolve_kernels("auto", model_type) == "liger"
 
 
 def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> tuple[int, str]:
@@ -174,7 +176,7 @@ def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int =
                   adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
                   saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
                   checkpointing=t.gradient_checkpointing, attention=_resolved_attention(config, dtype),
-                  liger=_resolved_liger(config), nproc=nproc, strategy=strategy, device=device,
+                  liger=_resolved_liger(config, shape.model_type), nproc=nproc, strategy=strategy, device=device,
                   masked=d.packing == "none")
     from lorafit.model.kernels import liger_installed
 

@@ -49,6 +49,7 @@ class Shape:
     linears: tuple[Linear, ...]  # every nn.Linear but the output head
     head_params: int  # the output head (0 when tied to the input embeddings)
     gated_mlp: bool = True  # SwiGLU-style gate * up (Llama, Mistral, Qwen); False: one activation input
+    model_type: str = ""  # transformers' model_type: whether liger has kernels for it (model/kernels.py)
 
     @property
     def linear_params(self) -> int:

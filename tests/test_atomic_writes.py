@@ -35,17 +35,32 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 
 
-def test_a_published_folder_appears_whole(tmp_path):
-    staging = tmp_path / ".staging"
+def _staged(tmp_path, text: str) -> Path:
+    staging = tmp_path / f".staging-{text}"
     staging.mkdir()
-    (staging / "a.txt").write_text("a")
+    (staging / "a.txt").write_text(text)
+    return staging
+
+
+def test_a_published_folder_appears_whole(tmp_path):
+    staging = _staged(tmp_path, "a")
     publish_folder(staging, tmp_path / "final")
     assert (tmp_path / "final" / "a.txt").read_text() == "a" and not staging.exists()
 
 
-# Renames that are not a plain "publish": the artifact moves an old one aside before its own publish, and the
-# checkpoint writer keeps a module-level name tests replace to simulate a crash mid-rename.
-ALLOWED = {"run_folder.py", "artifact/publish.py", "training/checkpoint.py"}
+def test_publishing_replaces_only_when_asked_and_leaves_nothing_aside(tmp_path):
+    publish_folder(_staged(tmp_path, "old"), tmp_path / "final")
+    refused = _staged(tmp_path, "new")
+    with pytest.raises(OSError):  # a non-empty target without replace: the old one stays as it was
+        publish_folder(refused, tmp_path / "final")
+    assert (tmp_path / "final" / "a.txt").read_text() == "old"
+    publish_folder(refused, tmp_path / "final", replace=True)
+    assert (tmp_path / "final" / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # the old copy set aside is gone
+
+
+# The checkpoint writer keeps a module-level rename that tests replace to simulate a crash mid-rename.
+ALLOWED = {"run_folder.py", "training/checkpoint.py"}
 
 
 def test_no_module_renames_files_into_place_by_hand():

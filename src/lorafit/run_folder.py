@@ -15,6 +15,7 @@ import json
 import os
 from contextlib import contextmanager
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -209,12 +210,20 @@ def fsync_tree(folder: Path, *, files: bool = True) -> None:
         fsync_dir(path)
 
 
-def publish_folder(staging: Path, target: Path) -> None:
-    """The one way a folder built in ``staging`` appears at ``target`` (an absent or empty folder): every file and
-    folder fsynced, one rename, the parent fsynced, so after a crash ``target`` is whole or absent."""
+def publish_folder(staging: Path, target: Path, *, replace: bool = False) -> None:
+    """The one way a folder built in ``staging`` appears at ``target``: every file and folder fsynced, one rename,
+    the parent fsynced, so after a crash ``target`` is whole (old or new), never a mix. An existing ``target`` must
+    be empty, or (``replace``) is moved aside first and deleted only once the new one is in place."""
+    target = Path(target)
     fsync_tree(staging)
-    os.replace(staging, target)
-    fsync_dir(Path(target).parent)
+    aside = None
+    if replace and target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-replaced-", dir=target.parent))
+        os.rename(target, aside / target.name)
+    os.replace(staging, target)  # onto an empty folder it succeeds; onto a non-empty one it raises OSError
+    fsync_dir(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_durable(path: Path, data: bytes) -> None:

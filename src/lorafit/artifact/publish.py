@@ -9,7 +9,6 @@ never leaves a folder that looks complete. docs/artifacts.md documents every fil
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from lorafit.config import ArtifactConfig, Config
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_file
 from lorafit.model.lora_init import convert_to_original_base, initial_adapter, mutates_base
-from lorafit.run_folder import RunFolder, fsync_tree, public_tree, write_json
+from lorafit.run_folder import RunFolder, public_tree, publish_folder, write_json
 
 FINAL = RunFolder.ARTIFACT
 CHECKSUMS = "checksums.json"
@@ -177,15 +176,8 @@ def write_final_artifact(run_dir: Path, model, tokenizer, config: Config, metada
         (staging / "README.md").write_text(model_card(config, metadata, metrics, str(target)), encoding="utf-8")
         write_checksums(staging)
         public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; an artifact is shared
-        fsync_tree(staging)
-        replaced = None
-        if target.exists():  # --overwrite: move the old one aside first, so there is never a mix of both
-            replaced = Path(tempfile.mkdtemp(prefix=f".{FINAL}-replaced-", dir=target.parent))
-            os.rename(target, replaced / FINAL)
-        os.rename(staging, target)
-        fsync_tree(target.parent, files=False)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+        # --overwrite (checked above): the old one is moved aside first, so there is never a mix of both
+        publish_folder(staging, target, replace=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -222,8 +222,6 @@ def _print_summary(result) -> None:
         typer.secho(f"  report         {result.report}", bold=True)
 
 
-
-
 SHOWN_ANSWERS = 3  # held-out rows the summary shows (report.html shows every sampled row)
 
 

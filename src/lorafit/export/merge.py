@@ -125,11 +125,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         say("writing checksums and moving the merged model into place")
         write_checksums(staging)
         public_tree(staging)  # mkdtemp (0700) and safetensors (0600) make them private; a model is shared
-        if replace and out_dir.exists():
-            shutil.rmtree(out_dir)
-        elif out_dir.exists():
-            out_dir.rmdir()  # checked empty by claim_output
-        publish_folder(staging, out_dir)
+        publish_folder(staging, out_dir, replace=replace)  # without replace, out_dir is absent or empty (claim_output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -76,6 +76,7 @@ def machine_checks(config=None) -> list[Check]:
 
     from lorafit.model.attention import Machine, unavailable_reason
     from lorafit.model.kernels import liger_installed
+    from lorafit.model.resolved import DTYPES, resolve_dtype
 
     machine = Machine.current()
     checks = []
@@ -89,7 +90,7 @@ def machine_checks(config=None) -> list[Check]:
     else:
         checks.append(Check("cuda", WARN, "no CUDA GPU: training runs on the CPU (slow; fine for the tiny model)",
                             "run on a machine with an NVIDIA GPU and a CUDA build of torch for real models"))
-    dtype = torch.bfloat16 if machine.cuda else torch.float32
+    dtype = DTYPES[resolve_dtype(config.model.dtype if config is not None else "auto", machine)]
     usable = [c for c in ("flash_attention_3", "flash_attention_2", "flex_attention", "sdpa", "eager")
               if unavailable_reason(c, dtype, machine) is None]
     checks.append(Check("attention", OK, "can train with: " + ", ".join(usable)))
@@ -181,12 +182,22 @@ def model_checks(config) -> list[Check]:
     if not folder.tokenizer:
         return checks + [Check("tokenizer", FAIL, f"no tokenizer files in {path}", TOKENIZER_FIX)]
     template, pad = folder.chat_template, folder.pad_token
+    checks.append(Check("auto resolves to", OK, resolved_here(config, folder.model_type).describe()))
     return checks + [
         Check("tokenizer", OK, ", ".join(folder.tokenizer)),
         Check("chat template", OK if template else WARN, "found" if template else "none in the model folder",
               "" if template else "chat data needs one: set data.chat_template_file (plain text data does not)"),
         Check("pad token", OK if pad else WARN, str(pad) if pad else "none: lorafit pads with the EOS token (masked)"),
     ]
+
+
+def resolved_here(config, model_type: str):
+    """What the run would load on this machine: the run's own resolver (model/resolved.py), not strict, so an
+    explicit choice that cannot run here is shown as asked (machine_checks reports why it cannot)."""
+    from lorafit.model.attention import Machine
+    from lorafit.model.resolved import resolve_auto
+
+    return resolve_auto(config.model, model_type, Machine.current(), strict=False)
 
 
 def data_checks(config) -> list[Check]:

@@ -21,7 +21,8 @@ from lorafit.data.labels import end_of_turn_token, special_token_strings
 from lorafit.data.templates import render
 from lorafit.errors import LorafitError
 from lorafit.evaluate.progress import track
-from lorafit.model.loading import DTYPES, load_base_model, load_tokenizer, resolve_model_path
+from lorafit.model.loading import load_base_model, load_tokenizer, resolve_model_path
+from lorafit.model.resolved import DTYPES
 
 # Chat templates end a turn with a token of their own that is often not the tokenizer's EOS (ChatML's <|im_end|>
 # with EOS <|endoftext|>, Llama 3's <|eot_id|> with EOS <|end_of_text|>). Generation must stop at it too, or the

@@ -25,7 +25,8 @@ from lorafit.config import ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.evaluate.progress import stage
 from lorafit.model.adapters import load_adapter_model, resolve_adapter, training_quant
-from lorafit.model.loading import DTYPES, load_base_model
+from lorafit.model.loading import load_base_model
+from lorafit.model.resolved import DTYPES
 from lorafit.model.lora_init import mutating_init_problem
 from lorafit.run_folder import public_tree, publish_folder
 

@@ -30,12 +30,20 @@ class Machine:
     """What the choice depends on, read once (tests pass their own)."""
 
     cuda: bool
-    capability: tuple[int, int] | None  # (major, minor) of GPU 0; None without CUDA
+    capability: tuple[int, int] | None  # (major, minor) of GPU 0; None without CUDA, or a GPU not known here
+    bf16: bool = False  # the GPU computes in bf16 (what model.dtype: auto picks)
 
     @classmethod
     def current(cls) -> "Machine":
         cuda = torch.cuda.is_available()
-        return cls(cuda=cuda, capability=torch.cuda.get_device_capability(0) if cuda else None)
+        return cls(cuda=cuda, capability=torch.cuda.get_device_capability(0) if cuda else None,
+                   bf16=cuda and torch.cuda.is_bf16_supported())
+
+    @classmethod
+    def planned_gpu(cls) -> "Machine":
+        """The GPU `lorafit plan` plans for when this machine has none: an NVIDIA GPU with bf16 whose model is
+        not known, so no flash-attention kernel is assumed (``auto`` plans sdpa)."""
+        return cls(cuda=True, capability=None, bf16=True)
 
 
 def _flash_2_installed() -> bool:
@@ -59,6 +67,8 @@ def unavailable_reason(choice: str, dtype: torch.dtype, machine: Machine) -> str
         return None if machine.cuda else "torch's FlexAttention has no backward pass on a CPU, so it cannot train there"
     if not machine.cuda:
         return f"{choice} runs on NVIDIA GPUs only (CUDA); this machine has none"
+    if machine.capability is None:
+        return f"{choice} depends on the GPU's model, and no GPU is known here"
     if dtype not in HALF:
         return f"{choice} computes in bf16 or fp16 only; the model loads in {str(dtype).removeprefix('torch.')}"
     if choice == "flash_attention_2":
@@ -95,11 +105,10 @@ def resolve_attention(requested: str, dtype: torch.dtype, machine: Machine | Non
     return requested
 
 
-def load_with_attention(load, requested: str, dtype: torch.dtype, machine: Machine | None = None):
-    """``load(attn_implementation)`` with the resolved choice. transformers refuses an implementation the
-    architecture lacks (ValueError before any weight is read): ``auto`` then takes transformers' default, an
-    explicit choice becomes a LorafitError."""
-    choice = resolve_attention(requested, dtype, machine)
+def load_with_attention(load, requested: str, choice: str):
+    """``load(attn_implementation)`` with ``choice``, what ``requested`` resolved to (model/resolved.py).
+    transformers refuses an implementation the architecture lacks (ValueError before any weight is read):
+    ``auto`` then takes transformers' default, an explicit choice becomes a LorafitError."""
     try:
         return load(choice)
     except ValueError as exc:

@@ -35,6 +35,7 @@ class ModelFolder:
     tokenizer: list[str] = field(default_factory=list)
     chat_template: bool = False
     pad_token: str | None = None
+    model_type: str = ""  # config.json's model_type (what liger's kernels are chosen by); "" when unreadable
 
     @classmethod
     def read(cls, path: str | Path) -> "ModelFolder":
@@ -51,6 +52,7 @@ class ModelFolder:
             chat_template="chat_template.jinja" in names or "chat_template.json" in names
             or bool(settings.get("chat_template")),
             pad_token=pad.get("content") if isinstance(pad, dict) else pad,
+            model_type=str(_json(path / "config.json").get("model_type", "")) if "config.json" in names else "",
         )
 
     def problems(self, *, config: bool = True, weights: bool = True, tokenizer: bool = True,

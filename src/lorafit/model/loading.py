@@ -11,26 +11,17 @@ import torch
 from lorafit.config import BUILTIN_TINY_MODELS, LoraConfig, ModelConfig, QuantConfig
 from lorafit.errors import LorafitError
 from lorafit.model import PICKLE_SUFFIXES
-from lorafit.model.attention import load_with_attention
+from lorafit.model.attention import Machine, load_with_attention
 from lorafit.model.folder import ModelFolder, locate_model
 from lorafit.model.kernels import apply_kernels, check_head_not_adapted
 from lorafit.model.lora_init import INIT_ATTRIBUTE, InitialAdapter, mutates_base, peft_init_value
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str) -> str:
-    """``model.dtype``: 'auto' is bf16 on a GPU that supports it, else fp32; any other name is kept."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
+from lorafit.model.resolved import DTYPES, resolve_auto, resolve_dtype
 
 def with_resolved_dtype(config):
     """The run's config with ``model.dtype: auto`` made concrete, once, at the start of a run: loading, mixed
     precision, merge, provenance and the resume identity then all see the dtype the run used. (The config layer
     stays torch-free, so it cannot resolve it itself.)"""
-    dtype = resolve_dtype(config.model.dtype)
+    dtype = resolve_dtype(config.model.dtype, Machine.current())
     if dtype == config.model.dtype:
         return config
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
@@ -99,12 +90,13 @@ def load_base_model(model: ModelConfig, path: str, quant: QuantConfig | None = N
         from lorafit.model.quantization import bnb_config
 
         extra["quantization_config"] = bnb_config(quant, sharded=sharded)
+    resolved = resolve_auto(model, ModelFolder.read(path).model_type, Machine.current())
     base = load_with_attention(lambda attn: _local_only(
-        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[resolve_dtype(model.dtype)], trust_remote_code=model.trust_remote_code,
+        AutoModelForCausalLM.from_pretrained, path, dtype=DTYPES[resolved.dtype], trust_remote_code=model.trust_remote_code,
         use_safetensors=None if allow_pickle else True, attn_implementation=attn, **extra,
-    ), model.attn_implementation, DTYPES[resolve_dtype(model.dtype)])
+    ), model.attn_implementation, resolved.attention)
     base.config.use_cache = False  # training never needs the KV cache; it also keeps packed rows independent
-    apply_kernels(base, model.kernels)
+    apply_kernels(base, resolved.kernels)
     return base
 
 

@@ -127,32 +127,20 @@ class PlanInput:
                        grad_accum=grad_accum, max_seq_length=max_seq_length)
 
 
-def _resolved_dtype(config: Config) -> str:
-    # A plan is for the GPU the run will use: model.dtype auto is bf16 there (every GPU lorafit supports for
-    # bf16; an older one fails check_precision_supported at run time anyway).
-    return "bf16" if config.model.dtype == "auto" else config.model.dtype
+def planning_machine():
+    """The machine a plan is for: this one when it has a GPU, else the GPU the run will use (model/resolved.py)."""
+    from lorafit.model.attention import Machine
+
+    here = Machine.current()
+    return here if here.cuda else Machine.planned_gpu()
 
 
-def _resolved_attention(config: Config, dtype: str) -> str:
-    if config.model.attn_implementation != "auto":
-        return config.model.attn_implementation
-    import torch
+def resolved_for_plan(config: Config, model_type: str, machine=None):
+    """``auto`` made concrete by the run's own resolver (model/resolved.py); an explicit choice is planned as
+    asked (the run refuses it where it cannot run, with the reason)."""
+    from lorafit.model.resolved import resolve_auto
 
-    from lorafit.model.attention import resolve_attention
-    from lorafit.model.loading import DTYPES
-
-    return resolve_attention("auto", DTYPES[dtype]) if torch.cuda.is_available() else "sdpa"
-
-
-def _resolved_liger(config: Config, model_type: str) -> bool:
-    """What the run will use: ``auto`` goes through the run's own resolver (model/kernels.py), which also asks
-    whether liger has kernels for this model type; an explicit ``liger`` is planned as asked (the run refuses it
-    where it cannot run, with the reason)."""
-    if config.model.kernels != "auto":
-        return config.model.kernels == "liger"
-    from lorafit.model.kernels import resolve_kernels
-
-    return resolve_kernels("auto", model_type) == "liger"
+    return resolve_auto(config.model, model_type, machine or planning_machine(), strict=False)
 
 
 def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> tuple[int, str]:
@@ -168,15 +156,15 @@ def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> t
 
 
 def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int = 1, strategy: str = "ddp",
-               device: str = "cuda") -> PlanInput:
+               device: str = "cuda", machine=None) -> PlanInput:
     d, t = config.data, config.train
-    dtype = _resolved_dtype(config)
+    resolved = resolved_for_plan(config, shape.model_type, machine)
     adapted = adapted_linears(shape, config.lora.target_modules)
-    setup = Setup(dtype=dtype, quant_bits=config.quant.bits, double_quant=config.quant.double_quant,
+    setup = Setup(dtype=resolved.dtype, quant_bits=config.quant.bits, double_quant=config.quant.double_quant,
                   adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
                   saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
-                  checkpointing=t.gradient_checkpointing, attention=_resolved_attention(config, dtype),
-                  liger=_resolved_liger(config, shape.model_type), nproc=nproc, strategy=strategy, device=device,
+                  checkpointing=t.gradient_checkpointing, attention=resolved.attention,
+                  liger=resolved.kernels == "liger", nproc=nproc, strategy=strategy, device=device,
                   masked=d.packing == "none")
     from lorafit.model.kernels import liger_installed
 

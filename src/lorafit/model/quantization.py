@@ -19,7 +19,7 @@ import torch
 
 from lorafit.config import Config, QuantConfig
 from lorafit.errors import LorafitError, install_hint
-from lorafit.model.loading import DTYPES
+from lorafit.model.resolved import DTYPES
 
 INSTALL_HINT = install_hint("qlora", "bitsandbytes")
 # The versions whose eval-mode 4-bit conversion was read and tested (nn/modules.py Linear4bit.forward); the

@@ -263,16 +263,17 @@ def test_the_torch_free_precheck_reads_triplets(tmp_path):
 
 def test_data_inspect_shows_triplet_counts_lengths_and_a_marked_example(tmp_path, tiny_tokenizer):
     from lorafit import load_config
-    from lorafit.data.inspect import build_report, render_text
+    from lorafit.data import prepare
 
     train, _ = generate_triplets(n_train=6, n_eval=0, seed=2)
     write_jsonl(tmp_path / "t.jsonl", train + [{"benign": "only this"}])
     config = load_config({"objective": {"type": "contrastive"}, "data": {"train": [
         {"path": str(tmp_path / "t.jsonl"), "on_error": "skip", "max_skip_fraction": 0.5}]}})
-    report = build_report(config, tiny_tokenizer)
+    report = prepare.inspect(config, tiny_tokenizer)
+    assert report["kind"] == "triplets" and report["audit"] == []  # the audit runs on triplets too
     (source,) = report["sources"]
     assert (source["rows"], source["kept"], source["skipped"], source["with_marker"]) == (7, 6, {"missing_field": 1}, 6)
     assert set(source["tokens"]) == {"benign", "benign_cf", "injection"}
-    text = render_text(report, colour=False)
-    assert "(triplets)" in text and "injection tokens: min" in text
+    text = prepare.render(report, colour=False)
+    assert "(triplets)" in text and "injection tokens: min" in text and "audit: passed" in text
     assert "[[{" in text  # the benign answer (JSON) is the trained part

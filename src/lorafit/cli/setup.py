@@ -47,15 +47,16 @@ def data_inspect(
 
     cfg = _load(config, overrides)  # a config or data mistake answers before the heavy imports
     _quiet_libraries()
-    from lorafit.data.inspect import build_report, render_text
+    from lorafit.data import prepare, use_configured_template
     from lorafit.model.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
-    report = build_report(cfg, tokenizer, use_cache=not no_cache)
+    use_configured_template(tokenizer, cfg.data)
+    report = prepare.inspect(cfg, tokenizer, use_cache=not no_cache)
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        typer.echo(render_text(report, colour=sys.stdout.isatty()))
+        typer.echo(prepare.render(report, colour=sys.stdout.isatty()))
     if report["audit"] and report["audit_enforced"]:
         raise typer.Exit(1)
 

@@ -14,6 +14,7 @@ layout whitespace before each answer in raw templates without a generation-promp
 from __future__ import annotations
 
 from lorafit.data.sources import SourceStats
+from lorafit.errors import LorafitError
 from lorafit.data.variables import placeholder_warnings
 
 
@@ -49,3 +50,19 @@ def audit_warnings(stats: list[SourceStats]) -> list[str]:
             "but at inference the prompt ends differently from training (fix: write the template with "
             "`{{- ... }}`/`{%- ... %}` or without the newlines)"
             for s in stats if s.prompt_whitespace_turns]
+
+
+def supervision_audit(stats: dict[str, list[SourceStats]], data, *, train_on: str, enforce: bool
+                      ) -> tuple[list[str], list[str]]:
+    """The audit over every source of both splits (``stats["train"]``, ``stats["eval"]``), for every objective whose
+    rows carry labels: (problems, warning lines). Raises when there are problems, ``enforce`` is on (a run; inspect,
+    plan and doctor report instead) and ``data.audit`` is on."""
+    problems = [p for split in ("train", "eval")
+                for p in audit_problems(stats.get(split, []), train_on=train_on, max_seq_length=data.max_seq_length,
+                                        split=split)]
+    if problems and enforce and data.audit:
+        raise LorafitError("the supervision audit failed before training", details=problems,
+                           why="training would run but learn the wrong thing (or nothing)",
+                           fix="fix the causes above; data.audit: false turns these into warnings")
+    warnings = [f"audit: {p}" for p in problems] + audit_warnings([s for split in stats.values() for s in split])
+    return problems, warnings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 
 from lorafit.config import Config
-from lorafit.data import load_source, prepare_data, use_configured_template
+from lorafit.data.supervised import load_source, prepare_data
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.data.packing import PackedBins, padding_fraction
 
@@ -34,27 +34,18 @@ def marked_pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tu
     return pieces
 
 
-def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
+def warning_and_audit_lines(report: dict) -> list[str]:
+    """The warnings and the audit's verdict, as every kind of row prints them."""
+    lines = [f"warning: {w}" for w in report["warnings"]]
+    if report["audit"]:
+        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
+        return lines + [f"  {problem}" for problem in report["audit"]]
+    return lines + ["audit: passed"]
+
+
+def inspect_sft(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
+    """The report for supervised rows (data/prepare.py picks the report for the config's kind of rows)."""
     data, train = config.data, config.train
-    use_configured_template(tokenizer, data)
-    formats = {s.format for s in [*data.train, *data.eval]}
-    kind = config.objective.data_kind
-    if kind == "prompts" or "prompts" in formats:
-        from lorafit.data.prompts import inspect_prompts
-
-        return inspect_prompts(config, tokenizer)
-    if kind == "unpaired" or "unpaired" in formats:
-        from lorafit.data.unpaired import inspect_unpaired
-
-        return inspect_unpaired(config, tokenizer)
-    if config.objective.needs_preference or any(s.format == "preference" for s in [*data.train, *data.eval]):
-        from lorafit.data.preference import inspect_preference
-
-        return inspect_preference(config, tokenizer)
-    if config.objective.needs_triplets or any(s.format == "triplets" for s in [*data.train, *data.eval]):
-        from lorafit.data.triplets import inspect_triplets
-
-        return inspect_triplets(config, tokenizer)
     prepared = prepare_data(data, tokenizer, seed=train.seed, batch_size=train.batch_size,
                             group_by_length=train.group_by_length, use_cache=use_cache, enforce_audit=False)
     sources = []
@@ -93,25 +84,9 @@ def build_report(config: Config, tokenizer, *, use_cache: bool = True) -> dict:
     }
 
 
-def render_text(report: dict, *, colour: bool) -> str:
+def render_sft(report: dict, *, colour: bool) -> str:
     import typer
 
-    if report.get("format") == "prompts":
-        from lorafit.data.prompts import render_prompts
-
-        return render_prompts(report)
-    if report.get("format") == "unpaired":
-        from lorafit.data.unpaired import render_unpaired
-
-        return render_unpaired(report)
-    if report.get("format") == "preference":
-        from lorafit.data.preference import render_preference
-
-        return render_preference(report)
-    if report.get("format") == "triplets":
-        from lorafit.data.triplets import render_triplets
-
-        return render_triplets(report)
     lines = []
     for s in report["sources"]:
         t, p = s["tokens"], s["padding_fraction"]
@@ -126,13 +101,7 @@ def render_text(report: dict, *, colour: bool) -> str:
         ]
     lines.append(f"mix: {report['train_examples']} train examples (per source {report['mix']['drawn']}), "
                  f"{report['eval_examples']} eval, {report['train_eval_overlap']} eval examples identical to training ones")
-    for warning in report["warnings"]:
-        lines.append(f"warning: {warning}")
-    if report["audit"]:
-        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
-        lines += [f"  {problem}" for problem in report["audit"]]
-    else:
-        lines.append("audit: passed")
+    lines += warning_and_audit_lines(report)
     lines.append(f"example ({report['example']['where']}); trained tokens "
                  + ("in green:" if colour else "in [[double brackets]]:"))
     if colour:

@@ -120,7 +120,7 @@ def split_and_mix(data, loaded: dict[str, list[list]], stats: dict[str, list], *
     """Examples of objectives that read their own rows (triplets, preference pairs), per split and source
     (``loaded["train"][i]``: source i's examples; ``stats`` the sources' SourceStats alike), through the same
     hold-out, budgets, weights, order and overlap check as ``prepare_data``. Raises when a split is left empty."""
-    from lorafit.data import SplitStats, add_source, nothing_usable
+    from lorafit.data.prepared import SplitStats, add_source, nothing_usable
 
     per_source, held_out = [], []
     for i, (source, examples) in enumerate(zip(data.train, loaded["train"])):

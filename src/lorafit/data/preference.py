@@ -212,8 +212,18 @@ def tokenise_pair(tokenizer, record: PreferenceRecord, *, system_turn: str, stat
                              truncated=truncated, record=record)
 
 
-def load_preference_source(source, tokenizer, data) -> tuple[list[PreferenceExample], SourceStats, list[dict]]:
-    """One preference source read, checked and tokenised (not cached: two short rows per pair tokenise fast)."""
+def load_preference_source(source, tokenizer, data, *, use_cache: bool = False
+                           ) -> tuple[list[PreferenceExample], SourceStats, list[dict]]:
+    """One preference source read, checked and tokenised, or taken from the cache (data/cache.py)."""
+    from lorafit.data.cache import cached_source
+    from lorafit.data.supervised import tokenisation_options
+
+    return cached_source(source, tokenizer, {"kind": "preference", **tokenisation_options(data)},
+                         lambda: _tokenised_pairs(source, tokenizer, data), use_cache=use_cache,
+                         cls=PreferenceExample, record_cls=PreferenceRecord)
+
+
+def _tokenised_pairs(source, tokenizer, data):
     if not getattr(tokenizer, "chat_template", None):
         raise LorafitError(f"{source.path}: preference pairs need a chat template and the tokenizer has none",
                            why="each answer is rendered after its prompt as a conversation, as the model sees it "
@@ -252,27 +262,21 @@ class PreferenceCollator:
         return PadCollator(self.pad_token_id)(rows)
 
 
-def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True):
+def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True, use_cache: bool = False):
     """Both splits of preference data: the same hold-out, budgets, weights, order, overlap check and supervision
     audit as ``prepare_data``, in a ``PreparedData``."""
-    from lorafit.data import PreparedData, length_notes
-    from lorafit.data.audit import audit_problems, audit_warnings
+    from lorafit.data.prepared import PreparedData, length_notes
+    from lorafit.data.audit import supervision_audit
     from lorafit.data.mixing import split_and_mix
 
-    loaded = {split: [load_preference_source(s, tokenizer, data) for s in sources]
+    loaded = {split: [load_preference_source(s, tokenizer, data, use_cache=use_cache) for s in sources]
               for split, sources in (("train", data.train), ("eval", data.eval))}
     mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
                           {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
                           what="pairs")
-    problems = [p for split in loaded
-                for p in audit_problems([s for _, s, _ in loaded[split]], train_on="last_assistant",
-                                        max_seq_length=data.max_seq_length, split=split)]
-    if problems and enforce_audit and data.audit:
-        raise LorafitError("the supervision audit failed before training", details=problems,
-                           why="training would run but learn the wrong thing (or nothing)",
-                           fix="fix the causes above; data.audit: false turns these into warnings")
-    warnings = mixed.warnings + [f"audit: {p}" for p in problems]
-    warnings += audit_warnings([s for split in loaded for _, s, _ in loaded[split]])
+    problems, audit_lines = supervision_audit({split: [s for _, s, _ in parts] for split, parts in loaded.items()},
+                                              data, train_on="last_assistant", enforce=enforce_audit)
+    warnings = mixed.warnings + audit_lines
     report = {"format": "preference", **mixed.report, "packing": "none",
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
@@ -281,17 +285,17 @@ def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True
                         length_notes(report["sources"], data.max_seq_length))
 
 
-def inspect_preference(config, tokenizer) -> dict:
+def inspect_preference(config, tokenizer, *, use_cache: bool = True) -> dict:
     """`lorafit data inspect` for preference pairs: per source the counts and both rows' token lengths, the
     audit, and one pair with each answer's trained tokens marked."""
     from lorafit.data.inspect import lengths_summary, marked_pieces
 
     data = config.data
-    prepared = prepare_preference(data, tokenizer, seed=config.train.seed, enforce_audit=False)
+    prepared = prepare_preference(data, tokenizer, seed=config.train.seed, enforce_audit=False, use_cache=use_cache)
     sources = []
     for split, split_sources in (("train", data.train), ("eval", data.eval)):
         for source in split_sources:
-            examples, s, _ = load_preference_source(source, tokenizer, data)
+            examples, s, _ = load_preference_source(source, tokenizer, data, use_cache=use_cache)
             sources.append({
                 "split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept,
                 "skipped": s.skipped,
@@ -311,7 +315,9 @@ def inspect_preference(config, tokenizer) -> dict:
             "audit_enforced": data.audit, "example": {"where": example.where, **marked}}
 
 
-def render_preference(report: dict) -> str:
+def render_preference(report: dict, *, colour: bool = False) -> str:
+    from lorafit.data.inspect import warning_and_audit_lines
+
     lines = []
     for s in report["sources"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
@@ -322,12 +328,7 @@ def render_preference(report: dict) -> str:
                   for row, t in s["tokens"].items()]
     lines.append(f"{report['train_examples']} train pairs, {report['eval_examples']} eval, "
                  f"{report['train_eval_overlap']} eval pairs identical to training ones")
-    lines += [f"warning: {w}" for w in report["warnings"]]
-    if report["audit"]:
-        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
-        lines += [f"  {problem}" for problem in report["audit"]]
-    else:
-        lines.append("audit: passed")
+    lines += warning_and_audit_lines(report)
     e = report["example"]
     lines += [f"example ({e['where']}); trained tokens in [[double brackets]]:", "chosen:", e["chosen"],
               "rejected:", e["rejected"]]

@@ -210,7 +210,7 @@ def prompt_audit(stats: list[SourceStats], *, max_prompt_length: int) -> list[st
 def prepare_prompts(data, tokenizer, *, seed: int, max_prompt_length: int, enforce_audit: bool = True):
     """Both splits of prompt data: the same hold-out, budgets, weights, order and overlap check as
     ``prepare_data``, and the length audit, in a ``PreparedData``."""
-    from lorafit.data import PreparedData
+    from lorafit.data.prepared import PreparedData
     from lorafit.data.mixing import split_and_mix
 
     loaded = {split: [load_prompt_source(s, tokenizer, data, max_prompt_length) for s in sources]
@@ -231,7 +231,7 @@ def prepare_prompts(data, tokenizer, *, seed: int, max_prompt_length: int, enfor
                         mixed.warnings + [f"audit: {p}" for p in problems], problems)
 
 
-def inspect_prompts(config, tokenizer) -> dict:
+def inspect_prompts(config, tokenizer, *, use_cache: bool = True) -> dict:
     """`lorafit data inspect` for prompt rows: per source the counts and prompt lengths, the audit, and one prompt as
     the model sees it, with the fields its answers are scored against."""
     from lorafit.data.inspect import lengths_summary
@@ -259,7 +259,9 @@ def data_limit(config) -> int:
     return config.data.max_seq_length - config.objective.grpo.max_completion_length
 
 
-def render_prompts(report: dict) -> str:
+def render_prompts(report: dict, *, colour: bool = False) -> str:
+    from lorafit.data.inspect import warning_and_audit_lines
+
     lines = []
     for s in report["sources"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
@@ -270,12 +272,7 @@ def render_prompts(report: dict) -> str:
                   f"  prompt tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"]
     lines.append(f"{report['train_examples']} train prompts, {report['eval_examples']} eval, "
                  f"{report['train_eval_overlap']} eval prompts identical to training ones")
-    lines += [f"warning: {w}" for w in report["warnings"]]
-    if report["audit"]:
-        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
-        lines += [f"  {problem}" for problem in report["audit"]]
-    else:
-        lines.append("audit: passed")
+    lines += warning_and_audit_lines(report)
     e = report["example"]
     lines += [f"example ({e['where']}), as the model sees it before answering:", e["prompt"],
               f"fields the rewards see: {json.dumps(e['fields'], ensure_ascii=False)}"]

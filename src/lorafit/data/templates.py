@@ -8,7 +8,10 @@ the source's ``on_error`` policy applies and the user sees ``file:line: ...`` in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lorafit.data.formats import RowError
+from lorafit.errors import LorafitError
 
 SYSTEM_TURN_POLICIES = ("keep", "merge_into_first_user", "drop")
 
@@ -107,3 +110,15 @@ def check_reasoning_rendered(segment: str, message: dict, turn: int) -> None:
                        f"{turn} (it reads `{REASONING}` but left it out here, as templates do for turns before the last "
                        "user message): it would be cut out of training; fix: set data.train_on: last_assistant so only "
                        "the final answer (with its reasoning) is trained, or use a template that renders it")
+
+
+def use_configured_template(tokenizer, data) -> None:
+    """Put the config's chat template (inline or file) on the tokenizer; it is saved with the adapter, so
+    generation later renders prompts exactly as training did."""
+    if data.chat_template_file:
+        path = Path(data.chat_template_file)
+        if not path.is_file():
+            raise LorafitError(f"data.chat_template_file: {path} not found", fix="check the path (relative to the config file)")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    elif data.chat_template:
+        tokenizer.chat_template = data.chat_template

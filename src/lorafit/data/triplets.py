@@ -123,8 +123,18 @@ class TripletCollator:
         return batch
 
 
-def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) -> tuple[list[TripletExample], SourceStats, list[dict]]:
-    """One triplet source read, checked and tokenised (not cached: three short prompts per row tokenise fast)."""
+def load_triplet_source(source, tokenizer, data, *, marker_field: str | None, use_cache: bool = False
+                        ) -> tuple[list[TripletExample], SourceStats, list[dict]]:
+    """One triplet source read, checked and tokenised, or taken from the cache (data/cache.py)."""
+    from lorafit.data.cache import cached_source
+    from lorafit.data.supervised import tokenisation_options
+
+    options = {"kind": "triplets", "marker_field": marker_field, **tokenisation_options(data)}
+    return cached_source(source, tokenizer, options, lambda: _tokenised_triplets(source, tokenizer, data, marker_field),
+                         use_cache=use_cache, cls=TripletExample, record_cls=TripletRecord)
+
+
+def _tokenised_triplets(source, tokenizer, data, marker_field: str | None):
     records, stats, skipped = read_triplets(source, marker_field=marker_field)
     if not getattr(tokenizer, "chat_template", None):
         raise LorafitError(f"{source.path}: triplets need a chat template and the tokenizer has none",
@@ -133,38 +143,46 @@ def load_triplet_source(source, tokenizer, data, *, marker_field: str | None) ->
     return tokenise_triplets(records, tokenizer, max_seq_length=data.max_seq_length, stats=stats), stats, skipped
 
 
-def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker"):
+def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker", enforce_audit: bool = True,
+                     use_cache: bool = False):
     """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
     overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
-    from lorafit.data import PreparedData, length_notes
+    from lorafit.data.prepared import PreparedData, length_notes
     from lorafit.data.mixing import split_and_mix
-    from lorafit.data.variables import placeholder_warnings
+    from lorafit.data.audit import supervision_audit
 
-    loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field) for s in sources]
+    loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field, use_cache=use_cache)
+                      for s in sources]
               for split, sources in (("train", data.train), ("eval", data.eval))}
     mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
                           {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
                           what="triplets")
-    warnings = mixed.warnings + placeholder_warnings([s for split in loaded for _, s, _ in loaded[split]])
+    # The benign row's answer is the only supervised part: the same audit as every labelled row (no supervised
+    # token, too long); placeholder warnings come with it.
+    problems, audit_lines = supervision_audit({split: [s for _, s, _ in parts] for split, parts in loaded.items()},
+                                              data, train_on="last_assistant", enforce=enforce_audit)
+    warnings = mixed.warnings + audit_lines
     report = {"format": "triplets", **mixed.report, "packing": "none",
               "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
     skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
     return PreparedData(TripletDataset(mixed.train), TripletDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, [],
+                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems,
                         length_notes(report["sources"], data.max_seq_length))
 
 
-def inspect_triplets(config, tokenizer) -> dict:
+def inspect_triplets(config, tokenizer, *, use_cache: bool = True) -> dict:
     """`lorafit data inspect` for triplet data: per source the counts and each part's token lengths, and one
     triplet with the benign answer's trained tokens marked."""
     from lorafit.data.inspect import lengths_summary, marked_pieces
 
     data = config.data
-    prepared = prepare_triplets(data, tokenizer, seed=config.train.seed, marker_field=config.eval.attack.marker_field)
+    prepared = prepare_triplets(data, tokenizer, seed=config.train.seed, marker_field=config.eval.attack.marker_field,
+                                enforce_audit=False, use_cache=use_cache)
     sources = []
     for split, split_sources in (("train", data.train), ("eval", data.eval)):
         for source in split_sources:
-            examples, s, _ = load_triplet_source(source, tokenizer, data, marker_field=config.eval.attack.marker_field)
+            examples, s, _ = load_triplet_source(source, tokenizer, data, marker_field=config.eval.attack.marker_field,
+                                                  use_cache=use_cache)
             sources.append({
                 "split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept, "skipped": s.skipped,
                 "dropped_too_long": s.dropped_too_long,
@@ -177,14 +195,17 @@ def inspect_triplets(config, tokenizer) -> dict:
     return {
         "format": "triplets", "sources": sources, "train_examples": len(prepared.train_examples),
         "eval_examples": len(prepared.eval_examples), "train_eval_overlap": prepared.report["train_eval_overlap"],
-        "warnings": prepared.warnings, "audit": [], "audit_enforced": data.audit,  # the label audit is for SFT rows
+        "warnings": [w for w in prepared.warnings if not w.startswith("audit: ")], "audit": prepared.audit,
+        "audit_enforced": data.audit,
         "example": {"where": example.where, "marked": "".join(f"[[{t}]]" if on else t for t, on in pieces),
                     "pieces": [{"text": t, "trained": on} for t, on in pieces],
                     "benign_cf": tokenizer.decode(example.cf_ids), "injection": tokenizer.decode(example.injection_ids)},
     }
 
 
-def render_triplets(report: dict) -> str:
+def render_triplets(report: dict, *, colour: bool = False) -> str:
+    from lorafit.data.inspect import warning_and_audit_lines
+
     lines = []
     for s in report["sources"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
@@ -195,7 +216,7 @@ def render_triplets(report: dict) -> str:
                   for part, t in s["tokens"].items()]
     lines.append(f"{report['train_examples']} train triplets, {report['eval_examples']} eval, "
                  f"{report['train_eval_overlap']} eval triplets identical to training ones")
-    lines += [f"warning: {w}" for w in report["warnings"]]
+    lines += warning_and_audit_lines(report)
     e = report["example"]
     lines += [f"example ({e['where']}); benign, trained tokens in [[double brackets]]:", e["marked"],
               "counterfactual:", e["benign_cf"], "injection:", e["injection"]]

@@ -148,7 +148,18 @@ def tokenise_unpaired(tokenizer, record: UnpairedRecord, *, system_turn: str, st
                            truncated=truncated, record=record)
 
 
-def load_unpaired_source(source, tokenizer, data) -> tuple[list[UnpairedExample], SourceStats, list[dict]]:
+def load_unpaired_source(source, tokenizer, data, *, use_cache: bool = False
+                         ) -> tuple[list[UnpairedExample], SourceStats, list[dict]]:
+    """One source of unpaired answers read, checked and tokenised, or taken from the cache (data/cache.py)."""
+    from lorafit.data.cache import cached_source
+    from lorafit.data.supervised import tokenisation_options
+
+    return cached_source(source, tokenizer, {"kind": "unpaired", **tokenisation_options(data)},
+                         lambda: _tokenised_answers(source, tokenizer, data), use_cache=use_cache,
+                         cls=UnpairedExample, record_cls=UnpairedRecord)
+
+
+def _tokenised_answers(source, tokenizer, data):
     if not getattr(tokenizer, "chat_template", None):
         raise LorafitError(f"{source.path}: kto rows need a chat template and the tokenizer has none",
                            fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer "
@@ -188,27 +199,21 @@ class UnpairedCollator:
         return batch
 
 
-def prepare_unpaired(data, tokenizer, *, seed: int, enforce_audit: bool = True):
+def prepare_unpaired(data, tokenizer, *, seed: int, enforce_audit: bool = True, use_cache: bool = False):
     """Both splits of unpaired data through the same hold-out, budgets, weights, order, overlap check and
     supervision audit as ``prepare_data``, in a ``PreparedData``."""
-    from lorafit.data import PreparedData
-    from lorafit.data.audit import audit_problems, audit_warnings
+    from lorafit.data.prepared import PreparedData
+    from lorafit.data.audit import supervision_audit
     from lorafit.data.mixing import split_and_mix
 
-    loaded = {split: [load_unpaired_source(s, tokenizer, data) for s in sources]
+    loaded = {split: [load_unpaired_source(s, tokenizer, data, use_cache=use_cache) for s in sources]
               for split, sources in (("train", data.train), ("eval", data.eval))}
     mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
                           {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
                           what="answers")
-    problems = [p for split in loaded
-                for p in audit_problems([s for _, s, _ in loaded[split]], train_on="last_assistant",
-                                        max_seq_length=data.max_seq_length, split=split)]
-    if problems and enforce_audit and data.audit:
-        raise LorafitError("the supervision audit failed before training", details=problems,
-                           why="training would run but learn the wrong thing (or nothing)",
-                           fix="fix the causes above; data.audit: false turns these into warnings")
-    warnings = mixed.warnings + [f"audit: {p}" for p in problems]
-    warnings += audit_warnings([s for split in loaded for _, s, _ in loaded[split]])
+    problems, audit_lines = supervision_audit({split: [s for _, s, _ in parts] for split, parts in loaded.items()},
+                                              data, train_on="last_assistant", enforce=enforce_audit)
+    warnings = mixed.warnings + audit_lines
     desirable = sum(e.label for e in mixed.train)
     if desirable in (0, len(mixed.train)):
         warnings.append(f"every training answer is {'desirable' if desirable else 'undesirable'}: KTO learns from "
@@ -221,16 +226,16 @@ def prepare_unpaired(data, tokenizer, *, seed: int, enforce_audit: bool = True):
                         mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems)
 
 
-def inspect_unpaired(config, tokenizer) -> dict:
+def inspect_unpaired(config, tokenizer, *, use_cache: bool = True) -> dict:
     """`lorafit data inspect` for KTO rows: counts, lengths, desirable share, the audit and one marked row."""
     from lorafit.data.inspect import lengths_summary, marked_pieces
 
     data = config.data
-    prepared = prepare_unpaired(data, tokenizer, seed=config.train.seed, enforce_audit=False)
+    prepared = prepare_unpaired(data, tokenizer, seed=config.train.seed, enforce_audit=False, use_cache=use_cache)
     sources = []
     for split, split_sources in (("train", data.train), ("eval", data.eval)):
         for source in split_sources:
-            examples, s, _ = load_unpaired_source(source, tokenizer, data)
+            examples, s, _ = load_unpaired_source(source, tokenizer, data, use_cache=use_cache)
             sources.append({"split": split, "path": s.path, "format": s.format, "rows": s.rows, "kept": s.kept,
                             "skipped": s.skipped, "dropped_too_long": s.dropped_too_long, "truncated": s.truncated,
                             "dropped_no_supervision": s.dropped_no_supervision,
@@ -244,7 +249,9 @@ def inspect_unpaired(config, tokenizer) -> dict:
             "audit_enforced": data.audit, "example": {"where": example.where, "label": example.label, "marked": marked}}
 
 
-def render_unpaired(report: dict) -> str:
+def render_unpaired(report: dict, *, colour: bool = False) -> str:
+    from lorafit.data.inspect import warning_and_audit_lines
+
     lines = []
     for s in report["sources"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "none"
@@ -255,12 +262,7 @@ def render_unpaired(report: dict) -> str:
                   f"  row tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}"]
     lines.append(f"{report['train_examples']} train answers, {report['eval_examples']} eval, "
                  f"{report['train_eval_overlap']} eval answers identical to training ones")
-    lines += [f"warning: {w}" for w in report["warnings"]]
-    if report["audit"]:
-        lines.append("audit: FAILED" if report["audit_enforced"] else "audit: problems (data.audit is off)")
-        lines += [f"  {problem}" for problem in report["audit"]]
-    else:
-        lines.append("audit: passed")
+    lines += warning_and_audit_lines(report)
     e = report["example"]
     lines += [f"example ({e['where']}, {'desirable' if e['label'] else 'undesirable'}); trained tokens in "
               "[[double brackets]]:", e["marked"]]

@@ -174,18 +174,17 @@ def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int =
 
 
 def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
-    """Token lengths of the training examples, through the data pipeline (and its cache) a run uses."""
-    from lorafit.data import prepare_data, use_configured_template
+    """Token lengths of the rows the training examples forward, through the data entry (and cache) a run uses:
+    one row per SFT, KTO or GRPO example, the chosen and the rejected row of a pair, the three rows of a triplet
+    (data/prepare.py: forward_rows). GRPO's generated tokens are not in these lengths."""
+    from lorafit.data import prepare, use_configured_template
     from lorafit.model.loading import load_tokenizer, resolve_model_path
 
-    if config.objective.data_kind not in ("sft", None):
-        return [config.data.max_seq_length]  # triplets, pairs, answers, prompts: planned at full length
     tokenizer = load_tokenizer(config.model, resolve_model_path(config.model))
     use_configured_template(tokenizer, config.data)
-    t = config.train
-    prepared = prepare_data(config.data, tokenizer, seed=t.seed, batch_size=t.batch_size,
-                            group_by_length=t.group_by_length, use_cache=use_cache, enforce_audit=False)
-    return [len(e.input_ids) for e in prepared.train_examples]
+    kind = prepare.row_kind(config)
+    prepared = prepare.prepare(config, tokenizer, kind=kind, use_cache=use_cache, enforce_audit=False)
+    return [n for rows in prepare.forward_rows(prepared, kind) for n in rows]
 
 
 def plan_config(config: Config, *, nproc: int | None = None, strategy: str | None = None,

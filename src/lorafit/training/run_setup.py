@@ -36,35 +36,20 @@ def objective_for(config: Config, user_callbacks) -> tuple:
 
 
 def prepare_run_data(config: Config, tokenizer, objective, *, use_cache: bool):
-    """SFT rows, or triplets, preference pairs, unpaired answers or prompts when the objective trains on them.
-    An objective that makes or pairs rows during training gets the tokenizer (``use_tokenizer``); GRPO's built-in
-    rewards check every row has what they compare against."""
-    from lorafit.data import prepare_data
-    from lorafit.data.triplets import prepare_triplets
+    """The rows the objective trains on, through the one data entry (data/prepare.py). An objective that makes or
+    pairs rows during training gets the tokenizer (``use_tokenizer``); GRPO's built-in rewards check every row has
+    what they compare against."""
+    from lorafit.data import prepare
 
     if hasattr(objective, "use_tokenizer"):
         objective.use_tokenizer(tokenizer)
+    prepared = prepare.prepare(config, tokenizer, kind=prepare.row_kind(config, objective), use_cache=use_cache)
     if objective.data == "prompts":
-        from lorafit.data.prompts import data_limit, prepare_prompts
         from lorafit.training.rewards import check_rows
 
-        prepared = prepare_prompts(config.data, tokenizer, seed=config.train.seed, max_prompt_length=data_limit(config))
         check_rows(getattr(objective, "rewards", []), [*prepared.train_examples, *prepared.eval_examples],
                    citation_pattern=config.eval.citation_pattern)
-        return prepared
-    if objective.data == "unpaired":
-        from lorafit.data.unpaired import prepare_unpaired
-
-        return prepare_unpaired(config.data, tokenizer, seed=config.train.seed)
-    if objective.data == "preference":
-        from lorafit.data.preference import prepare_preference
-
-        return prepare_preference(config.data, tokenizer, seed=config.train.seed)
-    if objective.data == "triplets":
-        return prepare_triplets(config.data, tokenizer, seed=config.train.seed,
-                                marker_field=config.eval.attack.marker_field)
-    return prepare_data(config.data, tokenizer, seed=config.train.seed, batch_size=config.train.batch_size,
-                        group_by_length=config.train.group_by_length, use_cache=use_cache)
+    return prepared
 
 
 def collator_for(config: Config, objective, tokenizer, model):

@@ -29,6 +29,16 @@ TIMING_KEYS = ("tokens_per_second", "supervised_tokens_per_second", "peak_rss_mb
                "gpu_reserved_peak_mb", "generation_seconds", "eval_generation_seconds")
 
 
+SLOW_SAVE = Path(__file__).resolve().parent / "slow_save"  # a sitecustomize that slows checkpoint writes
+
+
+def slow_save_env(seconds: float) -> dict:
+    """Environment for a run whose every checkpoint file write takes ``seconds`` longer (scripts/slow_save), so a
+    kill or a signal can land while a checkpoint is half written."""
+    return {"LORAFIT_TEST_PAUSE_IN_SAVE": str(seconds),
+            "PYTHONPATH": os.pathsep.join([str(SLOW_SAVE), str(REPO / "src")])}
+
+
 class Launch:
     """One `lorafit train CONFIG --resume auto` process, its output lines collected as they come."""
 
@@ -125,7 +135,7 @@ def kill_and_resume(config: Path, run_dir: Path, reference_losses: dict[int, str
     for number in range(kills):
         start = newest_step(run_dir)
         during_save = rng.random() < 0.35
-        env = {"LORAFIT_TEST_PAUSE_IN_SAVE": "0.15"} if during_save else {}
+        env = slow_save_env(0.15) if during_save else {}
         launch = Launch(config, run_dir.parent, env)
         if during_save:
             files = rng.randint(1, 6)  # a save writes 6 files, then its manifest (training/snapshot.py)

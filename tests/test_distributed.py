@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import REPO, write_jsonl
 from test_resume import _rows  # the same varied "Repeat: ..." rows the resume tests train on
+import kill_resume  # noqa: E402  (on the path test_resume puts scripts/ on)
 from safetensors.torch import load_file
 
 from lorafit import load_config, train
@@ -176,7 +177,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_adapter(ddp_run, tiny_mod
     config = _config(tmp_path, tiny_model_dir, batch_size=2)
     # Each file of a checkpoint save waits 0.5 s: after step 2's checkpoint lands, step 4's save is slow enough to
     # be killed in the middle of (the kill then leaves a half-written staging folder as well).
-    proc = _launch(config, env_extra={"LORAFIT_TEST_PAUSE_IN_SAVE": "0.5"})
+    proc = _launch(config, env_extra=kill_resume.slow_save_env(0.5))
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 300
     while not (checkpoints / "step-00000002" / "manifest.json").exists():

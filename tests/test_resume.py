@@ -92,7 +92,7 @@ def test_sigkill_at_random_moments_and_sigterm_resume_to_the_same_adapter(tmp_pa
     run_dir = tmp_path / "run"
 
     # 1. SIGKILL in the middle of a checkpoint save (3 of its files written, no manifest yet)
-    launch = kill_resume.Launch(config, tmp_path, {ckpt.PAUSE_ENV: "0.3"})
+    launch = kill_resume.Launch(config, tmp_path, kill_resume.slow_save_env(0.3))
     assert launch.wait_until(lambda: kill_resume.newest_step(run_dir) >= 2 and kill_resume.staging_files(run_dir, launch.proc.pid) >= 3)
     launch.proc.send_signal(signal.SIGKILL)
     assert launch.finish() == -signal.SIGKILL
@@ -410,12 +410,15 @@ def test_a_sigint_during_a_checkpoint_write_is_acted_on_at_the_next_step(tmp_pat
 
     sent = []
 
-    def interrupt_once():  # between two files of a save (checkpoint.commit_checkpoint's test pause point)
+    write = ckpt.write_durable
+
+    def interrupt_once(*args, **kwargs):  # after the first file of a save, before its manifest
+        write(*args, **kwargs)
         if not sent:
             sent.append(True)
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(ckpt, "_pause", interrupt_once)
+    monkeypatch.setattr(ckpt, "write_durable", interrupt_once)
     config = load_config(_setup(tmp_path, tiny_model_dir))
     with pytest.raises(RunStopped, match="stopped by SIGINT at step 3") as caught:
         train(config)

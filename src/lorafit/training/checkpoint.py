@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -48,8 +47,6 @@ REQUIRED = (ADAPTER, STATE_TENSORS, STATE_JSON, META)
 FORMAT_VERSION = 2
 
 _NAME = re.compile(r"^step-(\d{8})$")
-# Test-only: seconds to sleep after each file of a save, so a test can SIGKILL the process mid-save.
-PAUSE_ENV = "LORAFIT_TEST_PAUSE_IN_SAVE"
 
 
 # Every filesystem operation of a save goes through these names, so a test can make each one fail in turn.
@@ -117,12 +114,6 @@ def unflatten_state(tree, tensors: dict[str, torch.Tensor]):
 # ---------------------------------------------------------------------------------------------- commit
 
 
-def _pause() -> None:
-    seconds = os.environ.get(PAUSE_ENV)
-    if seconds:
-        time.sleep(float(seconds))
-
-
 def commit_checkpoint(root: Path, step: int, files: dict[str, bytes], *, keep_last: int, keep_best: int = 0,
                       best_mode: str = "min") -> Path:
     """Write ``files`` as checkpoint ``step`` under ``root`` so that a crash at any moment leaves either the
@@ -139,7 +130,6 @@ def commit_checkpoint(root: Path, step: int, files: dict[str, bytes], *, keep_la
             data = files[file_name]
             write_durable(staging / file_name, data)
             manifest["files"][file_name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
-            _pause()
         write_durable(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         fsync_dir(staging)
         if final.exists():  # the same step saved again (a forced resume from an older checkpoint)

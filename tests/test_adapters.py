@@ -50,7 +50,7 @@ def test_a_peft_adapter_without_tokenizer_files_uses_the_base_tokenizer(peft_ada
 
 def test_eval_of_a_peft_adapter_without_tokenizer_files(peft_adapter, tmp_path):
     """Before: AutoTokenizer on the adapter folder raised a ValueError traceback."""
-    from lorafit.evaluate.run import run_eval
+    from lorafit.evaluate.command import run_eval
 
     data = write_jsonl(tmp_path / "eval.jsonl", [conversation("Say red", "red red"), conversation("Say blue", "blue blue")])
     report = run_eval(adapter=peft_adapter, model=None, data=[data], metrics=("loss", "exact_match"), baseline=True,

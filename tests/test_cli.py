@@ -133,7 +133,7 @@ def test_bad_data_is_named_by_file_and_line_without_traceback(tmp_path, tiny_mod
 
 
 def test_a_bad_config_or_data_is_reported_before_torch_is_imported(tmp_path, tiny_model_dir):
-    """`config validate` and the first step of `train` (cli.app._load) never import torch or transformers."""
+    """`config validate` and the first step of `train` (cli.app.load_command_config) never import torch or transformers."""
     _bad_data_config(tmp_path, tiny_model_dir, '{"messages": [{"role": "robot", "content": "x"}]}\n')
     (tmp_path / "typo.yaml").write_text("data: {train: [{path: bad.jsonl}]}\ntrain: {learnig_rate: 1}\n")
     write_jsonl(tmp_path / "good.jsonl", [conversation("q", "a")])
@@ -142,10 +142,10 @@ def test_a_bad_config_or_data_is_reported_before_torch_is_imported(tmp_path, tin
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from lorafit.cli import app\n"
-        "from lorafit.cli.app import _load\n"
+        "from lorafit.cli.app import load_command_config\n"
         "codes = [CliRunner().invoke(app, ['config', 'validate', name]).exit_code\n"
         "         for name in ('c.yaml', 'typo.yaml', 'good.yaml')]\n"
-        "_load(__import__('pathlib').Path('good.yaml'), ['train.max_steps=3'])\n"
+        "load_command_config(__import__('pathlib').Path('good.yaml'), ['train.max_steps=3'])\n"
         "print(codes, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -127,9 +127,9 @@ def test_audit_fails_fast_with_a_clear_message(tmp_path, tiny_tokenizer):
 
 def test_rows_dropped_for_length_are_announced_per_source(tmp_path, tiny_tokenizer):
     """Issue 23 item 8: `train` prints rows left out for length (per source) where it prints skipped rows
-    (training.outcome.write_data_report); before, they were only in data_report.json."""
+    (training.results.write_data_report); before, they were only in data_report.json."""
     from lorafit.run_folder import RunFolder
-    from lorafit.training.outcome import write_data_report
+    from lorafit.training.results import write_data_report
 
     a = write_jsonl(tmp_path / "a.jsonl", _rows("a", 8) + [conversation("word " * 80, "ok")] * 2)
     b = write_jsonl(tmp_path / "b.jsonl", _rows("b", 6) + [conversation("word " * 80, "ok")])

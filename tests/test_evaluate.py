@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lorafit import load_config, train
 from lorafit.errors import LorafitError
 from lorafit.evaluate.examples import read_examples
-from lorafit.evaluate.run import run_eval
+from lorafit.evaluate.command import run_eval
 from lorafit.evaluate.scoring import GenerationSettings, generate_answers
 from lorafit.evaluate.report import write_report
 from test_cli import lorafit
@@ -241,7 +241,7 @@ def test_eval_loss_uses_the_adapters_train_on_and_truncation(tmp_path, tiny_mode
 def test_generation_examples_keep_source_fields_and_held_out_rows(tmp_path, tiny_tokenizer):
     """Eval sources are read as DataSource (format, fields, task_prefix); held-out train rows are answered too."""
     from lorafit.data import prepare_data
-    from lorafit.evaluate.run import generation_sample
+    from lorafit.evaluate.comparison import generation_sample
 
     train_rows = write_jsonl(tmp_path / "train.jsonl", [_two_turns(i) for i in range(12)])
     mapped = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"Capital number {i}?", "a": f"City {i}"} for i in range(3)])

@@ -180,7 +180,7 @@ def test_perplexity_and_aggregate():
 
 
 def test_improvement_needs_more_than_min_delta():
-    from lorafit.training.guards import improved
+    from lorafit.training.best_step import improved
 
     assert improved(0.94, 1.0, "min", 0.05)  # 0.94 < 1.0 - 0.05
     assert not improved(0.96, 1.0, "min", 0.05)

@@ -19,7 +19,7 @@ from lorafit import LorafitCallback, load_config, train
 from lorafit.config import DataSource
 from lorafit.data.formats import FieldMap
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
-from lorafit.data.preference import PreferenceCollator, normalise_preference, read_preference, tokenise_pair
+from lorafit.data.pairs import PreferenceCollator, normalise_preference, read_preference, tokenise_pair
 from lorafit.data.sample_preference import generate_pairs, write_sample_preference
 from lorafit.data.sources import SourceStats
 from lorafit.errors import LorafitError

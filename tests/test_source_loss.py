@@ -248,7 +248,7 @@ def test_a_resumed_run_logs_the_same_per_source_losses(tmp_path, tiny_model_dir)
     resume, the values logged at step 4 are the uninterrupted run's."""
     from test_resume import SendSigint
 
-    from lorafit.training.outcome import RunStopped
+    from lorafit.training.stopping import RunStopped
 
     rows = [conversation(f"Say {w}", f"{w} {w}") for w in "red blue green black white pink gray gold".split()]
     sources = [write_jsonl(tmp_path / "colors.jsonl", rows),

@@ -10,7 +10,7 @@ from conftest import write_jsonl
 
 from lorafit.config import DataConfig, DataSource, load_config
 from lorafit.data import load_source, prepare_data
-from lorafit.data.preference import read_preference
+from lorafit.data.pairs import read_preference
 from lorafit.data.triplet_rows import read_triplets
 from lorafit.errors import LorafitError
 

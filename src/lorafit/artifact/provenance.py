@@ -70,7 +70,7 @@ def tokenizer_identity(tokenizer, model_dir: Path) -> dict:
 def collect_metadata(config, model_path: str, tokenizer, data: dict, parameters: dict, base_check, started: float,
                      *, health: dict | None = None) -> dict:
     """Everything needed to know what an adapter is and to train it again: written as metadata.json.
-    ``health``: whether the run learned or diverged (training/outcome.py assess_health)."""
+    ``health``: whether the run learned or diverged (training/health.py assess_health)."""
     import time
 
     from lorafit import __version__

@@ -4,7 +4,8 @@ User mistakes (LorafitError) print what/why/fix and exit 1, never a traceback. A
 lorafit and keeps its traceback so it can be reported. Top layer: may use every package.
 """
 
-from lorafit.cli import adapters, doctor, plan, setup, training  # noqa: F401  (each registers its commands on the app)
+from lorafit.cli import (adapter_commands, config_commands, data_commands, doctor, model_commands,  # noqa: F401
+                         plan, training)  # each registers its commands on the app
 from lorafit.cli.app import app
 from lorafit.cli.training import resume_command
 

@@ -64,7 +64,7 @@ def _fail(error: LorafitError) -> None:
     raise typer.Exit(1)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Library chatter (progress bars while writing shards, advisory warnings) hides lorafit's own lines; the
     Python API gets the same quiet (model/quiet.py)."""
     from lorafit.model.quiet import quiet_libraries
@@ -72,7 +72,7 @@ def _quiet_libraries() -> None:
     quiet_libraries()
 
 
-def _preflight(config, *, allow_pickle: bool = False):
+def preflight_run(config, *, allow_pickle: bool = False):
     """What can be checked before any weight loads (model/preflight.py): the model folder's files, plugin modules,
     row lengths, target module names. Raises the first problem; returns what was and was not checked."""
     from lorafit.model.preflight import preflight
@@ -80,9 +80,9 @@ def _preflight(config, *, allow_pickle: bool = False):
     return preflight(config, allow_pickle=allow_pickle)
 
 
-def _load(config: Optional[Path], overrides: Optional[List[str]], *, check_data: bool = True):
+def load_command_config(config: Optional[Path], overrides: Optional[List[str]], *, check_data: bool = True):
     """The validated config, and (``check_data``) every data row parsed. Imports no torch: call it before
-    ``_quiet_libraries`` so that a config or data mistake is reported in about a second."""
+    ``quiet_libraries`` so that a config or data mistake is reported in about a second."""
     from lorafit.config import default_config_path, load_config
 
     loaded = load_config(config or default_config_path(), overrides or [])

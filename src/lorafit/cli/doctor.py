@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import typer
 
-from lorafit.cli.app import SetOption, _quiet_libraries, app, starting
+from lorafit.cli.app import SetOption, quiet_libraries, app, starting
 from lorafit.cli.plan import GpuMemoryOption
 from lorafit.errors import LorafitError, install_hint
 
@@ -241,7 +241,7 @@ def run_checks(config_path: Optional[Path], overrides, gpu_memory: Optional[str]
         except LorafitError as error:
             return checks + [Check("config", FAIL, error.what, error.fix or "fix the config (lorafit config validate)")]
         checks.append(Check("config", OK, f"{config_path} valid"))
-    _quiet_libraries()
+    quiet_libraries()
     checks += machine_checks(config)
     if config is None:
         return checks

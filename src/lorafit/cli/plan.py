@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from lorafit.cli.app import SetOption, _load, _quiet_libraries, app, starting
+from lorafit.cli.app import SetOption, load_command_config, quiet_libraries, app, starting
 
 GpuMemoryOption = typer.Option(None, "--gpu-memory", help="Memory of the GPU to plan for, e.g. 6GB, 24GiB (GB read as "
                                "GiB). Default: the total memory of this machine's GPU 0, if any.")
@@ -132,7 +132,7 @@ def plan_command(
     """Predict the peak GPU memory of a run without loading weights: the breakdown, whether it fits, and the
     cheapest change that makes it fit (docs/planner.md)."""
     starting(f"planning the memory of {config}")
-    cfg = _load(config, overrides)
-    _quiet_libraries()
+    cfg = load_command_config(config, overrides)
+    quiet_libraries()
     report = plan_report(cfg, gpu_memory=gpu_memory, nproc=nproc, strategy=strategy, use_cache=not no_cache)
     typer.echo(json.dumps(report, indent=2) if as_json else render_plan(report, str(config)))

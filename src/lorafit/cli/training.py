@@ -15,7 +15,7 @@ from lorafit.processes import is_main_process
 from lorafit.run_folder import RunFolder
 from lorafit.run_lock import check_free
 
-from lorafit.cli.app import AllowPickle, SetOption, _load, _preflight, _quiet_libraries, app, starting
+from lorafit.cli.app import AllowPickle, SetOption, load_command_config, preflight_run, quiet_libraries, app, starting
 from lorafit.cli.launch import (Launch, MasterAddrOption, MasterPortOption, NnodesOption, NodeRankOption, NprocOption,
                                 LAUNCHED, check_launch, relaunch)
 
@@ -58,7 +58,7 @@ def train(
     if verify_only:
         if artifact_dir is None:
             raise LorafitError("--verify-only needs --artifact-dir DIR", fix="e.g. --artifact-dir runs/x/name-v0.1.0/final_artifact")
-        from lorafit.cli.adapters import verify
+        from lorafit.cli.adapter_commands import verify
 
         verify(artifact_dir, None, False, allow_pickle, serving=None)
         return
@@ -79,11 +79,11 @@ def _checked_config(config: Optional[Path], overrides: Optional[List[str]], *, a
     rows (before torch is imported), a live run in the output folder, and the preflight (model folder, plugins,
     row lengths, target modules). Under a launcher only the main process checks (it stops the others if it
     fails), and none of the processes `--nproc` started: the launching process checked before starting them."""
-    cfg = _load(config, overrides)
+    cfg = load_command_config(config, overrides)
     # Under a launcher the main process holds the lock: not for the others to test.
     if is_main_process() and not os.environ.get(LAUNCHED):
         check_free(Path(cfg.train.output_dir))  # a live run there: say so now, not after minutes of loading
-        for warning in _preflight(cfg, allow_pickle=allow_pickle).warnings:
+        for warning in preflight_run(cfg, allow_pickle=allow_pickle).warnings:
             typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     return cfg
 
@@ -91,8 +91,8 @@ def _checked_config(config: Optional[Path], overrides: Optional[List[str]], *, a
 def _run(cfg, *, overwrite: bool, resume: Optional[str], force_resume: bool, allow_pickle: bool, data_cache: bool,
          dry_run: bool) -> None:
     """The run itself, its summary and its exit code."""
-    _quiet_libraries()
-    from lorafit.training.outcome import DIVERGED_EXIT_CODE
+    quiet_libraries()
+    from lorafit.training.health import DIVERGED_EXIT_CODE
     from lorafit.training.progress import Progress
     from lorafit.training.recipe import RunStopped
     from lorafit.training.recipe import train as run_training

@@ -1,6 +1,6 @@
 """What the preference objectives (``objective.type: dpo | orpo | simpo | kto``) may be set to, which metrics they
 log, and which data and options they cannot train with. Read by config/objective.py; the losses are in
-lorafit/training/preference.py and training/kto.py, the rows in lorafit/data/preference.py (pairs) and
+lorafit/training/preference.py and training/kto.py, the rows in lorafit/data/pairs.py (pairs) and
 data/unpaired.py (KTO's single answers) (docs/objectives.md).
 """
 

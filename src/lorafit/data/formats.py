@@ -254,7 +254,7 @@ def messages_from_row(row: dict, fields: FieldMap) -> list[dict]:
                   lambda role: role if role in ROLES else None, ROLES, fields.key("part_text"))
 
 
-def _from_sharegpt(row: dict, fields: FieldMap) -> list[dict]:
+def sharegpt_messages(row: dict, fields: FieldMap) -> list[dict]:
     return _turns(row, fields.key("conversations"), fields.key("from"), fields.key("value"),
                   lambda role: SHAREGPT_ROLES.get(str(role).lower()), SHAREGPT_ROLES, fields.key("part_text"))
 
@@ -284,7 +284,7 @@ def _from_prompt_completion(row: dict, fields: FieldMap) -> list[dict]:
 
 _TO_MESSAGES = {
     "messages": messages_from_row,
-    "sharegpt": _from_sharegpt,
+    "sharegpt": sharegpt_messages,
     "alpaca": _from_alpaca,
     "prompt_completion": _from_prompt_completion,
 }

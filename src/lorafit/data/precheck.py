@@ -17,7 +17,7 @@ def check_sources(data: DataConfig, *, triplets: bool = False, marker_field: str
     """Raise the first source's LorafitError (every bad row of that source listed), or return if all parse.
     ``triplets``/``preference``/``unpaired``/``prompts``: the objective trains on triplet rows, preference pairs, KTO's
     unpaired answers or GRPO's prompts (docs/objectives.md), whatever the sources' format says."""
-    from lorafit.data.preference import read_preference
+    from lorafit.data.pairs import read_preference
     from lorafit.data.prompts import read_prompts
     from lorafit.data.triplet_rows import read_triplets
     from lorafit.data.unpaired import read_unpaired

@@ -32,7 +32,7 @@ def _kind(name: str, module: str, rows) -> RowKind:
 
 ROW_KINDS = {
     "sft": _kind("sft", "lorafit.data.inspect", lambda e: (len(e.input_ids),)),
-    "preference": _kind("preference", "lorafit.data.preference",
+    "preference": _kind("preference", "lorafit.data.pairs",
                         lambda e: (len(e.input_ids), len(e.rejected_ids))),  # chosen and rejected in one batch
     "triplets": _kind("triplets", "lorafit.data.triplets",
                       lambda e: (len(e.input_ids), len(e.cf_ids), len(e.injection_ids))),  # 3n rows
@@ -70,7 +70,7 @@ def prepare(config, tokenizer, *, kind: str | None = None, use_cache: bool = Tru
                             group_by_length=config.train.group_by_length, use_cache=use_cache,
                             enforce_audit=enforce_audit)
     if kind == "preference":
-        from lorafit.data.preference import prepare_preference
+        from lorafit.data.pairs import prepare_preference
 
         return prepare_preference(data, tokenizer, seed=seed, enforce_audit=enforce_audit, use_cache=use_cache)
     if kind == "triplets":

@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.data.formats import FieldMap, RowError, _from_sharegpt, check_messages, messages_from_row
-from lorafit.data.preference import prompt_turns
+from lorafit.data.formats import FieldMap, RowError, sharegpt_messages, check_messages, messages_from_row
+from lorafit.data.pairs import prompt_turns
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
 from lorafit.data.templates import apply_system_turn, render
@@ -50,7 +50,7 @@ class PromptRecord:
 
 def _conversation(row: dict, fields: FieldMap) -> tuple[list[dict], str] | None:
     """(messages, key) from a messages or conversations key, or None when the row has neither."""
-    for canonical, parse in (("messages", messages_from_row), ("conversations", _from_sharegpt)):
+    for canonical, parse in (("messages", messages_from_row), ("conversations", sharegpt_messages)):
         if fields.key(canonical) in row:
             return parse(row, fields), fields.key(canonical)
     return None

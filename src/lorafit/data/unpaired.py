@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lorafit.data.formats import FieldMap, RowError, check_messages
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
-from lorafit.data.preference import answer_turn, prompt_turns
+from lorafit.data.pairs import answer_turn, prompt_turns
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
 from lorafit.data.templates import apply_system_turn

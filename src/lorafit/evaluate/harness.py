@@ -231,7 +231,7 @@ def harness_eval(*, adapter: Path | None, model: Path | None, tasks: HarnessTask
                  limit: int | None = None, num_fewshot: int | None = None, chat_template: bool = False) -> dict:
     """`lorafit eval --harness`: load the adapter on its base (or a plain model), run the harness on both, and
     when the adapter is a run's, save harness_results.json in the run folder and rebuild its report.html."""
-    from lorafit.evaluate.run import load_models
+    from lorafit.evaluate.command import load_models
     from lorafit.run_folder import RunFolder
 
     require_lm_eval()  # a missing extra is reported before minutes of model loading

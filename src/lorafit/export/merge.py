@@ -205,3 +205,12 @@ def check_dtype_on_disk(folder: Path, dtype: str) -> None:
 
 
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def merge_at_end(config, adapter_dir: Path, run) -> dict:
+    """With artifact.merge, the standalone merged model in <run>/merged (replacing an earlier one)."""
+    if not config.artifact.merge:
+        return {}
+    report = merge_adapter(adapter_dir, run / run.MERGED, dtype=config.model.dtype, quant=config.quant, replace=True)
+    return {"merged_dir": str(run / run.MERGED),
+            "merge": {k: report[k] for k in ("dtype", "max_abs_logit_diff", "mean_abs_logit_diff")}}

@@ -9,12 +9,15 @@
     preference.py   DPO and ORPO
     source_loss.py  the training loss per data source
     optimizer.py    the optimizer (parameter groups, LoRA+) and the schedule
-    guards.py       what may stop a run: the non-finite guard, SIGINT/SIGTERM, best step and early stopping
+    guards.py       the non-finite guard
+    stopping.py     SIGINT/SIGTERM: checkpoint at the next step, then stop; the stopped-run error
+    best_step.py    best step and early stopping
     callbacks.py    the public ``LorafitCallback`` and its events, the metrics history
     snapshot.py     what a checkpoint holds of the loop, and resuming it
     checkpoint.py   crash-safe checkpoints on disk and the resume checks
     distributed.py  processes, reductions, accelerate's strategy plugins, sharded state
-    outcome.py      metrics summary, run health (diverged?), results, report, the stopped-run error
+    health.py       run health (diverged?)
+    results.py      metrics summary, results, data report, report.html
     tracking.py     TensorBoard / MLflow / W&B
     progress.py     what a person watching a run sees
     dry_run.py      ``--dry-run``: one forward and backward on the largest batch

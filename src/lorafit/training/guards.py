@@ -1,17 +1,12 @@
-"""What may stop a run early, in one place: the non-finite guard (NaN/Inf must not reach the adapter or a
-checkpoint), SIGINT/SIGTERM (checkpoint at the next step boundary, then stop), and ``eval.best`` (best-step
-selection and early stopping on any logged metric).
+"""The non-finite guard: NaN/Inf must not reach the adapter or a checkpoint. (Signals: training/stopping.py;
+best-step selection: training/best_step.py.)
 
-Each keeps its state in plain values that travel in checkpoints (``state_dict``/``load_state_dict``), so a resumed
-run stops, skips and selects exactly as an uninterrupted one. Every decision that changes what the processes do
-next is taken from values that are the same on every process (reduced, or logged after reduction).
+It keeps its state in plain values that travel in checkpoints (``state_dict``/``load_state_dict``), so a resumed
+run skips exactly as an uninterrupted one. Every decision that changes what the processes do next is taken from
+values that are the same on every process (reduced, or logged after reduction).
 """
 
 from __future__ import annotations
-
-import signal
-import sys
-import threading
 
 import torch
 
@@ -109,122 +104,3 @@ class NonFiniteGuard:
         self.consecutive = state["consecutive"]
         self.skipped_steps = list(state["skipped_steps"])
         self._run = self._blocked = None
-
-
-# ---------------------------------------------------------------------------------------------- signals
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class StopRequest:
-    """Installs the handlers while training runs (main thread only). A signal is recorded whenever it arrives (in
-    a forward, an evaluation or in the middle of a checkpoint save) and never dropped: the loop checks ``signal`` at
-    every step boundary, saves a checkpoint and stops. A second signal stops at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            # Second signal: the user does not want to wait for the step. A save cut short here leaves only a
-            # staging folder, which is never resumed from and is removed by the next run.
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(
-            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    @property
-    def exit_code(self) -> int:
-        """The shell convention for a process ended by a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
-        return 128 + (self.signal or 0)
-
-
-# ---------------------------------------------------------------------------------------------- best step
-# Generation metrics and training losses are logged like eval_loss, so best-step selection watches every logged
-# value; the best adapter is kept in memory (a LoRA adapter is a few MB, unlike a full model).
-
-def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    """True if ``value`` beats ``best`` by more than ``min_delta`` in the direction ``mode``.
-
-    >>> improved(0.9, 1.0, "min", 0.05), improved(0.96, 1.0, "min", 0.05), improved(0.5, None, "max", 0.0)
-    (True, False, True)
-    """
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
-
-
-class BestMetric:
-    """Tracks the best value of ``metric``; asks to stop after ``patience`` values without improvement.
-
-    With ``keep_weights``, the trainable (adapter) tensors of the best step are copied to CPU memory each time
-    the metric improves; ``restore`` puts them back into the model before the final adapter is written. The values
-    it sees are the logged ones, reduced over processes, so every process takes the same decision.
-    """
-
-    def __init__(self, metric: str, mode: str, *, patience: int | None = None, min_delta: float = 0.0,
-                 keep_weights: bool = False):
-        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
-        self.keep_weights = keep_weights
-        self.best: float | None = None
-        self.best_step: int | None = None
-        self.stale = 0
-        self.stopped_at: int | None = None
-        self.best_weights: dict[str, torch.Tensor] | None = None
-
-    def observe(self, step: int, values: dict, model=None) -> None:
-        """Look at one step's logged values (train and evaluation merged)."""
-        value = values.get(self.metric)
-        if value is None:
-            return
-        if improved(value, self.best, self.mode, self.min_delta):
-            self.best, self.best_step, self.stale = value, step, 0
-            if self.keep_weights and model is not None:
-                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                                     if p.requires_grad}
-            return
-        self.stale += 1
-        if self.patience is not None and self.stale >= self.patience and self.stopped_at is None:
-            self.stopped_at = step
-
-    @torch.no_grad()
-    def restore(self, model) -> bool:
-        """Load the best step's adapter weights into ``model``; False if none were kept."""
-        if not self.best_weights:
-            return False
-        params = dict(model.named_parameters())
-        for name, tensor in self.best_weights.items():
-            params[name].copy_(tensor)
-        return True
-
-    # Checkpoints carry this state, so early stopping and the best adapter survive a resume exactly.
-    def state_dict(self) -> dict:
-        state = {"best": self.best, "best_step": self.best_step, "stale": self.stale, "stopped_at": self.stopped_at}
-        if self.best_weights:
-            state["best_weights"] = dict(self.best_weights)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_step, self.stale, self.stopped_at = (
-            state["best"], state["best_step"], state["stale"], state["stopped_at"])
-        self.best_weights = dict(state["best_weights"]) if state.get("best_weights") else None
-
-    def as_dict(self) -> dict:
-        return {"metric": self.metric, "mode": self.mode, "value": self.best, "step": self.best_step,
-                "stopped_early_at": self.stopped_at, "patience": self.patience, "min_delta": self.min_delta}

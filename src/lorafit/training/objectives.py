@@ -39,7 +39,7 @@ class Objective:
 
     ``data``: the batches it needs: "sft" (``input_ids``, ``attention_mask``, ``labels``, or a packed row) or
     "triplets" (``lorafit.data.triplets``: 3n rows, benign first, then counterfactual, then injection) or
-    "preference" (``lorafit.data.preference``: 2n rows, the chosen answers first, then the rejected ones) or
+    "preference" (``lorafit.data.pairs``: 2n rows, the chosen answers first, then the rejected ones) or
     "unpaired" (``lorafit.data.unpaired``: n answers labelled ``desirable``) or "prompts" (``lorafit.data.prompts``:
     n left-padded prompts and their rows; the objective makes its answers in ``prepare_step``).
     ``compute`` returns the loss (already normalised by ``totals``, see the module docstring) and a dict of

@@ -1,7 +1,7 @@
 """Preference objectives: DPO (with its IPO and hinge variants), ORPO and SimPO, as lorafit ``Objective``s (KTO,
 on unpaired answers, is in training/kto.py).
 
-A batch is 2n rows (``lorafit.data.preference.PreferenceCollator``): n prompt + chosen answer rows, then the n
+A batch is 2n rows (``lorafit.data.pairs.PreferenceCollator``): n prompt + chosen answer rows, then the n
 prompt + rejected answer rows, labelled on the answer tokens only. log p(answer | prompt) is the sum of the answer
 tokens' log-probabilities (the labels say which tokens count, so only the response counts).
 

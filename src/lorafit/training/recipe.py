@@ -5,7 +5,7 @@
     -> health -> publish the artifact (-> merged model) -> results + report -> summary (last)
 
 Every optimizer step is in training/loop.py (lorafit's own loop on accelerate); what the run leaves behind is in
-training/outcome.py. docs/design.md says why the loop is lorafit's and not transformers' Trainer.
+training/results.py (and training/health.py). docs/design.md says why the loop is lorafit's and not transformers' Trainer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from lorafit.artifact.publish import refuse_existing_version, write_final_artifa
 from lorafit.artifact.result import completed_result, failed_result, new_job_id
 from lorafit.config import Config
 from lorafit.data import use_configured_template
-from lorafit.evaluate.run import generation_sample
+from lorafit.evaluate.comparison import compare_base_and_adapter, generation_sample
+from lorafit.export.merge import merge_at_end
 from lorafit.hashing import combined_digest
 from lorafit.model.kernels import LIGER_MARK
 from lorafit.model.loading import (attach_lora, count_parameters, load_base_model, load_tokenizer, resolve_model_path,
@@ -28,18 +29,19 @@ from lorafit.model.loading import (attach_lora, count_parameters, load_base_mode
 from lorafit.model.quantization import (check_optimizer_available, check_precision_supported, optimizer_note,
                                         prepare_for_kbit_training, require_bitsandbytes)
 from lorafit.run_folder import RunFolder
+from lorafit.training.best_step import BestMetric
 from lorafit.training.callbacks import MetricsHistory
 from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
                                          read_meta, require_format)
 from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first,
                                           require_same_world_size, unshard_for_outputs)
-from lorafit.training.guards import BestMetric, NonFiniteGuard, StopRequest
+from lorafit.training.guards import NonFiniteGuard
+from lorafit.training.health import assess_health, diverged_advice
 from lorafit.training.memory_record import memory_summary, predict_for_run
-from lorafit.training.outcome import (RunStopped, assess_health, compare_generation, diverged_advice,  # noqa: F401
-                                      merge_at_end, raise_if_stopped, summarise_metrics, write_data_report,
-                                      write_results_and_report)  # RunStopped: raised here, caught by callers
+from lorafit.training.results import summarise_metrics, write_data_report, write_results_and_report
 from lorafit.training.run_setup import (apply_dropout_policy, attack_comparison, build_loop, objective_for,
                                         prepare_run_data)
+from lorafit.training.stopping import RunStopped, StopRequest, raise_if_stopped  # noqa: F401  (RunStopped: callers)
 from lorafit.training.tracking import offline_tracking_env
 
 
@@ -199,7 +201,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
     require_adapter_changed(model)
 
     restored_best = best.restore(model) if b.final_adapter == "best" else False
-    comparison = compare_generation(model, tokenizer, sample)
+    comparison = compare_base_and_adapter(model, tokenizer, *sample) if sample else None
     attack = attack_comparison(config, model, tokenizer, objective, prepared.eval_examples)
     metrics = summarise_metrics(history, loop, prepared.train_stats)
     health = assess_health(history.records, getattr(model.config, "vocab_size", None), trace=loop.window.trace,

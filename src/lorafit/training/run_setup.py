@@ -63,7 +63,7 @@ def collator_for(config: Config, objective, tokenizer, model):
 
         return TripletCollator(tokenizer.pad_token_id)
     if objective.data == "preference":
-        from lorafit.data.preference import PreferenceCollator
+        from lorafit.data.pairs import PreferenceCollator
 
         return PreferenceCollator(tokenizer.pad_token_id)
     if objective.data == "unpaired":

@@ -87,7 +87,7 @@ def _plain(value) -> float:
 class LogWindow:
     """The training values since the last log line: the summed step losses and the objective's metrics, and every
     step's loss and gradient norm (``trace``, for the run's health check: a run that diverges between two log lines
-    is seen, training/outcome.py).
+    is seen, training/health.py).
 
     Each process adds its share of every step's loss (the step's loss is the sum of the shares over processes, as
     each share is divided by the step's totals over all of them); ``read`` sums over processes and divides by the

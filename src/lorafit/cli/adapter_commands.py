@@ -10,7 +10,7 @@ import typer
 
 from lorafit.errors import LorafitError
 
-from lorafit.cli.app import AllowPickle, LorafitTyper, _quiet_libraries, app, starting
+from lorafit.cli.app import AllowPickle, LorafitTyper, quiet_libraries, app, starting
 
 
 # `lorafit verify` exit codes: 0 verified, 1 a problem found, 3 no problem found but integrity not provable
@@ -83,10 +83,10 @@ def eval_command(
     tasks with --harness."""
     starting(f"evaluating {adapter or model}" + (f" on {', '.join(p.name for p in data)}" if data else "")
              + (" and its base" if baseline else "") + (f"; harness {harness}" if harness else ""))
-    _quiet_libraries()
+    quiet_libraries()
     from lorafit.evaluate import metrics as metric_defs
     from lorafit.evaluate.progress import reporting
-    from lorafit.evaluate.run import run_eval
+    from lorafit.evaluate.command import run_eval
 
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else metric_defs.LOSS_METRICS + metric_defs.GENERATION_METRICS
     result: dict = {}
@@ -111,7 +111,7 @@ def eval_command(
 
         typer.echo(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
         return
-    from lorafit.evaluate.run import format_eval
+    from lorafit.evaluate.command import format_eval
 
     if data:
         typer.echo(format_eval(result))
@@ -148,7 +148,7 @@ def merge(
 ) -> None:
     """Merge an adapter into a full-precision reload of its base: a standalone model with checks and checksums."""
     starting(f"merging {artifact_dir} into its base -> {out}")
-    _quiet_libraries()
+    quiet_libraries()
     from lorafit.evaluate.progress import reporting
     from lorafit.export.merge import merge_adapter
 
@@ -211,7 +211,7 @@ def generate(
 ) -> None:
     """Reply to a prompt (or each line of a file) with the chat template; stops at the end-of-turn token."""
     starting(f"generating with {adapter or model}" + (f", prompts from {file}" if file is not None else ""))
-    _quiet_libraries()
+    quiet_libraries()
     import json
 
     from lorafit.evaluate.generate import read_prompts
@@ -246,7 +246,7 @@ def chat(
 ) -> None:
     """Interactive chat: one line per user turn; the conversation is kept; /exit or end of input ends it."""
     starting(f"chat with {adapter or model} (one line per turn; /exit ends)")
-    _quiet_libraries()
+    quiet_libraries()
     generator = _generator(adapter, model, base, dtype)
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()

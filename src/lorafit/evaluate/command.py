@@ -1,5 +1,5 @@
-"""`lorafit eval` and the evaluations training runs: an adapter (or a plain model) on held-out data, optionally
-against its base; generation metrics every N evaluations; the base-vs-adapter comparison at the end of training.
+"""`lorafit eval`: an adapter (or a plain model) on held-out data, optionally against its base, and the table it
+prints; ``load_models`` is also what the lm-eval harness loads with. (During training: evaluate/comparison.py.)
 
 The pieces live in modules named for them: ``examples`` (what is asked), ``loss``, ``generate`` (the one generation
 function), ``scoring`` (one model's results) and ``metrics`` (definitions, docs/eval.md).
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.evaluate import metrics as M
@@ -18,12 +17,6 @@ from lorafit.evaluate.loss import LossSettings
 from lorafit.evaluate.progress import stage
 from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
 from lorafit.model.lora_init import base_view
-
-__all__ = ["GenerationSettings", "compare_base_and_adapter", "format_eval", "read_examples",
-           "run_eval", "generation_sample", "spread_sample"]
-
-
-# ---------------------------------------------------------------------------------------------- `lorafit eval`
 
 
 def load_models(adapter: Path | None, model: Path | None, dtype: str = "fp32"):
@@ -89,36 +82,6 @@ def run_eval(*, adapter: Path | None, model: Path | None, data: list, metrics: t
         report["deltas"] = deltas(report["model_result"], report["base_result"])
     return report
 
-
-# ---------------------------------------------------------------------------------------------- during training
-
-
-def generation_sample(config, eval_split) -> tuple[list[EvalExample], GenerationSettings] | None:
-    """The fixed eval sample answered for generation metrics (``data.eval`` sources with their format, fields and
-    task_prefix, and the rows ``data.eval_fraction`` held out), and how to answer it; None when nothing is answered.
-
-    ``eval_split``: the prepared eval examples (``PreparedData.eval_examples``). The training loop answers the sample
-    every ``eval.generate_every`` evaluations (``generation_metrics``), and the recipe compares base and adapter on it.
-    """
-    e = config.eval
-    if not eval_split or not e.generate_samples:
-        return None
-    settings = GenerationSettings.from_eval_config(e, e.batch_size or config.train.batch_size)
-    return spread_sample(run_examples(config.data, eval_split, e.citation_pattern), e.generate_samples), settings
-
-
-def compare_base_and_adapter(model, tokenizer, examples: list[EvalExample], settings: GenerationSettings,
-                             samples: int = 5) -> dict:
-    """Generation metrics of the base (adapter disabled) and of the adapter on the same examples, and a few answers."""
-    with base_view(model):  # disabling the adapter would show PiSSA's residual, not the base
-        base, base_rows = generation_metrics(model, tokenizer, examples, settings)
-    adapted, rows = generation_metrics(model, tokenizer, examples, settings)
-    shown = []
-    for example, base_row, row in list(zip(examples, base_rows, rows))[:samples]:
-        shown.append({"where": example.where, "source": example.source,
-                      "prompt": next((m["content"] for m in reversed(example.prompt) if m["role"] == "user"), ""),
-                      "reference": example.reference, "base": base_row["prediction"], "adapter": row["prediction"]})
-    return {"examples": len(examples), "base": base, "adapter": adapted, "samples": shown}
 
 
 def _cell(value, digits: int = 4) -> str:

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.data.formats import FieldMap, RowError, _from_sharegpt, check_messages, messages_from_row
+from lorafit.data.formats import FieldMap, RowError, sharegpt_messages, check_messages, messages_from_row
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.readers import read_rows
 from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
@@ -60,7 +60,7 @@ def prompt_turns(row: dict, fields: FieldMap) -> list[dict]:
         raise RowError("wrong_type", f'field "{fields.key("system")}" must be a string')
     head = [{"role": "system", "content": system}] if system and system.strip() else []
     if conversations in row:
-        return head + _from_sharegpt(row, fields)
+        return head + sharegpt_messages(row, fields)
     if prompt not in row or row[prompt] is None:
         raise RowError("missing_field", f'field "{prompt}" (or "{conversations}") missing (keys: '
                        f'{", ".join(map(str, row)) or "none"})')
@@ -89,7 +89,7 @@ def answer_turn(row: dict, fields: FieldMap, name: str) -> dict:
             raise RowError("malformed_json", f'field "{key}" holds malformed JSON ({exc.msg})') from None
     turns = value if isinstance(value, list) else [value]
     sharegpt = bool(turns) and isinstance(turns[0], dict) and fields.key("from") in turns[0]
-    parse = _from_sharegpt if sharegpt else messages_from_row
+    parse = sharegpt_messages if sharegpt else messages_from_row
     messages = parse({key: turns}, FieldMap({**fields.names, "conversations" if sharegpt else "messages": key}))
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         roles = [m["role"] for m in messages]

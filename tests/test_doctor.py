@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 from conftest import conversation, write_jsonl
 from typer.testing import CliRunner
 

@@ -9,7 +9,6 @@ from typing import List, Optional
 
 import typer
 
-from lorafit import __version__
 from lorafit.errors import LorafitError
 from lorafit.processes import is_main_process
 from lorafit.run_folder import RunFolder

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorafit.data.formats import FieldMap, RowError, sharegpt_messages, check_messages, messages_from_row
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
-from lorafit.data.readers import read_rows
-from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
+from lorafit.data.sources import ExampleDataset, SourceStats, read_objective_rows
 from lorafit.data.templates import apply_system_turn
-from lorafit.data.variables import fill_rows
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
 
@@ -121,28 +118,9 @@ def normalise_preference(row: object, fields: FieldMap, where: str) -> Preferenc
 
 def read_preference(source) -> tuple[list[PreferenceRecord], SourceStats, list[dict]]:
     """Parse and check every row of ``source`` (a DataSource); its on_error policy applies as for SFT rows."""
-    unknown = sorted(set(source.fields) - set(PREFERENCE_FIELDS))
-    if unknown:
-        raise LorafitError(f"{source.path}: fields map names {unknown}, not preference fields",
-                           fix=f"map only {', '.join(PREFERENCE_FIELDS)} for a preference source")
-    rows = read_rows(Path(source.path))
-    fields = FieldMap(source.fields)
-    stats = SourceStats(path=str(source.path), format="preference", rows=len(rows))
-    rows = fill_rows(rows, source.vars, stats)
-    records, problems, skipped = [], [], []
-    for row in rows:
-        if row.problem is not None:
-            problems.append((row.where, *row.problem))
-            continue
-        try:
-            records.append(normalise_preference(row.value, fields, row.where))
-        except RowError as error:
-            problems.append((row.where, error.reason, error.message))
-    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
-                   what=f"invalid row{'s' if len(problems) > 1 else ''} (preference pairs)", why=ROW_HELP)
-    if not records:
-        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
-    return records, stats, skipped
+    return read_objective_rows(source, format_name="preference", row_name="preference", known_fields=PREFERENCE_FIELDS,
+                               normalise=normalise_preference, what="preference pairs", row_help=ROW_HELP)
+
 
 
 # ------------------------------------------------------------------------------------------------- tokenising

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorafit.data.formats import FieldMap, RowError, sharegpt_messages, check_messages, messages_from_row
 from lorafit.data.pairs import prompt_turns
-from lorafit.data.readers import read_rows
-from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
+from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error, read_objective_rows
 from lorafit.data.templates import apply_system_turn, render
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
@@ -91,28 +89,10 @@ def normalise_prompt(row: object, fields: FieldMap, where: str) -> PromptRecord:
 
 def read_prompts(source) -> tuple[list[PromptRecord], SourceStats, list[dict]]:
     """Parse and check every row of ``source`` (a DataSource); its on_error policy applies as for SFT rows."""
-    known = set(PROMPT_KEYS) | {"reference", "role", "content", "from", "value", "part_text"}
-    unknown = sorted(set(source.fields) - known)
-    if unknown:
-        raise LorafitError(f"{source.path}: fields map names {unknown}, not prompt fields",
-                           fix=f"map only {', '.join(sorted(known))} for a prompt source")
-    rows = read_rows(Path(source.path))
-    fields = FieldMap(source.fields)
-    stats = SourceStats(path=str(source.path), format="prompts", rows=len(rows))
-    records, problems, skipped = [], [], []
-    for row in rows:
-        if row.problem is not None:
-            problems.append((row.where, *row.problem))
-            continue
-        try:
-            records.append(normalise_prompt(row.value, fields, row.where))
-        except RowError as error:
-            problems.append((row.where, error.reason, error.message))
-    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
-                   what=f"invalid row{'s' if len(problems) > 1 else ''} (prompts)", why=ROW_HELP)
-    if not records:
-        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
-    return records, stats, skipped
+    known = {*PROMPT_KEYS, "reference", "role", "content", "from", "value", "part_text"}
+    return read_objective_rows(source, format_name="prompts", row_name="prompt", known_fields=known, normalise=normalise_prompt,
+                               what="prompts", row_help=ROW_HELP)
+
 
 
 # ------------------------------------------------------------------------------------------------- tokenising

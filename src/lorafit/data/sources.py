@@ -113,6 +113,36 @@ def read_records(source: DataSource, *, rank_field: str | None = None) -> tuple[
     return records, stats, skipped_rows
 
 
+def read_objective_rows(source, *, format_name: str, row_name: str, known_fields, normalise, what: str,
+                        row_help: str) -> tuple[list, SourceStats, list[dict]]:
+    """(records, stats, skipped rows) of one source of an objective that reads its own rows (preference pairs,
+    triplets, unpaired answers, prompts): its field map checked against ``known_fields``, its ``vars`` filled in,
+    every row normalised by ``normalise(row, fields, where)`` (a RowError is a bad row), and its on_error policy
+    applied as for SFT rows (``what``/``row_help`` name the rows in the message)."""
+    unknown = sorted(set(source.fields) - set(known_fields))
+    if unknown:
+        raise LorafitError(f"{source.path}: fields map names {unknown}, not {row_name} fields",
+                           fix=f"map only {', '.join(sorted(known_fields))} for a {row_name} source")
+    rows = read_rows(Path(source.path))
+    fields = FieldMap(source.fields)
+    stats = SourceStats(path=str(source.path), format=format_name, rows=len(rows))
+    rows = fill_rows(rows, source.vars, stats)
+    records, problems, skipped = [], [], []
+    for row in rows:
+        if row.problem is not None:
+            problems.append((row.where, *row.problem))
+            continue
+        try:
+            records.append(normalise(row.value, fields, row.where))
+        except RowError as error:
+            problems.append((row.where, error.reason, error.message))
+    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
+                   what=f"invalid row{'s' if len(problems) > 1 else ''} ({what})", why=row_help)
+    if not records:
+        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
+    return records, stats, skipped
+
+
 def apply_on_error(problems: list[tuple[str, str, str]], stats: SourceStats, skipped_rows: list[dict], *,
                    on_error: str, max_skip_fraction: float, what: str, why: str) -> None:
     """The source's on_error policy for row ``problems`` (where, reason, message): raise listing them, or count

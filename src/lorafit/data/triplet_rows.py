@@ -6,14 +6,10 @@ lorafit/data/triplets.py and docs/objectives.md.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 
 from lorafit.data.formats import FieldMap, RowError, check_messages, messages_from_row
-from lorafit.data.readers import read_rows
-from lorafit.data.sources import MAX_LISTED, SourceStats
-from lorafit.data.variables import fill_rows
-from lorafit.errors import LorafitError
+from lorafit.data.sources import SourceStats, read_objective_rows
 
 PARTS = ("benign", "benign_cf", "injection")
 TRIPLET_FIELDS = (*PARTS, "target", "role", "content")
@@ -120,42 +116,6 @@ def _clip(text: str, limit: int = 40) -> str:
 def read_triplets(source, *, marker_field: str | None = "marker") -> tuple[list[TripletRecord], SourceStats, list[dict]]:
     """Parse and check every row of ``source`` (a DataSource); apply its on_error policy like other formats.
     ``marker_field``: the optional row field naming the marker the injection asks for."""
-    unknown = sorted(set(source.fields) - set(TRIPLET_FIELDS))
-    if unknown:
-        raise LorafitError(f"{source.path}: fields map names {unknown}, not triplet fields",
-                           fix=f"map only {', '.join(TRIPLET_FIELDS)} for a triplet source")
-    rows = read_rows(source.path)
-    fields = FieldMap(source.fields)
-    stats = SourceStats(path=str(source.path), format="triplets", rows=len(rows))
-    rows = fill_rows(rows, source.vars, stats)
-    records, problems = [], []
-    for row in rows:
-        if row.problem is not None:
-            problems.append((row.where, *row.problem))
-            continue
-        try:
-            records.append(normalise_triplet(row.value, fields, row.where, marker_field))
-        except RowError as error:
-            problems.append((row.where, error.reason, error.message))
-    _apply_error_policy(source, problems, len(rows))
-    stats.skipped = dict(Counter(reason for _, reason, _ in problems))
-    if not records:
-        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
-    return records, stats, [{"where": w, "reason": r, "message": m} for w, r, m in problems]
-
-
-def _apply_error_policy(source, problems: list[tuple[str, str, str]], rows: int) -> None:
-    listed = [f"{w}: {m}" for w, _, m in problems[:MAX_LISTED]]
-    if problems and source.on_error == "fail":
-        more = len(problems) - len(listed)
-        raise LorafitError(
-            f"{source.path}: {len(problems)} invalid row{'s' if len(problems) > 1 else ''} (triplets)",
-            details=listed + ([f"... and {more} more"] if more else []), why=ROW_HELP,
-            fix="fix or remove those rows, or set on_error: skip (with max_skip_fraction) on this source",
-        )
-    if problems and len(problems) / rows > source.max_skip_fraction:
-        raise LorafitError(
-            f"{source.path}: {len(problems)} of {rows} rows are invalid, more than max_skip_fraction="
-            f"{source.max_skip_fraction}", details=listed,
-            fix="fix the file, check `fields:`, or raise max_skip_fraction for this source",
-        )
+    return read_objective_rows(source, format_name="triplets", row_name="triplet", known_fields=TRIPLET_FIELDS,
+                               normalise=lambda row, fields, where: normalise_triplet(row, fields, where, marker_field),
+                               what="triplets", row_help=ROW_HELP)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorafit.data.formats import FieldMap, RowError, check_messages
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.pairs import answer_turn, prompt_turns
-from lorafit.data.readers import read_rows
-from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error
+from lorafit.data.sources import ExampleDataset, SourceStats, read_objective_rows
 from lorafit.data.templates import apply_system_turn
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
@@ -73,27 +71,9 @@ def normalise_unpaired(row: object, fields: FieldMap, where: str) -> UnpairedRec
 
 def read_unpaired(source) -> tuple[list[UnpairedRecord], SourceStats, list[dict]]:
     """Parse and check every row of ``source`` (a DataSource); its on_error policy applies as for SFT rows."""
-    unknown = sorted(set(source.fields) - set(UNPAIRED_FIELDS) - {"response"})
-    if unknown:
-        raise LorafitError(f"{source.path}: fields map names {unknown}, not unpaired fields",
-                           fix=f"map only {', '.join(UNPAIRED_FIELDS)} for a kto source")
-    rows = read_rows(Path(source.path))
-    fields = FieldMap(source.fields)
-    stats = SourceStats(path=str(source.path), format="unpaired", rows=len(rows))
-    records, problems, skipped = [], [], []
-    for row in rows:
-        if row.problem is not None:
-            problems.append((row.where, *row.problem))
-            continue
-        try:
-            records.append(normalise_unpaired(row.value, fields, row.where))
-        except RowError as error:
-            problems.append((row.where, error.reason, error.message))
-    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
-                   what=f"invalid row{'s' if len(problems) > 1 else ''} (unpaired answers)", why=ROW_HELP)
-    if not records:
-        raise LorafitError(f"{source.path}: no usable rows", why="every row was invalid")
-    return records, stats, skipped
+    return read_objective_rows(source, format_name="unpaired", row_name="unpaired", known_fields=[*UNPAIRED_FIELDS, "response"],
+                               normalise=normalise_unpaired, what="unpaired answers", row_help=ROW_HELP)
+
 
 
 # ------------------------------------------------------------------------------------------------- tokenising

@@ -12,11 +12,10 @@ from pathlib import Path
 from lorafit.config import ModelConfig
 from lorafit.errors import LorafitError
 from lorafit.evaluate import metrics as M
-from lorafit.evaluate.examples import EvalExample, as_source, read_examples, run_examples, spread_sample
+from lorafit.evaluate.examples import as_source, read_examples, spread_sample
 from lorafit.evaluate.loss import LossSettings
 from lorafit.evaluate.progress import stage
-from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model, generation_metrics
-from lorafit.model.lora_init import base_view
+from lorafit.evaluate.scoring import GenerationSettings, deltas, evaluate_model
 
 
 def load_models(adapter: Path | None, model: Path | None, dtype: str = "fp32"):

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from conftest import write_jsonl
+from lorafit import load_config
 from lorafit.config import DataSource
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.data.sample_triplets import generate_triplets
-from lorafit.data.sources import SourceStats
 from lorafit.data.triplets import (
+    load_triplet_source,
     TripletCollator,
     TripletDataset,
     read_triplets,
     tokenise_triplet,
-    tokenise_triplets,
 )
 from lorafit.errors import LorafitError
 
@@ -152,9 +152,11 @@ def test_only_the_benign_answer_is_supervised_token_by_token(tmp_path, tiny_toke
 
 def test_triplets_over_the_length_limit_are_dropped_and_counted(tmp_path, tiny_tokenizer):
     long_row = {**ROW, "injection": ROW["injection"] + " PWNED" * 200}
-    records, _, _ = read_triplets(_source(write_jsonl(tmp_path / "t.jsonl", [ROW, long_row])))
-    stats = SourceStats(path="t")
-    examples = tokenise_triplets(records, tiny_tokenizer, max_seq_length=128, stats=stats)
+    source = _source(write_jsonl(tmp_path / "t.jsonl", [ROW, long_row]))
+    records, _, _ = read_triplets(source)
+    data = load_config({"objective": {"type": "contrastive"}, "data": {"train": [{"path": str(source.path)}],
+                                                                       "max_seq_length": 128}}).data
+    examples, stats, _ = load_triplet_source(source, tiny_tokenizer, data, marker_field="marker")
     assert [e.where for e in examples] == [records[0].where]
     assert stats.dropped_too_long == 1 and stats.kept == 1 and stats.tokens == examples[0].tokens
 

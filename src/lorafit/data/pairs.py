@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 
 from lorafit.data.formats import FieldMap, RowError, sharegpt_messages, check_messages, messages_from_row
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
-from lorafit.data.sources import ExampleDataset, SourceStats, read_objective_rows
+from lorafit.data.sources import ExampleDataset, SourceStats, load_objective_source, read_objective_rows
 from lorafit.data.templates import apply_system_turn
-from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "conversations", "from", "value", "role", "content", "system",
@@ -193,32 +192,13 @@ def tokenise_pair(tokenizer, record: PreferenceRecord, *, system_turn: str, stat
 def load_preference_source(source, tokenizer, data, *, use_cache: bool = False
                            ) -> tuple[list[PreferenceExample], SourceStats, list[dict]]:
     """One preference source read, checked and tokenised, or taken from the cache (data/cache.py)."""
-    from lorafit.data.cache import cached_source
-    from lorafit.data.supervised import tokenisation_options
-
-    return cached_source(source, tokenizer, {"kind": "preference", **tokenisation_options(data)},
-                         lambda: _tokenised_pairs(source, tokenizer, data), use_cache=use_cache,
-                         cls=PreferenceExample, record_cls=PreferenceRecord)
-
-
-def _tokenised_pairs(source, tokenizer, data):
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorafitError(f"{source.path}: preference pairs need a chat template and the tokenizer has none",
-                           why="each answer is rendered after its prompt as a conversation, as the model sees it "
-                           "when it answers, and labelled on the answer turn only",
-                           fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer "
-                           "has one")
-    records, stats, skipped = read_preference(source)
-    examples = []
-    for record in records:
-        example = tokenise_pair(tokenizer, record, system_turn=data.system_turn, stats=stats,
-                                max_seq_length=data.max_seq_length, truncation=data.truncation)
-        if example is not None:
-            examples.append(example)
-            stats.tokens += example.tokens
-            stats.supervised_tokens += example.num_supervised
-    stats.kept = len(examples)
-    return examples, stats, skipped
+    return load_objective_source(
+        source, tokenizer, data, kind="preference", rows="preference pairs", read=read_preference,
+        why="each answer is rendered after its prompt as a conversation, as the model sees it when it answers, and "
+        "labelled on the answer turn only",
+        tokenise=lambda record, stats: tokenise_pair(tokenizer, record, system_turn=data.system_turn, stats=stats,
+                                                     max_seq_length=data.max_seq_length, truncation=data.truncation),
+        row_help=ROW_HELP, cls=PreferenceExample, record_cls=PreferenceRecord, use_cache=use_cache)
 
 
 class PreferenceDataset(ExampleDataset):

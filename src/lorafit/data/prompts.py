@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from lorafit.data.formats import FieldMap, RowError, sharegpt_messages, check_messages, messages_from_row
 from lorafit.data.pairs import prompt_turns
-from lorafit.data.sources import ExampleDataset, SourceStats, apply_on_error, read_objective_rows
+from lorafit.data.sources import ExampleDataset, SourceStats, load_objective_source, read_objective_rows
 from lorafit.data.templates import apply_system_turn, render
 from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
@@ -110,6 +110,14 @@ class PromptExample:
     truncated: bool = False
 
     @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_supervised(self) -> int:
+        return 0  # a prompt has no labels: GRPO trains on the answers it samples
+
+    @property
     def token_sequences(self) -> tuple[list[int], ...]:
         return (self.input_ids,)
 
@@ -133,27 +141,13 @@ def tokenise_prompt(tokenizer, record: PromptRecord, *, system_turn: str, stats:
 
 
 def load_prompt_source(source, tokenizer, data, max_prompt_length: int) -> tuple[list[PromptExample], SourceStats, list[dict]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorafitError(f"{source.path}: prompts need a chat template and the tokenizer has none",
-                           why="each prompt is rendered with its generation prompt, as `lorafit generate` does",
-                           fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer "
-                           "has one")
-    records, stats, skipped = read_prompts(source)
-    examples, problems = [], []
-    for record in records:
-        try:
-            example = tokenise_prompt(tokenizer, record, system_turn=data.system_turn, stats=stats,
-                                      max_prompt_length=max_prompt_length, truncation=data.truncation)
-        except RowError as error:
-            problems.append((record.where, error.reason, error.message))
-            continue
-        if example is not None:
-            examples.append(example)
-            stats.tokens += len(example.input_ids)
-    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
-                   what="rows the chat template cannot render", why=ROW_HELP)
-    stats.kept = len(examples)
-    return examples, stats, skipped
+    """One source of prompts read, checked and tokenised (not cached: see data/cache.py)."""
+    return load_objective_source(
+        source, tokenizer, data, kind="prompts", rows="prompts", read=read_prompts,
+        why="each prompt is rendered with its generation prompt, as `lorafit generate` does",
+        tokenise=lambda record, stats: tokenise_prompt(tokenizer, record, system_turn=data.system_turn, stats=stats,
+                                                       max_prompt_length=max_prompt_length, truncation=data.truncation),
+        row_help=ROW_HELP, cls=PromptExample)
 
 
 class PromptDataset(ExampleDataset):

@@ -143,6 +143,60 @@ def read_objective_rows(source, *, format_name: str, row_name: str, known_fields
     return records, stats, skipped
 
 
+def tokenisation_options(data) -> dict:
+    """The data options that shape every kind of row's tokens (part of every cache key)."""
+    return {"max_seq_length": data.max_seq_length, "truncation": data.truncation, "train_on": data.train_on,
+            "curriculum_field": data.curriculum_field, "system_turn": data.system_turn}
+
+
+def load_objective_source(source, tokenizer, data, *, kind: str, rows: str, why: str, read, tokenise, row_help: str,
+                          cls, record_cls=None, use_cache: bool = False, options: dict | None = None):
+    """(examples, stats, skipped rows) of one source of an objective that reads its own rows, every kind alike: the
+    chat template required, ``read(source)`` -> records, ``tokenise(record, stats)`` -> example or None (dropped and
+    counted), through the cache when ``use_cache`` (``options``: anything else that shapes the tokens)."""
+    from lorafit.data.cache import cached_source
+
+    def tokenised():
+        require_chat_template(tokenizer, source.path, rows, why)
+        records, stats, skipped = read(source)
+        examples = tokenise_objective_rows(source, records, stats, skipped, lambda record: tokenise(record, stats),
+                                           row_help=row_help)
+        return examples, stats, skipped
+
+    key_options = {"kind": kind, **tokenisation_options(data), **(options or {})}
+    return cached_source(source, tokenizer, key_options, tokenised, use_cache=use_cache, cls=cls, record_cls=record_cls)
+
+
+def require_chat_template(tokenizer, path, rows: str, why: str) -> None:
+    """Rows rendered as conversations need a chat template: a clear error naming the source when there is none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorafitError(f"{path}: {rows} need a chat template and the tokenizer has none", why=why,
+                           fix="set data.chat_template (inline Jinja) or data.chat_template_file in the config, or "
+                           "use a model folder whose tokenizer defines one")
+
+
+def tokenise_objective_rows(source, records: list, stats: SourceStats, skipped: list[dict], tokenise, *,
+                            row_help: str) -> list:
+    """``tokenise(record)`` for each record of an objective that reads its own rows; it returns the example, or
+    None when its length or supervision policy dropped it (and counted why). A row the chat template cannot render
+    (RowError) is a bad row under the source's on_error policy, as for SFT rows. Counts tokens and kept rows."""
+    examples, problems = [], []
+    for record in records:
+        try:
+            example = tokenise(record)
+        except RowError as error:
+            problems.append((record.where, error.reason, error.message))
+            continue
+        if example is not None:
+            examples.append(example)
+            stats.tokens += example.tokens
+            stats.supervised_tokens += example.num_supervised
+    apply_on_error(problems, stats, skipped, on_error=source.on_error, max_skip_fraction=source.max_skip_fraction,
+                   what="rows the chat template cannot render", why=row_help)
+    stats.kept = len(examples)
+    return examples
+
+
 def apply_on_error(problems: list[tuple[str, str, str]], stats: SourceStats, skipped_rows: list[dict], *,
                    on_error: str, max_skip_fraction: float, what: str, why: str) -> None:
     """The source's on_error policy for row ``problems`` (where, reason, message): raise listing them, or count

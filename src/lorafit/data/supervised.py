@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from lorafit.config import DataConfig, DataSource
 from lorafit.data.prepared import PreparedData, SplitStats, add_source, length_notes, nothing_usable
-from lorafit.data.sources import Example, SourceData, read_records, tokenise_records
+from lorafit.data.sources import Example, SourceData, read_records, tokenisation_options, tokenise_records
 from lorafit.errors import LorafitError
 
 if TYPE_CHECKING:
@@ -31,11 +31,6 @@ class TokenizedDataset:
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         return {"input_ids": example.input_ids, "labels": example.labels, "source": example.source}
-
-
-def tokenisation_options(data: DataConfig) -> dict:
-    return {"max_seq_length": data.max_seq_length, "truncation": data.truncation, "train_on": data.train_on,
-            "curriculum_field": data.curriculum_field, "system_turn": data.system_turn}
 
 
 def load_source(source: DataSource, tokenizer, data: DataConfig, *, use_cache: bool) -> SourceData:

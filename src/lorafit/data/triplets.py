@@ -27,13 +27,13 @@ import torch
 
 from lorafit.data.collate import PadCollator
 from lorafit.data.labels import IGNORE_INDEX, render, tokenize_conversation
-from lorafit.data.sources import ExampleDataset, SourceStats
-from lorafit.data.triplet_rows import PARTS, TRIPLET_FIELDS, TripletRecord, normalise_triplet, read_triplets
-from lorafit.errors import LorafitError
+from lorafit.data.sources import ExampleDataset, SourceStats, load_objective_source
+from lorafit.data.triplet_rows import (PARTS, ROW_HELP, TRIPLET_FIELDS, TripletRecord, normalise_triplet,
+                                      read_triplets)
 from lorafit.hashing import sha256_text
 
 __all__ = ["PARTS", "TRIPLET_FIELDS", "TripletCollator", "TripletDataset", "TripletExample", "TripletRecord",
-           "normalise_triplet", "prepare_triplets", "read_triplets", "tokenise_triplet", "tokenise_triplets"]
+           "normalise_triplet", "prepare_triplets", "read_triplets", "tokenise_triplet"]
 
 @dataclass
 class TripletExample:
@@ -80,22 +80,6 @@ def tokenise_triplet(tokenizer, record: TripletRecord) -> TripletExample:
                           record=record)
 
 
-def tokenise_triplets(records: list[TripletRecord], tokenizer, *, max_seq_length: int,
-                      stats: SourceStats) -> list[TripletExample]:
-    """Tokenise every record; drop (and count) triplets with a part over ``max_seq_length``."""
-    examples = []
-    for record in records:
-        example = tokenise_triplet(tokenizer, record)
-        if max(len(example.input_ids), len(example.cf_ids), len(example.injection_ids)) > max_seq_length:
-            stats.dropped_too_long += 1
-            continue
-        examples.append(example)
-        stats.tokens += example.tokens
-        stats.supervised_tokens += example.num_supervised
-    stats.kept = len(examples)
-    return examples
-
-
 class TripletDataset(ExampleDataset):
     """Triplets as the features ``TripletCollator`` takes."""
 
@@ -126,21 +110,19 @@ class TripletCollator:
 def load_triplet_source(source, tokenizer, data, *, marker_field: str | None, use_cache: bool = False
                         ) -> tuple[list[TripletExample], SourceStats, list[dict]]:
     """One triplet source read, checked and tokenised, or taken from the cache (data/cache.py)."""
-    from lorafit.data.cache import cached_source
-    from lorafit.data.supervised import tokenisation_options
 
-    options = {"kind": "triplets", "marker_field": marker_field, **tokenisation_options(data)}
-    return cached_source(source, tokenizer, options, lambda: _tokenised_triplets(source, tokenizer, data, marker_field),
-                         use_cache=use_cache, cls=TripletExample, record_cls=TripletRecord)
+    def within_length(record: TripletRecord, stats: SourceStats) -> TripletExample | None:
+        example = tokenise_triplet(tokenizer, record)
+        if max(len(example.input_ids), len(example.cf_ids), len(example.injection_ids)) > data.max_seq_length:
+            stats.dropped_too_long += 1  # a part cut short would not be the same request any more: dropped
+            return None
+        return example
 
-
-def _tokenised_triplets(source, tokenizer, data, marker_field: str | None):
-    records, stats, skipped = read_triplets(source, marker_field=marker_field)
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorafitError(f"{source.path}: triplets need a chat template and the tokenizer has none",
-                           why="each part is rendered as a conversation, as the model sees it when it answers",
-                           fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer has one")
-    return tokenise_triplets(records, tokenizer, max_seq_length=data.max_seq_length, stats=stats), stats, skipped
+    return load_objective_source(
+        source, tokenizer, data, kind="triplets", rows="triplets",
+        why="each part is rendered as a conversation, as the model sees it when it answers",
+        read=lambda s: read_triplets(s, marker_field=marker_field), tokenise=within_length, row_help=ROW_HELP,
+        cls=TripletExample, record_cls=TripletRecord, use_cache=use_cache, options={"marker_field": marker_field})
 
 
 def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker", enforce_audit: bool = True,

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from lorafit.data.formats import FieldMap, RowError, check_messages
 from lorafit.data.labels import IGNORE_INDEX, tokenize_conversation
 from lorafit.data.pairs import answer_turn, prompt_turns
-from lorafit.data.sources import ExampleDataset, SourceStats, read_objective_rows
+from lorafit.data.sources import ExampleDataset, SourceStats, load_objective_source, read_objective_rows
 from lorafit.data.templates import apply_system_turn
-from lorafit.errors import LorafitError
 from lorafit.hashing import sha256_text
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label", "conversations", "from", "value", "role", "content", "system",
@@ -96,6 +95,10 @@ class UnpairedExample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
     @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
     def token_sequences(self) -> tuple[list[int], ...]:
         return self.input_ids, self.labels, [int(self.label)]
 
@@ -131,30 +134,12 @@ def tokenise_unpaired(tokenizer, record: UnpairedRecord, *, system_turn: str, st
 def load_unpaired_source(source, tokenizer, data, *, use_cache: bool = False
                          ) -> tuple[list[UnpairedExample], SourceStats, list[dict]]:
     """One source of unpaired answers read, checked and tokenised, or taken from the cache (data/cache.py)."""
-    from lorafit.data.cache import cached_source
-    from lorafit.data.supervised import tokenisation_options
-
-    return cached_source(source, tokenizer, {"kind": "unpaired", **tokenisation_options(data)},
-                         lambda: _tokenised_answers(source, tokenizer, data), use_cache=use_cache,
-                         cls=UnpairedExample, record_cls=UnpairedRecord)
-
-
-def _tokenised_answers(source, tokenizer, data):
-    if not getattr(tokenizer, "chat_template", None):
-        raise LorafitError(f"{source.path}: kto rows need a chat template and the tokenizer has none",
-                           fix="set data.chat_template or data.chat_template_file, or use a model whose tokenizer "
-                           "has one")
-    records, stats, skipped = read_unpaired(source)
-    examples = []
-    for record in records:
-        example = tokenise_unpaired(tokenizer, record, system_turn=data.system_turn, stats=stats,
-                                    max_seq_length=data.max_seq_length, truncation=data.truncation)
-        if example is not None:
-            examples.append(example)
-            stats.tokens += len(example.input_ids)
-            stats.supervised_tokens += example.num_supervised
-    stats.kept = len(examples)
-    return examples, stats, skipped
+    return load_objective_source(
+        source, tokenizer, data, kind="unpaired", rows="kto rows", read=read_unpaired,
+        why="each answer is rendered after its prompt as a conversation and labelled on the answer turn only",
+        tokenise=lambda record, stats: tokenise_unpaired(tokenizer, record, system_turn=data.system_turn, stats=stats,
+                                                         max_seq_length=data.max_seq_length, truncation=data.truncation),
+        row_help=ROW_HELP, cls=UnpairedExample, record_cls=UnpairedRecord, use_cache=use_cache)
 
 
 class UnpairedDataset(ExampleDataset):

@@ -223,24 +223,12 @@ class PreferenceCollator:
 def prepare_preference(data, tokenizer, *, seed: int, enforce_audit: bool = True, use_cache: bool = False):
     """Both splits of preference data: the same hold-out, budgets, weights, order, overlap check and supervision
     audit as ``prepare_data``, in a ``PreparedData``."""
-    from lorafit.data.prepared import PreparedData, length_notes
-    from lorafit.data.audit import supervision_audit
-    from lorafit.data.mixing import split_and_mix
+    from lorafit.data.prepared import prepare_sources
 
-    loaded = {split: [load_preference_source(s, tokenizer, data, use_cache=use_cache) for s in sources]
-              for split, sources in (("train", data.train), ("eval", data.eval))}
-    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
-                          {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
-                          what="pairs")
-    problems, audit_lines = supervision_audit({split: [s for _, s, _ in parts] for split, parts in loaded.items()},
-                                              data, train_on="last_assistant", enforce=enforce_audit)
-    warnings = mixed.warnings + audit_lines
-    report = {"format": "preference", **mixed.report, "packing": "none",
-              "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
-    skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
-    return PreparedData(PreferenceDataset(mixed.train), PreferenceDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems,
-                        length_notes(report["sources"], data.max_seq_length))
+    return prepare_sources(data, lambda s: load_preference_source(s, tokenizer, data, use_cache=use_cache), seed=seed,
+                           what="pairs", format_name="preference", dataset=PreferenceDataset,
+                           enforce_audit=enforce_audit)
+
 
 
 def inspect_preference(config, tokenizer, *, use_cache: bool = True) -> dict:

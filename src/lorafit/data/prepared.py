@@ -79,3 +79,30 @@ class PreparedData:
     warnings: list[str]
     audit: list[str]
     notes: list[str] = field(default_factory=list)  # printed by `train` (rows left out or cut for length)
+
+
+def prepare_sources(data, load, *, seed: int, what: str, format_name: str, dataset, audit=None,
+                    enforce_audit: bool = True, report: dict | None = None) -> PreparedData:
+    """Both splits of an objective that reads its own rows (pairs, triplets, unpaired answers, prompts), every kind
+    alike: ``load(source)`` -> (examples, stats, skipped rows) per source, then the same hold-out, budgets, weights,
+    order and overlap check as the SFT rows (data/mixing.py), the audit, and the reports.
+
+    ``audit(stats by split, enforce)`` -> (problems, warning lines), raising when enforced; by default the
+    supervision audit of labelled rows. ``dataset``: the kind's dataset class (its collator's features)."""
+    from lorafit.data.audit import supervision_audit
+    from lorafit.data.mixing import split_and_mix
+
+    loaded = {split: [load(s) for s in sources] for split, sources in (("train", data.train), ("eval", data.eval))}
+    stats = {split: [s for _, s, _ in parts] for split, parts in loaded.items()}
+    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
+                          stats, seed=seed, what=what)
+    if audit is None:
+        problems, audit_lines = supervision_audit(stats, data, train_on="last_assistant", enforce=enforce_audit)
+    else:
+        problems, audit_lines = audit(stats, enforce_audit)
+    full_report = {"format": format_name, **mixed.report, "packing": "none", **(report or {}),
+                   "sources": {split: [s.as_dict() for s in split_stats] for split, split_stats in stats.items()}}
+    skipped = [r | {"source": s.path} for parts in loaded.values() for _, s, rows in parts for r in rows]
+    return PreparedData(dataset(mixed.train), dataset(mixed.eval), mixed.train, mixed.eval, mixed.train_stats,
+                        mixed.eval_stats, full_report, skipped, mixed.warnings + audit_lines, problems,
+                        length_notes(full_report["sources"], data.max_seq_length))

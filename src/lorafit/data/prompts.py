@@ -184,25 +184,20 @@ def prompt_audit(stats: list[SourceStats], *, max_prompt_length: int) -> list[st
 def prepare_prompts(data, tokenizer, *, seed: int, max_prompt_length: int, enforce_audit: bool = True):
     """Both splits of prompt data: the same hold-out, budgets, weights, order and overlap check as
     ``prepare_data``, and the length audit, in a ``PreparedData``."""
-    from lorafit.data.prepared import PreparedData
-    from lorafit.data.mixing import split_and_mix
+    from lorafit.data.prepared import prepare_sources
 
-    loaded = {split: [load_prompt_source(s, tokenizer, data, max_prompt_length) for s in sources]
-              for split, sources in (("train", data.train), ("eval", data.eval))}
-    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
-                          {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
-                          what="prompts")
-    problems = prompt_audit([s for split in loaded for _, s, _ in loaded[split]], max_prompt_length=max_prompt_length)
-    if problems and enforce_audit and data.audit:
-        raise LorafitError("the prompt audit failed before training", details=problems,
-                           why="training would run on prompts other than the ones written",
-                           fix="fix the causes above; data.audit: false turns these into warnings")
-    report = {"format": "prompts", **mixed.report, "packing": "none",
-              "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
-    skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
-    return PreparedData(PromptDataset(mixed.train), PromptDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped,
-                        mixed.warnings + [f"audit: {p}" for p in problems], problems)
+    def audit(stats: dict, enforce: bool) -> tuple[list[str], list[str]]:
+        problems = prompt_audit([s for split in stats.values() for s in split], max_prompt_length=max_prompt_length)
+        if problems and enforce and data.audit:
+            raise LorafitError("the prompt audit failed before training", details=problems,
+                               why="training would run on prompts other than the ones written",
+                               fix="fix the causes above; data.audit: false turns these into warnings")
+        return problems, [f"audit: {p}" for p in problems]
+
+    return prepare_sources(data, lambda s: load_prompt_source(s, tokenizer, data, max_prompt_length), seed=seed,
+                           what="prompts", format_name="prompts", dataset=PromptDataset, audit=audit,
+                           enforce_audit=enforce_audit)
+
 
 
 def inspect_prompts(config, tokenizer, *, use_cache: bool = True) -> dict:

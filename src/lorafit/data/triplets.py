@@ -127,29 +127,15 @@ def load_triplet_source(source, tokenizer, data, *, marker_field: str | None, us
 
 def prepare_triplets(data, tokenizer, *, seed: int, marker_field: str | None = "marker", enforce_audit: bool = True,
                      use_cache: bool = False):
-    """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order and
-    overlap check as ``prepare_data`` (``lorafit.data.mixing``), in a ``PreparedData``."""
-    from lorafit.data.prepared import PreparedData, length_notes
-    from lorafit.data.mixing import split_and_mix
-    from lorafit.data.audit import supervision_audit
+    """Both splits of triplet data for the contrastive objective: the same hold-out, budgets, weights, order,
+    overlap check and supervision audit (the benign answer is the supervised part) as ``prepare_data``."""
+    from lorafit.data.prepared import prepare_sources
 
-    loaded = {split: [load_triplet_source(s, tokenizer, data, marker_field=marker_field, use_cache=use_cache)
-                      for s in sources]
-              for split, sources in (("train", data.train), ("eval", data.eval))}
-    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
-                          {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
-                          what="triplets")
-    # The benign row's answer is the only supervised part: the same audit as every labelled row (no supervised
-    # token, too long); placeholder warnings come with it.
-    problems, audit_lines = supervision_audit({split: [s for _, s, _ in parts] for split, parts in loaded.items()},
-                                              data, train_on="last_assistant", enforce=enforce_audit)
-    warnings = mixed.warnings + audit_lines
-    report = {"format": "triplets", **mixed.report, "packing": "none",
-              "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
-    skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
-    return PreparedData(TripletDataset(mixed.train), TripletDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems,
-                        length_notes(report["sources"], data.max_seq_length))
+    return prepare_sources(data, lambda s: load_triplet_source(s, tokenizer, data, marker_field=marker_field,
+                                                               use_cache=use_cache),
+                           seed=seed, what="triplets", format_name="triplets", dataset=TripletDataset,
+                           enforce_audit=enforce_audit)
+
 
 
 def inspect_triplets(config, tokenizer, *, use_cache: bool = True) -> dict:

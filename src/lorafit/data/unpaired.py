@@ -167,28 +167,18 @@ class UnpairedCollator:
 def prepare_unpaired(data, tokenizer, *, seed: int, enforce_audit: bool = True, use_cache: bool = False):
     """Both splits of unpaired data through the same hold-out, budgets, weights, order, overlap check and
     supervision audit as ``prepare_data``, in a ``PreparedData``."""
-    from lorafit.data.prepared import PreparedData
-    from lorafit.data.audit import supervision_audit
-    from lorafit.data.mixing import split_and_mix
+    from lorafit.data.prepared import prepare_sources
 
-    loaded = {split: [load_unpaired_source(s, tokenizer, data, use_cache=use_cache) for s in sources]
-              for split, sources in (("train", data.train), ("eval", data.eval))}
-    mixed = split_and_mix(data, {split: [examples for examples, _, _ in parts] for split, parts in loaded.items()},
-                          {split: [stats for _, stats, _ in parts] for split, parts in loaded.items()}, seed=seed,
-                          what="answers")
-    problems, audit_lines = supervision_audit({split: [s for _, s, _ in parts] for split, parts in loaded.items()},
-                                              data, train_on="last_assistant", enforce=enforce_audit)
-    warnings = mixed.warnings + audit_lines
-    desirable = sum(e.label for e in mixed.train)
-    if desirable in (0, len(mixed.train)):
-        warnings.append(f"every training answer is {'desirable' if desirable else 'undesirable'}: KTO learns from "
-                        "both kinds (its reference point is shared)")
-    report = {"format": "unpaired", **mixed.report, "packing": "none", "desirable": desirable,
-              "undesirable": len(mixed.train) - desirable,
-              "sources": {split: [s.as_dict() for _, s, _ in loaded[split]] for split in loaded}}
-    skipped = [r | {"source": s.path} for split in loaded for _, s, rows in loaded[split] for r in rows]
-    return PreparedData(UnpairedDataset(mixed.train), UnpairedDataset(mixed.eval), mixed.train, mixed.eval,
-                        mixed.train_stats, mixed.eval_stats, report, skipped, warnings, problems)
+    prepared = prepare_sources(data, lambda s: load_unpaired_source(s, tokenizer, data, use_cache=use_cache),
+                               seed=seed, what="answers", format_name="unpaired", dataset=UnpairedDataset,
+                               enforce_audit=enforce_audit)
+    desirable = sum(e.label for e in prepared.train_examples)
+    prepared.report.update(desirable=desirable, undesirable=len(prepared.train_examples) - desirable)
+    if desirable in (0, len(prepared.train_examples)):
+        prepared.warnings.append(f"every training answer is {'desirable' if desirable else 'undesirable'}: KTO "
+                                 "learns from both kinds (its reference point is shared)")
+    return prepared
+
 
 
 def inspect_unpaired(config, tokenizer, *, use_cache: bool = True) -> dict:

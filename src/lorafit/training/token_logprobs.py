@@ -1,0 +1,136 @@
+"""Token log-probabilities from logits, chunk by chunk: the one place lorafit turns logits into log p(token).
+
+Every loss and score that needs log p(y_t) uses ``token_logprobs``: the supervised loss (when the model's fused
+loss is off), the per-source loss, ``lorafit eval``'s loss, DPO/ORPO/SimPO/KTO answer log-probabilities, the
+contrastive objective's task loss and GRPO's token log-probabilities.
+
+The float32 rule. Logits stay in the compute dtype (bf16 under mixed precision); one chunk of positions at a time
+is copied to float32 (float64 stays float64), log p = x[target] - logsumexp(x) is taken on that copy in place, and
+the copy is freed before the next chunk. A full float32 copy of (batch x tokens x vocabulary) never exists: 16.8 GB
+at 16 x 2048 tokens and a 128k vocabulary, against ``CHUNK_BYTES`` here. Under autograd the backward pass does the
+same (``_ChunkedLogprobs``): it keeps only the logits (already alive for the model's graph) and one float32 log-sum-exp
+per position, and recomputes each chunk's softmax, so training holds no float32 copy either. Its one full-size
+output is the gradient of the logits, in their own dtype, which any loss on those logits has.
+
+Peak extra memory (on top of the logits and the (positions,) outputs): one float32 chunk, ``CHUNK_BYTES`` (64 MiB)
+or ``chunk_tokens x vocabulary x 4`` bytes, plus a (chunk,) scratch. tests/test_token_logprobs.py measures it.
+
+No host reads: chunk bounds come from shapes, ignored targets are masked with ``torch.where``; nothing calls
+``.item()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorafit.data.labels import IGNORE_INDEX
+
+CHUNK_BYTES = 64 * 2**20  # one float32 chunk: 512 positions at a 32k vocabulary, 128 at 128k
+
+
+def chunk_positions(vocab: int, chunk_tokens: int | None = None) -> int:
+    """Positions per float32 chunk: ``chunk_tokens``, or as many as fit in ``CHUNK_BYTES``."""
+    return max(1, chunk_tokens if chunk_tokens is not None else CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def _chunks(shape: torch.Size, size: int):
+    """Index tuples over logits (B, T, V) that each cover at most ``size`` positions and are views: token windows
+    of one row, or whole rows when a row is shorter than a chunk."""
+    rows, length = shape[0], shape[1]
+    if length >= size:
+        for b in range(rows):
+            for t in range(0, length, size):
+                yield (b, slice(t, min(t + size, length)))
+    else:
+        step = max(1, size // max(length, 1))
+        for b in range(0, rows, step):
+            yield (slice(b, min(b + step, rows)),)
+
+
+def _float_copy(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """One chunk's logits (positions, V) as a new float tensor, divided by the temperature: the one float copy."""
+    x = logits.reshape(-1, logits.size(-1)).to(dtype, copy=True)
+    return x.div_(temperature) if temperature != 1.0 else x
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, dtype: torch.dtype):
+    """(log p(target), logsumexp) of one chunk, both (positions,). In place on the chunk's float copy (no second
+    chunk-sized temporary, as torch.logsumexp would make), which is freed on return."""
+    x = _float_copy(logits, dtype, temperature)
+    picked = x.gather(-1, targets.reshape(-1, 1).clamp(min=0)).squeeze(-1)
+    top = x.amax(-1, keepdim=True)
+    top = torch.where(top.isfinite(), top, top.new_zeros(()))  # a row of -inf gives -inf, not nan
+    lse = x.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    return picked - lse, lse
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log p of each target, its backward recomputing each chunk's softmax from the saved log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, size):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        flat_shape = (logits.shape[0], logits.shape[1])
+        out = torch.empty(flat_shape, dtype=dtype, device=logits.device)
+        lse = torch.empty(flat_shape, dtype=dtype, device=logits.device)
+        for index in _chunks(logits.shape, size):
+            logps, sums = _chunk_logprobs(logits[index], targets[index], temperature, dtype)
+            out[index] = logps.view(out[index].shape)
+            lse[index] = sums.view(lse[index].shape)
+        out = torch.where(targets != IGNORE_INDEX, out, out.new_zeros(()))
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.size = temperature, size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        # d log p(y) / d x = (onehot(y) - softmax(x)) / temperature; 0 for an ignored target
+        grad_out = torch.where(targets != IGNORE_INDEX, grad_out, grad_out.new_zeros(()))
+        grad = torch.empty_like(logits)
+        for index in _chunks(logits.shape, ctx.size):
+            x = _float_copy(logits[index], lse.dtype, ctx.temperature)
+            g = grad_out[index].reshape(-1, 1).to(lse.dtype)
+            x.sub_(lse[index].reshape(-1, 1)).exp_().mul_(-g)  # -g * softmax, in place on the chunk's copy
+            x.scatter_add_(-1, targets[index].reshape(-1, 1).clamp(min=0), g)
+            if ctx.temperature != 1.0:
+                x.div_(ctx.temperature)
+            grad[index] = x.view(grad[index].shape)
+        return grad, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   chunk_tokens: int | None = None) -> torch.Tensor:
+    """log p(targets[..., t]) under softmax(logits[..., t, :] / temperature), at least float32, shaped like
+    ``targets``; 0 where the target is ``IGNORE_INDEX`` (-100). ``logits`` (B, T, V) or (T, V) in any float dtype
+    (left as it is: one chunk at a time is upcast, module docstring); ``targets`` (B, T) or (T,) aligned with the
+    logits' positions (``next_token_targets`` shifts labels)."""
+    if logits.dim() == 2:
+        return token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0), temperature=temperature,
+                              chunk_tokens=chunk_tokens).squeeze(0)
+    size = chunk_positions(logits.size(-1), chunk_tokens)
+    targets = targets.to(logits.device)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _ChunkedLogprobs.apply(logits, targets, float(temperature), size)
+    with torch.no_grad():  # the same chunks without a graph (evaluation, reference model, rollouts)
+        return _ChunkedLogprobs.forward(_NoContext(), logits, targets, float(temperature), size)
+
+
+class _NoContext:
+    """Stands in for autograd's ctx when no graph is built: saves nothing."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The target at each position: position t predicts label t+1 (transformers' ``ForCausalLMLoss`` shift); the
+    last position has none (``IGNORE_INDEX``)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def next_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each next label (B, T), 0 where unlabelled; the mask of labelled positions (B, T) bool)."""
+    targets = next_token_targets(labels.to(logits.device))
+    return token_logprobs(logits, targets, **options), targets != IGNORE_INDEX

@@ -134,3 +134,30 @@ def next_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, **options) -
     """(log p of each next label (B, T), 0 where unlabelled; the mask of labelled positions (B, T) bool)."""
     targets = next_token_targets(labels.to(logits.device))
     return token_logprobs(logits, targets, **options), targets != IGNORE_INDEX
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None = None, vocab_size: int | None = None,
+                   num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, shift_labels=None,
+                   **kwargs) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` (same arguments, same result up to float noise) on ``token_logprobs``:
+    the summed next-token loss over ``num_items_in_batch``, or its mean over the labelled tokens without it."""
+    targets = shift_labels if shift_labels is not None else next_token_targets(labels)
+    targets = targets.to(logits.device)
+    if ignore_index != IGNORE_INDEX:
+        targets = torch.where(targets == ignore_index, IGNORE_INDEX, targets)
+    total = -token_logprobs(logits, targets).sum()
+    count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(count):
+        return total / count.to(total.device, total.dtype).clamp(min=1)
+    return total / max(count, 1)
+
+
+def use_causal_lm_loss(model) -> None:
+    """Make ``causal_lm_loss`` the model's own loss (transformers' public ``loss_function`` setter), so that
+    ``model(**batch, labels=...).loss`` anywhere (a plugin, a callback, a test) follows the same float32 rule as
+    lorafit's objectives. ``model``: a transformers model, or a PeftModel / DDP wrapper around one; a model whose
+    loss is not the causal-LM loss is left alone."""
+    base = getattr(model, "module", model)  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+    if getattr(base, "loss_type", None) == "ForCausalLM" and base.loss_function is not causal_lm_loss:
+        base.loss_function = causal_lm_loss

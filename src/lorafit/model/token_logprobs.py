@@ -97,6 +97,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if ctx.temperature != 1.0:
                 x.div_(ctx.temperature)
             grad[index] = x.view(grad[index].shape)
+            del x  # before the next chunk's copy is made: one float copy alive at a time
         return grad, None, None, None
 
 

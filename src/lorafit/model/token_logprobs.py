@@ -65,20 +65,24 @@ def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     return picked - lse, lse
 
 
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, size: int):
+    """(log p of each target, 0 where ignored; the log-sum-exp of each position), both (B, T), chunk by chunk."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    out = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
+    lse = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
+    for index in _chunks(logits.shape, size):
+        logps, sums = _chunk_logprobs(logits[index], targets[index], temperature, dtype)
+        out[index] = logps.view(out[index].shape)
+        lse[index] = sums.view(lse[index].shape)
+    return torch.where(targets != IGNORE_INDEX, out, out.new_zeros(())), lse
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """log p of each target, its backward recomputing each chunk's softmax from the saved log-sum-exp."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, size):
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        flat_shape = (logits.shape[0], logits.shape[1])
-        out = torch.empty(flat_shape, dtype=dtype, device=logits.device)
-        lse = torch.empty(flat_shape, dtype=dtype, device=logits.device)
-        for index in _chunks(logits.shape, size):
-            logps, sums = _chunk_logprobs(logits[index], targets[index], temperature, dtype)
-            out[index] = logps.view(out[index].shape)
-            lse[index] = sums.view(lse[index].shape)
-        out = torch.where(targets != IGNORE_INDEX, out, out.new_zeros(()))
+        out, lse = _logprobs(logits, targets, temperature, size)
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature, ctx.size = temperature, size
         return out
@@ -115,14 +119,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     if torch.is_grad_enabled() and logits.requires_grad:
         return _ChunkedLogprobs.apply(logits, targets, float(temperature), size)
     with torch.no_grad():  # the same chunks without a graph (evaluation, reference model, rollouts)
-        return _ChunkedLogprobs.forward(_NoContext(), logits, targets, float(temperature), size)
-
-
-class _NoContext:
-    """Stands in for autograd's ctx when no graph is built: saves nothing."""
-
-    def save_for_backward(self, *tensors):
-        pass
+        return _logprobs(logits, targets, float(temperature), size)[0]
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Token log-probabilities from logits, chunk by chunk: the one place lorafit turns logits into log p(token).
 
 Every loss and score that needs log p(y_t) uses ``token_logprobs``: the supervised loss (when the model's fused
-loss is off), the per-source loss, ``lorafit eval``'s loss, DPO/ORPO/SimPO/KTO answer log-probabilities, the
+loss is off; ``causal_lm_loss`` is then also the model's own loss), the per-source loss, ``lorafit eval``'s loss, DPO/ORPO/SimPO/KTO answer log-probabilities, the
 contrastive objective's task loss and GRPO's token log-probabilities.
 
 The float32 rule. Logits stay in the compute dtype (bf16 under mixed precision); one chunk of positions at a time
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
 
-CHUNK_BYTES = 64 * 2**20  # one float32 chunk: 512 positions at a 32k vocabulary, 128 at 128k
+CHUNK_BYTES = 64 * 2**20  # one float32 chunk: 524 positions at a 32k vocabulary, 130 at 128k
 
 
 def chunk_positions(vocab: int, chunk_tokens: int | None = None) -> int:
@@ -35,8 +35,9 @@ def chunk_positions(vocab: int, chunk_tokens: int | None = None) -> int:
 
 
 def _chunks(shape: torch.Size, size: int):
-    """Index tuples over logits (B, T, V) that each cover at most ``size`` positions and are views: token windows
-    of one row, or whole rows when a row is shorter than a chunk."""
+    """Index tuples over logits (B, T, V), each at most ``size`` positions: token windows of one row, or whole rows
+    when a row is shorter than a chunk. Basic indexing only, so a chunk is a view of the logits (a strided view,
+    e.g. ``logits[:, :-1]``, is then reshaped, a copy of that one chunk at most)."""
     rows, length = shape[0], shape[1]
     if length >= size:
         for b in range(rows):

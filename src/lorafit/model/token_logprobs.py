@@ -15,6 +15,10 @@ output is the gradient of the logits, in their own dtype, which any loss on thos
 Peak extra memory (on top of the logits and the (positions,) outputs): one float32 chunk, ``CHUNK_BYTES`` (64 MiB)
 or ``chunk_tokens x vocabulary x 4`` bytes, plus a (chunk,) scratch. tests/test_token_logprobs.py measures it.
 
+What the function cannot bound is a float32 copy made before it runs: accelerate's mixed precision converts the
+prepared model's bf16/fp16 outputs to float32 (``ConvertOutputsToFp32``), so in lorafit's training loop the logits
+arrive as float32 (docs/design.md, #20). ``lorafit eval`` has no accelerate and passes them in the model's dtype.
+
 No host reads: chunk bounds come from shapes, ignored targets are masked with ``torch.where``; nothing calls
 ``.item()``.
 """

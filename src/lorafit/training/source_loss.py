@@ -7,9 +7,8 @@ process): sum of their negative log-likelihoods / their number. Each token is at
 sources splits correctly), by the source of the token it predicts. The run's ``loss`` averages per-step means
 instead, so it is a weighted mix of these, not their plain mean.
 
-Cost: nothing more than the loss itself: the supervised objective's token log-probabilities (model/token_logprobs.py,
-float32 one chunk at a time) are summed per source with two ``index_add_`` on tensors that live on the model's
-device; no second cross-entropy runs. The supervised
+Cost: no second cross-entropy. The supervised objective's token log-probabilities (model/token_logprobs.py, float32
+one chunk at a time) are summed per source with two ``index_add_`` on tensors that live on the model's device. The
 objective returns the (sum, count) pairs as metrics; the loop's log window keeps them on the device and reads them,
 summed over processes, once per logging step (training/window.py).
 """

@@ -2,10 +2,10 @@
 
     python benchmarks/source_loss_gpu.py
 
-Loads lorafit/training/source_loss.py (with model/token_logprobs.py) and window.py on their own (the GPU image has torch but not lorafit's other
-dependencies). With torch.cuda.set_sync_debug_mode("error") every micro-batch of a logging window (source_sums into
-the loop's MetricSums) must run without a sync (a sync raises); the values read at the log must equal each source's
-loss computed separately. Then it times source_sums
+Loads lorafit/training/source_loss.py (with model/token_logprobs.py) and window.py on their own (the GPU image has
+torch but not lorafit's other dependencies). With torch.cuda.set_sync_debug_mode("error") every micro-batch of a
+logging window (source_sums into the loop's MetricSums) must run without a sync (a sync raises); the values read
+at the log must equal each source's loss computed separately. Then it times source_sums
 against the forward + backward of the same batch's output layer (3B-like shape: 4 x 2048 tokens, 128k vocabulary).
 """
 

@@ -102,8 +102,10 @@ def test_no_host_reads(monkeypatch):
     """Nothing converts a tensor to a Python value (a device sync on a GPU), forward or backward."""
     seen = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name, **k: seen.append(_n) or _o(t, *a, **k))
+        def counted(t, *a, _o=getattr(torch.Tensor, name), _n=name, **k):
+            seen.append(_n)
+            return _o(t, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
     logits, targets = _random((2, 20, 40))
     logits.requires_grad_()
     token_logprobs(logits, targets, chunk_tokens=6, temperature=0.9).sum().backward()
@@ -171,7 +173,8 @@ def test_peak_extra_memory_is_one_float32_chunk_not_a_full_copy():
     assert chunked["peak"] <= 1.25 * CHUNK_BYTES + 8 * mib
     assert chunked["peak"] < chunked["full_copy"] / 3
     backward = _measure("chunked_backward")
-    print(f"with backward: {backward['peak'] / mib:.1f} MiB, of which the logits' gradient {backward['grad'] / mib:.1f}")
+    print(f"with backward: {backward['peak'] / mib:.1f} MiB, of which the logits' gradient "
+          f"{backward['grad'] / mib:.1f}")
     assert backward["peak"] - backward["grad"] <= 1.25 * CHUNK_BYTES + 8 * mib
 
 

@@ -1,15 +1,16 @@
 """Token log-probabilities from logits, chunk by chunk: the one place lorafit turns logits into log p(token).
 
 Every loss and score that needs log p(y_t) uses ``token_logprobs``: the supervised loss (when the model's fused
-loss is off; ``causal_lm_loss`` is then also the model's own loss), the per-source loss, ``lorafit eval``'s loss, DPO/ORPO/SimPO/KTO answer log-probabilities, the
-contrastive objective's task loss and GRPO's token log-probabilities.
+loss is off; ``causal_lm_loss`` is then also the model's own loss), the per-source loss, ``lorafit eval``'s loss,
+DPO/ORPO/SimPO/KTO answer log-probabilities, the contrastive objective's task loss and GRPO's token
+log-probabilities.
 
 The float32 rule. Logits stay in the compute dtype (bf16 under mixed precision); one chunk of positions at a time
 is copied to float32 (float64 stays float64), log p = x[target] - logsumexp(x) is taken on that copy in place, and
 the copy is freed before the next chunk. A full float32 copy of (batch x tokens x vocabulary) never exists: 16.8 GB
 at 16 x 2048 tokens and a 128k vocabulary, against ``CHUNK_BYTES`` here. Under autograd the backward pass does the
 same (``_ChunkedLogprobs``): it keeps only the logits (already alive for the model's graph) and one float32 log-sum-exp
-per position, and recomputes each chunk's softmax, so training holds no float32 copy either. Its one full-size
+per position, and recomputes each chunk's softmax, so the backward makes no float32 copy either. Its one full-size
 output is the gradient of the logits, in their own dtype, which any loss on those logits has.
 
 Peak extra memory (on top of the logits and the (positions,) outputs): one float32 chunk, ``CHUNK_BYTES`` (64 MiB)

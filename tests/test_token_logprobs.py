@@ -215,3 +215,28 @@ def test_eval_loss_reads_the_device_once_and_equals_each_example_alone(tiny_mode
         expected = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
         assert count == int((labels[0, 1:] != -100).sum()) > 0
         assert nll == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_the_supervised_loss_keeps_a_mixture_of_experts_router_loss():
+    """SFT calls the model without labels and takes the loss from the logits; a mixture of experts with
+    ``output_router_logits`` adds its router balance loss to its own loss, and so does the objective."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lorafit.training.objectives import StepTotals, SupervisedObjective
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.5))
+    ids = torch.randint(0, 60, (2, 9))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        loss, _ = SupervisedObjective().compute(model, batch, StepTotals(tokens=None, examples=None))
+        own = model(**batch)
+        plain = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels, output_router_logits=False)
+    assert own.aux_loss is not None and float(own.aux_loss) > 0.1  # the router term is there and not negligible
+    assert float(loss) == pytest.approx(float(own.loss), rel=1e-6)
+    assert float(loss) == pytest.approx(float(plain.loss) + 0.5 * float(own.aux_loss), rel=1e-6)

@@ -161,7 +161,12 @@ def use_causal_lm_loss(model) -> None:
     ``model(**batch, labels=...).loss`` anywhere (a plugin, a callback, a test) follows the same float32 rule as
     lorafit's objectives. ``model``: a transformers model, or a PeftModel / DDP wrapper around one; a model whose
     loss is not the causal-LM loss is left alone."""
-    base = getattr(model, "module", model)  # DDP
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+    base = transformers_model(model)
     if getattr(base, "loss_type", None) == "ForCausalLM" and base.loss_function is not causal_lm_loss:
         base.loss_function = causal_lm_loss
+
+
+def transformers_model(model):
+    """The transformers model inside a DDP wrapper and a PeftModel (or ``model`` itself)."""
+    base = getattr(model, "module", model)  # DDP
+    return base.get_base_model() if hasattr(base, "get_base_model") else base  # peft

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.errors import LorafitError
-from lorafit.model.token_logprobs import next_token_logprobs, use_causal_lm_loss
+from lorafit.model.token_logprobs import next_token_logprobs, transformers_model, use_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,12 @@ class SupervisedObjective(Objective):
             kwargs = {} if tokens is None else {"num_items_in_batch": tokens}
             return model(**batch, **kwargs).loss, {}
         use_causal_lm_loss(model)  # the model's own loss (model(**batch).loss) is then this same computation
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        logps, mask = next_token_logprobs(logits, batch["labels"])
+        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+        logps, mask = next_token_logprobs(outputs.logits, batch["labels"])
         loss = divide_by_count(-logps.sum(), tokens, mask.sum())
+        if outputs.get("aux_loss") is not None:  # a mixture of experts' router balance loss (output_router_logits),
+            coefficient = transformers_model(model).config.router_aux_loss_coef  # added as the model's loss adds it
+            loss = loss + coefficient * outputs.aux_loss.to(loss.device)
         metrics = {}
         if source_ids is not None and self.sources and model.training:
             sums, counts = sums_by_source(-logps.detach(), mask, source_ids, len(self.sources))

@@ -2,10 +2,10 @@
 
     python benchmarks/source_loss_gpu.py
 
-Loads lorafit/training/source_loss.py and window.py on their own (the GPU image has torch but not lorafit's other
-dependencies). With torch.cuda.set_sync_debug_mode("error") every micro-batch of a logging window (source_sums into
-the loop's MetricSums) must run without a sync (a sync raises); the values read at the log must equal each source's
-loss computed separately. Then it times source_sums
+Loads lorafit/training/source_loss.py (with model/token_logprobs.py) and window.py on their own (the GPU image has
+torch but not lorafit's other dependencies). With torch.cuda.set_sync_debug_mode("error") every micro-batch of a
+logging window (source_sums into the loop's MetricSums) must run without a sync (a sync raises); the values read
+at the log must equal each source's loss computed separately. Then it times source_sums
 against the forward + backward of the same batch's output layer (3B-like shape: 4 x 2048 tokens, 128k vocabulary).
 """
 
@@ -25,6 +25,11 @@ labels_module.IGNORE_INDEX = -100
 sys.modules.setdefault("lorafit", types.ModuleType("lorafit"))
 sys.modules.setdefault("lorafit.data", types.ModuleType("lorafit.data"))
 sys.modules["lorafit.data.labels"] = labels_module
+sys.modules.setdefault("lorafit.model", types.ModuleType("lorafit.model"))
+spec = importlib.util.spec_from_file_location(  # source_loss's token log-probabilities: torch and labels only
+    "lorafit.model.token_logprobs", Path(__file__).resolve().parent.parent / "src/lorafit/model/token_logprobs.py")
+sys.modules["lorafit.model.token_logprobs"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["lorafit.model.token_logprobs"])
 spec = importlib.util.spec_from_file_location(
     "source_loss", Path(__file__).resolve().parent.parent / "src/lorafit/training/source_loss.py")
 source_loss = importlib.util.module_from_spec(spec)

@@ -13,6 +13,7 @@ from lorafit.data.collate import PadCollator
 from lorafit.data.sources import SourceStats, tokenise_records
 from lorafit.evaluate.examples import EvalExample, source_records
 from lorafit.evaluate.progress import track
+from lorafit.model.token_logprobs import next_token_logprobs
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,23 @@ class LossSettings:
 
 @torch.no_grad()
 def example_losses(model, dataset, *, batch_size: int, pad_token_id: int) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, supervised token count) of every example of a tokenised dataset."""
+    """(summed negative log-likelihood, supervised token count) of every example of a tokenised dataset.
+
+    The token log-probabilities are training's (model/token_logprobs.py: float32 one chunk at a time, never a
+    float32 copy of batch x tokens x vocabulary); the per-row sums stay on the device and are read once, at the end."""
     collate = PadCollator(pad_token_id)
     device = next(model.parameters()).device
-    out = []
+    sums, counts = [], []
     for start in track(range(0, len(dataset), batch_size), "loss", unit="batches"):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        shifted = batch["labels"][:, 1:]  # (B, T-1): token t is predicted from the tokens before it
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
-        )  # (B, T-1)
-        out += [(row_nll.item(), int(n)) for row_nll, n in zip(nll.sum(dim=1), (shifted != -100).sum(dim=1))]
-    return out
+        logps, mask = next_token_logprobs(logits, batch["labels"])  # (B, T): token t + 1 predicted at t
+        sums.append(-logps.sum(-1).double())
+        counts.append(mask.sum(-1))
+    if not sums:
+        return []
+    return list(zip(torch.cat(sums).tolist(), torch.cat(counts).tolist()))  # one read of the device
 
 
 def loss_by_source(model, tokenizer, sources: list[DataSource], examples: list[EvalExample], *,

@@ -28,6 +28,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.evaluate.generate import Sampling, generation_config, stop_token_ids
+from lorafit.model.token_logprobs import token_logprobs
 from lorafit.training.batches import to_device
 from lorafit.training.distributed import rank, sum_on_host, world_size
 from lorafit.training.objectives import Objective
@@ -41,13 +42,11 @@ HOST_KEYS = ("records",)  # what a checkpointed batch leaves out (rows are loade
 
 
 def token_logps(model, input_ids, attention_mask, width: int, temperature: float) -> torch.Tensor:
-    """log pi(y_t) of the last ``width`` tokens of each row (N, width), from logits / temperature in at least fp32.
-    Only the logits that predict them are made (``logits_to_keep``)."""
+    """log pi(y_t) of the last ``width`` tokens of each row (N, width), from logits / temperature in float32 one
+    chunk at a time (model/token_logprobs.py). Only the logits that predict them are made (``logits_to_keep``)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    logits_to_keep=width + 1).logits[:, :-1]  # (N, width, V): position t predicts token t + 1
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    targets = input_ids[:, -width:]
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_logprobs(logits, input_ids[:, -width:], temperature=temperature)
 
 
 def token_losses(logps, old, ref, advantage, *, beta: float, epsilon: float, epsilon_high: float):

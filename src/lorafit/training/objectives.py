@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.errors import LorafitError
+from lorafit.model.token_logprobs import next_token_logprobs, transformers_model, use_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -86,40 +87,48 @@ class Objective:
 
 
 class SupervisedObjective(Objective):
-    """Next-token loss on the supervised tokens, summed and divided by the step's supervised token count (the
-    model's own loss with ``num_items_in_batch``, so fused kernels such as liger's apply).
+    """Next-token loss on the supervised tokens, summed and divided by the step's supervised token count.
+
+    The log-probabilities come from model/token_logprobs.py (float32 one chunk at a time, so no float32 copy of
+    the logits as transformers' own loss makes), which also becomes the model's own loss (``use_causal_lm_loss``).
+    With the fused kernels on (``model.kernels``: liger) the model's fused loss is used instead, with
+    ``num_items_in_batch``: it computes the head and the loss chunk by chunk, and no logits exist at all.
 
     With ``sources`` (the names of several training sources), a training batch carries ``source_ids`` and the
     objective also returns each source's summed token loss and count as ``loss/<source>`` metrics
-    (training/source_loss.py)."""
+    (training/source_loss.py), from the same token log-probabilities."""
 
     def __init__(self, sources: list[str] | None = None):
         self.sources = list(sources or [])
 
     def compute(self, model, batch, totals=None):
-        from lorafit.training.source_loss import PREFIX, source_sums, split_source_ids
+        from lorafit.model.kernels import LIGER_MARK
+        from lorafit.training.source_loss import PREFIX, split_source_ids, sums_by_source
 
         batch, source_ids = split_source_ids(batch)  # per-token sources are not a model input
-        kwargs = {}
-        if totals is not None and totals.tokens is not None:
-            kwargs["num_items_in_batch"] = totals.tokens
-        outputs = model(**batch, **kwargs)
+        tokens = None if totals is None else totals.tokens
+        if getattr(getattr(model, "module", model), LIGER_MARK, None) == "liger":  # DDP wraps the model
+            kwargs = {} if tokens is None else {"num_items_in_batch": tokens}
+            return model(**batch, **kwargs).loss, {}
+        use_causal_lm_loss(model)  # the model's own loss (model(**batch).loss) is then this same computation
+        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+        logps, mask = next_token_logprobs(outputs.logits, batch["labels"])
+        loss = divide_by_count(-logps.sum(), tokens, mask.sum())
+        if outputs.get("aux_loss") is not None:  # a mixture of experts' router balance loss (output_router_logits),
+            coefficient = transformers_model(model).config.router_aux_loss_coef  # added as the model's loss adds it
+            loss = loss + coefficient * outputs.aux_loss.to(loss.device)
         metrics = {}
-        logits = outputs.get("logits")
-        if source_ids is not None and self.sources and model.training and logits is not None:
-            sums, counts = source_sums(logits, batch["labels"], source_ids, len(self.sources))
+        if source_ids is not None and self.sources and model.training:
+            sums, counts = sums_by_source(-logps.detach(), mask, source_ids, len(self.sources))
             metrics = {f"{PREFIX}{name}": (sums[i], counts[i]) for i, name in enumerate(self.sources)}
-        return outputs.loss, metrics
+        return loss, metrics
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of tokens it covers. Position t predicts label t+1, as in
-    transformers' ``ForCausalLMLoss`` (logits upcast to at least float32 first)."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), shifted.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (shifted != IGNORE_INDEX).sum()
+    transformers' ``ForCausalLMLoss``; float32 chunk by chunk (model/token_logprobs.py)."""
+    logps, mask = next_token_logprobs(logits, labels)
+    return -logps.sum(), mask.sum()
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

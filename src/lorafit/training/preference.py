@@ -37,21 +37,18 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from lorafit.data.labels import IGNORE_INDEX
 from lorafit.errors import LorafitError
 from lorafit.model.lora_init import base_view
+from lorafit.model.token_logprobs import next_token_logprobs
 from lorafit.training.objectives import Objective, divide_by_count
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of the labelled tokens (B,) and how many there are (B,).
-    Position t predicts label t+1, as in ``objectives.token_loss_sum``; logits upcast to float32 at least."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, T)
-    mask = shifted != IGNORE_INDEX  # (B, T)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    picked = logits.gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)  # (B, T); no (B, T, V) log-softmax kept
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    Position t predicts label t+1, as in ``objectives.token_loss_sum``; float32 chunk by chunk
+    (model/token_logprobs.py), so the logits of 2n rows are never upcast at once."""
+    logps, mask = next_token_logprobs(logits, labels)
+    return logps.sum(-1), mask.sum(-1)
 
 
 def _forward_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

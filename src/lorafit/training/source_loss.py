@@ -7,8 +7,8 @@ process): sum of their negative log-likelihoods / their number. Each token is at
 sources splits correctly), by the source of the token it predicts. The run's ``loss`` averages per-step means
 instead, so it is a weighted mix of these, not their plain mean.
 
-Cost: one no-grad cross-entropy over the logits the forward already produced, in chunks of ``CHUNK`` tokens (the
-float copy stays small), and two ``index_add_`` on tensors that live on the model's device. The supervised
+Cost: no second cross-entropy. The supervised objective's token log-probabilities (model/token_logprobs.py, float32
+one chunk at a time) are summed per source with two ``index_add_`` on tensors that live on the model's device. The
 objective returns the (sum, count) pairs as metrics; the loop's log window keeps them on the device and reads them,
 summed over processes, once per logging step (training/window.py).
 """
@@ -18,11 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from lorafit.data.labels import IGNORE_INDEX
+from lorafit.model.token_logprobs import next_token_logprobs
 
 PREFIX = "loss/"
-CHUNK = 256  # tokens per cross-entropy call: bounds the float32 copy of the logits (256 x vocabulary, 128 MB at 128k)
+CHUNK: int | None = None  # positions per float32 chunk in source_sums; None: model/token_logprobs.py's CHUNK_BYTES
 
 
 def source_names(paths: list[str]) -> list[str]:
@@ -51,21 +52,24 @@ def source_sums(logits: torch.Tensor, labels: torch.Tensor, source_ids: torch.Te
                 sources: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per source: the summed next-token loss of its supervised tokens and their number, (S,) each, on the
     device. ``logits`` (B, T, V), ``labels`` and ``source_ids`` (B, T); token t+1 is predicted at t and belongs
-    to the source of token t+1."""
+    to the source of token t+1. (The supervised objective passes the token losses it already has to
+    ``sums_by_source`` instead.)"""
     with torch.no_grad():
-        targets = labels[:, 1:]
-        # Row by row, chunk by chunk: logits[b, :-1] is a view, so only one chunk is ever copied (to float32).
-        length = logits.shape[1] - 1
-        nll = torch.cat([
-            torch.nn.functional.cross_entropy(logits[b, i : min(i + CHUNK, length)].float(), targets[b, i : i + CHUNK],
-                                              ignore_index=IGNORE_INDEX, reduction="none")
-            for b in range(logits.shape[0]) for i in range(0, length, CHUNK)
-        ] or [logits.new_zeros(0, dtype=torch.float32)])  # (B * (T - 1),), 0 where ignored
-        ids = source_ids[:, 1:].reshape(-1).to(nll.device)
-        dtype = torch.float32 if nll.device.type == "mps" else torch.float64  # MPS has no float64
-        sums = torch.zeros(sources, dtype=dtype, device=nll.device).index_add_(0, ids, nll.to(dtype))
-        counts = torch.zeros(sources, dtype=dtype, device=nll.device).index_add_(
-            0, ids, (targets.reshape(-1) != IGNORE_INDEX).to(dtype))
+        logps, mask = next_token_logprobs(logits, labels, chunk_tokens=CHUNK)
+    return sums_by_source(-logps, mask, source_ids, sources)
+
+
+def sums_by_source(token_nll: torch.Tensor, mask: torch.Tensor, source_ids: torch.Tensor,
+                   sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, token count) per source, (S,) each, from each position's next-token loss ``token_nll`` (B, T),
+    0 where ``mask`` (B, T) is False; position t's token belongs to the source of token t+1."""
+    with torch.no_grad():
+        ids = F.pad(source_ids[:, 1:], (0, 1)).reshape(-1).to(token_nll.device)  # the last position has no target
+        dtype = torch.float32 if token_nll.device.type == "mps" else torch.float64  # MPS has no float64
+        sums = torch.zeros(sources, dtype=dtype, device=token_nll.device).index_add_(
+            0, ids, token_nll.detach().reshape(-1).to(dtype))
+        counts = torch.zeros(sources, dtype=dtype, device=token_nll.device).index_add_(
+            0, ids, mask.reshape(-1).to(dtype))
     return sums, counts
 
 

@@ -80,6 +80,23 @@ def test_vars_fill_preference_and_triplet_rows(tmp_path):
     assert record.benign[-1]["content"] == "I am Lora."
 
 
+def test_vars_fill_kto_answers_and_grpo_prompts(tmp_path):
+    """Every objective's rows go through one reader (data/sources.read_objective_rows), so vars reach them all
+    (before, KTO and GRPO rows kept their placeholders)."""
+    from lorafit.data.prompts import read_prompts
+    from lorafit.data.unpaired import read_unpaired
+
+    answers = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Who made you?", "completion": "{{author}} did.",
+                                                  "label": True}])
+    [record], stats, _ = read_unpaired(DataSource(path=str(answers), vars={"author": "ACME"}))
+    assert record.completion["content"] == "ACME did." and stats.unfilled_rows == 0
+    prompts = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "How old is {{name}}?", "reference": "3"}])
+    [record], stats, _ = read_prompts(DataSource(path=str(prompts), vars={"name": "Lora"}))
+    assert record.messages[-1]["content"] == "How old is Lora?"
+    [record], stats, _ = read_prompts(DataSource(path=str(prompts)))
+    assert stats.unfilled_names == ["name"]
+
+
 def test_vars_in_the_config_are_strict(tmp_path):
     config = load_config({"data": {"train": [{"path": "identity.json", "vars": {"name": "Lora", "author": "ACME"}}]}})
     assert dict(config.data.train[0].vars) == {"name": "Lora", "author": "ACME"}

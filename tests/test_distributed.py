@@ -228,7 +228,7 @@ def test_launcher_mistakes_are_refused(monkeypatch):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_strategy_builds_the_zero_config_from_the_lorafit_config(stage):
     from lorafit.config import validate_config
-    from lorafit.training.distributed import deepspeed_config
+    from lorafit.training.strategy import deepspeed_config
 
     config = validate_config({"data": {"train": [{"path": str(REPO / "examples/data/quickstart_train.jsonl")}]},
                               "train": {"batch_size": 3, "grad_accum": 2, "max_grad_norm": 0.7},
@@ -247,7 +247,7 @@ def test_fsdp_strategy_asks_for_fsdp2_with_one_unit_per_decoder_layer():
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     from lorafit.config import validate_config
-    from lorafit.training.distributed import fsdp_plugin
+    from lorafit.training.strategy import fsdp_plugin
 
     config = validate_config({"data": {"train": [{"path": str(REPO / "examples/data/quickstart_train.jsonl")}]},
                               "distributed": {"strategy": "fsdp", "fsdp_cpu_offload": True}}, base_dir=None, source="test")

@@ -155,7 +155,7 @@ def test_the_design_doc_layout_matches_the_tree():
 # be lorafit's own. (transformers' Trainer internals lorafit once overrode are gone: training/loop.py.)
 FOREIGN_PRIVATE = {
     "_attn_implementation": "transformers config property; no public getter (model/attention.py: attention_of)",
-    "_reset_state": "accelerate keeps one state per process; no public reset (training/distributed.py)",
+    "_reset_state": "accelerate keeps one state per process; no public reset (training/strategy.py)",
 }
 
 

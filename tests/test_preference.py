@@ -264,18 +264,18 @@ def test_the_reference_is_the_base_model_with_the_adapter_off(tiny_model_dir, ti
     with a non-zero adapter: no second copy is made, and the objective holds no model."""
     from transformers import AutoModelForCausalLM
 
-    from lorafit.training.preference import _forward_logps, reference_model
+    from lorafit.training.preference import forward_answer_logps, reference_model
 
     model, batch = _peft_model(tiny_model_dir), _batch(tiny_tokenizer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         expected, _ = answer_logps(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                    batch["labels"])
-        policy, _ = _forward_logps(model, batch)
+        policy, _ = forward_answer_logps(model, batch)
     with reference_model(model):
-        reference, _ = _forward_logps(model, batch)
+        reference, _ = forward_answer_logps(model, batch)
     assert torch.allclose(reference, expected, atol=1e-5) and not torch.allclose(policy, expected, atol=1e-3)
-    assert torch.allclose(_forward_logps(model, batch)[0], policy)  # the adapter is back on after the block
+    assert torch.allclose(forward_answer_logps(model, batch)[0], policy)  # the adapter is back on after the block
     objective = DPOObjective()
     assert not [v for v in vars(objective).values() if isinstance(v, torch.nn.Module)]
 
@@ -288,7 +288,7 @@ def test_after_a_pissa_init_the_reference_is_still_the_base_and_the_step_trains(
 
     from lorafit.config import LoraConfig as LorafitLora
     from lorafit.model.loading import attach_lora
-    from lorafit.training.preference import _forward_logps, reference_model
+    from lorafit.training.preference import forward_answer_logps, reference_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -299,9 +299,9 @@ def test_after_a_pissa_init_the_reference_is_still_the_base_and_the_step_trains(
         expected, _ = answer_logps(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                    batch["labels"])
         with model.disable_adapter():
-            residual, _ = _forward_logps(model, batch)
+            residual, _ = forward_answer_logps(model, batch)
     with reference_model(model):
-        reference, _ = _forward_logps(model, batch)
+        reference, _ = forward_answer_logps(model, batch)
     assert torch.allclose(reference, expected, atol=1e-4)
     assert not torch.allclose(residual, expected, atol=1e-2)  # what disable_adapter alone would have used
     loss, _ = DPOObjective().compute(model, batch)

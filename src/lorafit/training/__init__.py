@@ -15,7 +15,7 @@
     callbacks.py    the public ``LorafitCallback`` and its events, the metrics history
     snapshot.py     what a checkpoint holds of the loop, and resuming it
     checkpoint.py   crash-safe checkpoints on disk and the resume checks
-    distributed.py  processes, reductions, accelerate's strategy plugins, sharded state
+    strategy.py     processes, reductions, accelerate's strategy plugins (DDP, FSDP2, DeepSpeed), sharded state
     health.py       run health (diverged?)
     results.py      metrics summary, results, data report, report.html
     tracking.py     TensorBoard / MLflow / W&B

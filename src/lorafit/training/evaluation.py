@@ -14,7 +14,7 @@ import torch
 
 from lorafit.training import batches as plans
 from lorafit.training.callbacks import dispatch
-from lorafit.training.distributed import sum_on_host
+from lorafit.training.strategy import sum_on_host
 from lorafit.training.objectives import StepTotals
 from lorafit.training.rng import preserved_rng
 from lorafit.training.window import MetricSums

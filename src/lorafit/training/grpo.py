@@ -30,7 +30,7 @@ from lorafit.errors import LorafitError
 from lorafit.evaluate.generate import Sampling, generation_config, stop_token_ids
 from lorafit.model.token_logprobs import token_logprobs
 from lorafit.training.batches import to_device
-from lorafit.training.distributed import rank, sum_on_host, world_size
+from lorafit.training.strategy import rank, sum_on_host, world_size
 from lorafit.training.objectives import Objective
 from lorafit.training.preference import reference_model
 from lorafit.training.rewards import score

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
-from lorafit.training.distributed import world_size
+from lorafit.training.strategy import world_size
 from lorafit.training.objectives import Objective, divide_by_count
-from lorafit.training.preference import _forward_logps, reference_model
+from lorafit.training.preference import forward_answer_logps, reference_model
 
 
 def mismatched_rows(rows: list[tuple[list[int], list[int], int]]) -> list[dict]:
@@ -67,8 +67,8 @@ class KTOObjective(Objective):
                 batch = {k: v.to(device) for k, v in PadCollator(self.pad_token_id)(pairs[start:start + size]).items()}
                 start += size
                 with reference_model(model):
-                    reference, _ = _forward_logps(model, batch)
-                policy, _ = _forward_logps(model, batch)
+                    reference, _ = forward_answer_logps(model, batch)
+                policy, _ = forward_answer_logps(model, batch)
                 total = total + (policy - reference).sum().to(torch.float32)
         summed = torch.stack([total, torch.tensor(float(len(pairs)), device=device)])
         if across_processes and world_size() > 1:
@@ -81,8 +81,8 @@ class KTOObjective(Objective):
             point = self.reference_point(model, batch["rows"], sizes=[len(batch["rows"])], across_processes=False)
         # The reference first: after a PiSSA/OLoRA init base_view writes into the parameters (training/preference.py)
         with reference_model(model):
-            reference, _ = _forward_logps(model, batch)
-        policy, _ = _forward_logps(model, batch)
+            reference, _ = forward_answer_logps(model, batch)
+        policy, _ = forward_answer_logps(model, batch)
         ratio = policy - reference  # (n,)
         desirable = batch["desirable"].to(ratio.device)
         losses = torch.where(desirable, self.desirable_weight * (1 - F.sigmoid(self.beta * (ratio - point))),

@@ -34,7 +34,7 @@ import torch
 
 from lorafit.training import batches as plans
 from lorafit.training.callbacks import dispatch, peak_memory
-from lorafit.training.distributed import adapter_state, barrier, make_accelerator, strategy_of, sum_on_host
+from lorafit.training.strategy import adapter_state, barrier, make_accelerator, strategy_of, sum_on_host
 from lorafit.training.objectives import Objective, StepTotals
 from lorafit.training.optimizer import build_optimizer, build_scheduler, skips_on_device
 from lorafit.training.window import LogWindow

@@ -51,7 +51,8 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return logps.sum(-1), mask.sum(-1)
 
 
-def _forward_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_answer_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of ``batch``'s rows and each row's summed answer log-probability (``answer_logps``)."""
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return answer_logps(outputs.logits, batch["labels"])
 
@@ -116,8 +117,8 @@ class DPOObjective(PreferenceObjective):
         # The reference first: after a PiSSA/OLoRA init, base_view writes the step-0 adapter into the parameters
         # in place, which must not happen while the policy's graph holds them for backward.
         with reference_model(model):
-            reference, _ = _forward_logps(model, batch)
-        policy, tokens = _forward_logps(model, batch)
+            reference, _ = forward_answer_logps(model, batch)
+        policy, tokens = forward_answer_logps(model, batch)
         losses = self.pair_losses(policy, reference, tokens)
         loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))
         rewards = (self.beta * (policy - reference).detach()).chunk(2)
@@ -129,7 +130,7 @@ class ORPOObjective(PreferenceObjective):
                     "log_odds_ratio")
 
     def compute(self, model, batch, totals=None):
-        logps, tokens = _forward_logps(model, batch)
+        logps, tokens = forward_answer_logps(model, batch)
         chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)  # mean log-probability per answer token, (n,)
         log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
         losses = -chosen - self.beta * F.logsigmoid(log_odds)
@@ -154,7 +155,7 @@ class SimPOObjective(PreferenceObjective):
         self.gamma = gamma
 
     def compute(self, model, batch, totals=None):
-        logps, tokens = _forward_logps(model, batch)
+        logps, tokens = forward_answer_logps(model, batch)
         chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)  # (n,) each
         losses = -F.logsigmoid(self.beta * (chosen - rejected) - self.gamma)
         loss = divide_by_count(losses.sum(), None if totals is None else totals.examples, losses.size(0))

@@ -33,7 +33,7 @@ from lorafit.training.best_step import BestMetric
 from lorafit.training.callbacks import MetricsHistory
 from lorafit.training.checkpoint import (check_resume, config_hash, dataset_fingerprint, find_resume_point,
                                          read_meta, require_format)
-from lorafit.training.distributed import (barrier, check_strategy_can_run, init_processes, main_process_first,
+from lorafit.training.strategy import (barrier, check_strategy_can_run, init_processes, main_process_first,
                                           require_same_world_size, unshard_for_outputs)
 from lorafit.training.guards import NonFiniteGuard
 from lorafit.training.health import assess_health, diverged_advice

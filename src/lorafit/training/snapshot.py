@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from lorafit.training import checkpoint as ckpt
 from lorafit.training.rng import capture_rng, restore_rng
-from lorafit.training.distributed import (gather_objects, load_adapter_state, load_optimizer_state, optimizer_state,
+from lorafit.training.strategy import (gather_objects, load_adapter_state, load_optimizer_state, optimizer_state,
                                           refuse_deepspeed_resume, world_size)
 
 

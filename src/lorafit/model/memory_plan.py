@@ -93,17 +93,51 @@ def _saved_params(shape: Shape, modules: list[str]) -> int:
     return total
 
 
-def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class RowShape:
+    """What data preparation tells the planner about an objective's rows (the interface its per-objective entry
+    fills): how many model rows one example makes (1: SFT, KTO; 2: a preference pair, chosen + rejected; 3: a
+    contrastive triplet) and each example's token length, the longest of its rows (they are padded together);
+    ``eval_lengths`` the same for the evaluation set (empty: the run does not evaluate, or, with ``evaluates``,
+    its examples are planned as long as the training ones)."""
+
+    rows_per_example: int = 1
+    lengths: tuple[int, ...] = ()
+    eval_lengths: tuple[int, ...] = ()
+    evaluates: bool = False
+
+
+# objective.type -> (Setup.objective, rows per example, a no-grad reference forward each step)
+OBJECTIVE_ROWS = {"dpo": ("preference", 2, True), "orpo": ("preference", 2, False), "simpo": ("preference", 2, False),
+                  "kto": ("kto", 1, True), "contrastive": ("contrastive", 3, False)}
+
+
+def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int,
+                rows_per_example: int = 1) -> tuple[int, int]:
     """(rows, tokens per row) of the largest micro-batch the data makes. bfd: batch_size bins of max_seq_length
     (data.packing.packed_collator: a row per bin; flash-attention gets them joined in one row, the same tokens);
     padding_free: one row of the batch's examples (the worst batch: the longest together). Padded batches are as
-    long as their longest example (length grouping puts the longest ones together)."""
+    long as their longest example (length grouping puts the longest ones together); a pair or a triplet is
+    ``rows_per_example`` rows of that length."""
     kept = sorted(min(n, max_seq_length) for n in lengths) or [max_seq_length]
     if packing == "bfd":
         return batch_size, min(max_seq_length, sum(kept))
     if packing == "padding_free":
         return 1, sum(kept[-batch_size:])
-    return min(batch_size, len(kept)), kept[-1]
+    return rows_per_example * min(batch_size, len(kept)), kept[-1]
+
+
+def sdpa_gets_a_mask(packing: str, lengths: list[int], rows: int, rows_per_example: int = 1) -> bool:
+    """Whether transformers hands sdpa a 4-D mask, which keeps a bias per layer and turns GQA sharing off (keys and
+    values expanded to the query heads): transformers/integrations/sdpa_attention.py:sdpa_attention_forward calls
+    repeat_kv unless use_gqa_in_sdpa, which on CUDA requires attention_mask is None. Packed rows always get one:
+    restarting position_ids make masking_utils.py:create_causal_mask build a block-diagonal mask
+    (find_packed_sequence_indices; allow_is_causal_skip = False). Padded rows get one when some row is padded
+    (masking_utils.py:_ignore_causal_mask_sdpa drops an all-ones padding mask): rows of different lengths, as
+    a pair's or a triplet's rows are (planned so)."""
+    if packing in ("bfd", "padding_free"):
+        return True
+    return rows > 1 and (rows_per_example > 1 or len(set(lengths)) > 1)
 
 
 @dataclass(frozen=True)
@@ -119,12 +153,24 @@ class PlanInput:
     max_seq_length: int
     target_modules: object = "all-linear"
     liger_possible: bool = False  # liger-kernel installed: worth proposing when the config does not use it
+    rows_per_example: int = 1
+    eval_lengths: tuple[int, ...] = ()  # the evaluation set's lengths (empty: no evaluation)
+    eval_batch_size: int = 0
 
     def with_batch(self, batch_size: int, grad_accum: int, max_seq_length: int) -> "PlanInput":
-        rows, tokens = micro_batch(list(self.lengths), packing=self.packing, batch_size=batch_size,
-                                   max_seq_length=max_seq_length)
-        return replace(self, setup=replace(self.setup, rows=rows, row_tokens=tokens), batch_size=batch_size,
-                       grad_accum=grad_accum, max_seq_length=max_seq_length)
+        lengths = list(self.lengths)
+        rows, tokens = micro_batch(lengths, packing=self.packing, batch_size=batch_size,
+                                   max_seq_length=max_seq_length, rows_per_example=self.rows_per_example)
+        masked = sdpa_gets_a_mask(self.packing, [min(n, max_seq_length) for n in lengths], rows, self.rows_per_example)
+        eval_rows = eval_tokens = 0
+        if self.eval_lengths:  # padded rows, as the evaluation collates them
+            eval_rows, eval_tokens = micro_batch(list(self.eval_lengths), packing="none",
+                                                 batch_size=self.eval_batch_size or batch_size,
+                                                 max_seq_length=max_seq_length, rows_per_example=self.rows_per_example)
+        setup = replace(self.setup, rows=rows, row_tokens=tokens, masked=masked, eval_rows=eval_rows,
+                        packed=self.packing != "none",
+                        eval_row_tokens=eval_tokens)
+        return replace(self, setup=setup, batch_size=batch_size, grad_accum=grad_accum, max_seq_length=max_seq_length)
 
 
 def _resolved_dtype(config: Config) -> str:
@@ -167,22 +213,46 @@ def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> t
     return int(nproc), strategy
 
 
-def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int = 1, strategy: str = "ddp",
+def _evaluates(config: Config) -> bool:
+    return bool(config.data.eval) or any(source.eval_fraction > 0 for source in config.data.train)
+
+
+def plan_input(config: Config, shape: Shape, lengths, *, nproc: int = 1, strategy: str = "ddp",
                device: str = "cuda") -> PlanInput:
+    """The prediction's input; ``lengths``: a ``RowShape`` (an objective's rows), or the examples' token counts
+    (the rows of the config's objective, each example as long as its longest row)."""
     d, t = config.data, config.train
+    kind, per_example, reference = OBJECTIVE_ROWS.get(config.objective.type, ("sft", 1, False))
+    rows = lengths if isinstance(lengths, RowShape) else RowShape(per_example, tuple(lengths))
+    evaluates = rows.evaluates or bool(rows.eval_lengths) or _evaluates(config)
     dtype = _resolved_dtype(config)
     adapted = adapted_linears(shape, config.lora.target_modules)
     setup = Setup(dtype=dtype, quant_bits=config.quant.bits, double_quant=config.quant.double_quant,
-                  adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
+                  adapted=adapted, rank=config.lora.r, dora=config.lora.use_dora,
+                  dropout=0.0 if config.objective.dropout_off else config.lora.dropout,
                   saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
                   checkpointing=t.gradient_checkpointing, attention=_resolved_attention(config, dtype),
                   liger=_resolved_liger(config, shape.model_type), nproc=nproc, strategy=strategy, device=device,
-                  masked=d.packing == "none")
+                  objective=kind, reference=reference)
     from lorafit.model.kernels import liger_installed
 
-    base = PlanInput(shape, setup, tuple(lengths), d.packing, t.batch_size, t.grad_accum, d.max_seq_length,
-                     config.lora.target_modules, liger_possible=liger_installed())
+    packing = d.packing if kind == "sft" else "none"  # pairs, answers and triplets are padded rows
+    base = PlanInput(shape, setup, tuple(rows.lengths), packing, t.batch_size, t.grad_accum, d.max_seq_length,
+                     config.lora.target_modules, liger_possible=liger_installed(),
+                     rows_per_example=rows.rows_per_example,
+                     eval_lengths=(rows.eval_lengths or rows.lengths) if evaluates else (),
+                     eval_batch_size=config.eval.batch_size or t.batch_size)
     return base.with_batch(t.batch_size, t.grad_accum, d.max_seq_length)
+
+
+def row_shape(config: Config, *, use_cache: bool = True) -> RowShape:
+    """The objective's rows. SFT: the training examples' lengths through the data pipeline (and its cache).
+    Pairs, answers, triplets: planned at full length until the data-preparation entry per objective supplies
+    their lengths (as a RowShape, the longest row of each pair or triplet)."""
+    _, per_example, _ = OBJECTIVE_ROWS.get(config.objective.type, ("sft", 1, False))
+    if config.objective.data_kind not in ("sft", None):
+        return RowShape(per_example, (config.data.max_seq_length,), evaluates=_evaluates(config))
+    return RowShape(1, tuple(token_lengths(config, use_cache=use_cache)), evaluates=_evaluates(config))
 
 
 def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
@@ -201,14 +271,15 @@ def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
 
 
 def plan_config(config: Config, *, nproc: int | None = None, strategy: str | None = None,
-                lengths: list[int] | None = None, use_cache: bool = True, device: str = "cuda") -> tuple[PlanInput, Plan]:
-    """The prediction for ``config`` (per device); ``lengths`` are the training examples' token counts (read
-    through the data pipeline when not given)."""
+                lengths: list[int] | RowShape | None = None, use_cache: bool = True,
+                device: str = "cuda") -> tuple[PlanInput, Plan]:
+    """The prediction for ``config`` (per device); ``lengths`` are the objective's rows (a ``RowShape``) or the
+    training examples' token counts (read through the data pipeline when not given)."""
     from lorafit.model.loading import resolve_model_path
 
     shape = read_shape(resolve_model_path(config.model), trust_remote_code=config.model.trust_remote_code)
     nproc, strategy = distributed_of(config, nproc, strategy)
-    lengths = lengths if lengths is not None else token_lengths(config, use_cache=use_cache)
+    lengths = lengths if lengths is not None else row_shape(config, use_cache=use_cache)
     inp = plan_input(config, shape, lengths, nproc=nproc, strategy=strategy, device=device)
     return inp, plan_bytes(inp.shape, inp.setup)
 

@@ -251,7 +251,8 @@ def row_shape(config: Config, *, use_cache: bool = True) -> RowShape:
     their lengths (as a RowShape, the longest row of each pair or triplet)."""
     _, per_example, _ = OBJECTIVE_ROWS.get(config.objective.type, ("sft", 1, False))
     if config.objective.data_kind not in ("sft", None):
-        return RowShape(per_example, (config.data.max_seq_length,), evaluates=_evaluates(config))
+        full = (config.data.max_seq_length,) * config.train.batch_size
+        return RowShape(per_example, full, evaluates=_evaluates(config))
     return RowShape(1, tuple(token_lengths(config, use_cache=use_cache)), evaluates=_evaluates(config))
 
 

@@ -21,6 +21,8 @@ def _count(n: int) -> str:
 
 def describe_terms(inp, plan) -> dict[str, str]:
     """A one-line 'how' for each term of the plan (the formulas are in docs/planner.md)."""
+    from lorafit.model.memory_terms import LOSS_BACKWARD_BYTES
+
     s, shape = inp.setup, inp.shape
     tokens = f"{s.rows} x {s.row_tokens} tokens"
     weights = (f"{_count(shape.total_params)} params, {s.quant_bits}-bit linears + fp32 rest" if s.quant_bits
@@ -36,7 +38,7 @@ def describe_terms(inp, plan) -> dict[str, str]:
         "activations": (f"layer inputs kept (checkpointing) + 1 layer recomputed, {tokens}" if s.checkpointing
                         else f"{shape.layers} layers' saved tensors, {tokens}, attention {s.attention}"),
         "logits": ("liger fused cross-entropy: no logits" if s.liger
-                   else f"12 bytes x {shape.vocab:,} vocab per scored token (fp32 log-softmax + 2 gradients)"),
+                   else f"{LOSS_BACKWARD_BYTES[s.objective]} bytes x {shape.vocab:,} vocab per scored token (fp32 backward)"),
         "buffers": "RoPE tables" + (", DoRA weight norm" if s.dora else ""),
     }
     return {term: how.get(term, "") for term in plan.terms}

@@ -239,14 +239,16 @@ def layer_bytes_per_token(shape: Shape, setup: Setup, *, first: bool = False) ->
 
 # Cross-entropy's backward holds the fp32 log-softmax it saved, the fp32 gradient arriving at it and the fp32
 # gradient it makes: 4 + 4 + 4 bytes per logit (token x vocabulary entry). Derived from the ops, not fitted; the
-# CPU allocator's live bytes show it (tests/test_plan_objectives.py). The log-probabilities of preference rows
-# (training/preference.answer_logps: fp32 copy, logsumexp, gather) peak at the same 12 in their backward.
-LOSS_BACKWARD_BYTES = 12
+# CPU allocator's live bytes show it (tests/test_plan_objectives.py). The answer log-probabilities of preference
+# and KTO rows (training/preference.answer_logps) peak at 16: logsumexp's backward, grad * (x - lse).exp(), holds
+# the saved fp32 logits, the difference, its exp and the product at once.
+LOSS_BACKWARD_BYTES = {"sft": 12, "contrastive": 12, "preference": 16, "kto": 16}
 
 
 def loss_bytes(shape: Shape, setup: Setup) -> int:
     """The loss's peak over the saved activations: its forward (the logits from the head, their fp32 copy and the
-    fp32 log-softmax or logsumexp temporary) or its backward (LOSS_BACKWARD_BYTES), whichever is larger.
+    fp32 log-softmax or logsumexp temporary) or its backward (LOSS_BACKWARD_BYTES), whichever is larger. When
+    issue #20's one chunked log-prob function replaces these, this function and its CPU test change together.
     Contrastive: the head runs on the 3n rows but the task loss on the n benign rows, and its forward holds every
     layer's hidden state (output_hidden_states) until the pooled vectors are taken. liger's fused linear
     cross-entropy (SFT only: the model computes the loss) never builds the logits: the hidden state's gradient."""
@@ -260,7 +262,7 @@ def loss_bytes(shape: Shape, setup: Setup) -> int:
     if setup.objective == "contrastive":
         s = stream_bytes(setup)  # in fp32 the layers' outputs are the inputs the next norms saved: only the last is new
         forward += (shape.layers + 1 if s < 4 else 1) * s * shape.hidden * tokens
-    return max(forward, LOSS_BACKWARD_BYTES * shape.vocab * scored)
+    return max(forward, LOSS_BACKWARD_BYTES[setup.objective] * shape.vocab * scored)
 
 
 def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int) -> int:

@@ -1,0 +1,240 @@
+"""The planner beyond plain SFT rows (issue #20 item 6): sdpa with a padding or block-diagonal mask, the loss's peak,
+DoRA, each objective's rows, the no-grad phases, the accuracy it prints, and benchmarks/planner_check.py's dry run.
+Every term is checked on a CPU against real tensors: what autograd holds after the forward (saved_tensors_hooks) or
+the CPU allocator's live bytes (torch.profiler)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from test_plan import _config, _saved_tensor_bytes
+from typer.testing import CliRunner
+
+from lorafit.cli import app
+from lorafit.model.memory_plan import RowShape, plan_input, read_shape, sdpa_gets_a_mask, shape_from_config
+from lorafit.model.memory_terms import GIB, LOSS_BACKWARD_BYTES, Setup, loss_bytes, plan_bytes, saved_activation_bytes
+
+# A Llama with grouped-query attention (2 query heads per KV head), so a mask's GQA expansion shows.
+GQA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gqa_lora_model(config, dtype: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafit.model.loading import attach_lora
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**GQA, attn_implementation="sdpa"))
+    return attach_lora(model.to(torch.bfloat16) if dtype == "bf16" else model, config.lora)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_masked_sdpa_keeps_expanded_keys_and_a_bias_per_layer(tmp_path, layout, dtype):
+    """Padded rows (a 4-D padding mask) and packed rows per bin (restarting positions: transformers' block-diagonal
+    mask) make sdpa keep GQA keys/values expanded to the query heads and the mask as a bias, per layer."""
+    from transformers import LlamaConfig
+
+    config = _config(tmp_path, "lorafit:tiny", f"model.dtype={dtype}", "model.attn_implementation=sdpa",
+                     "model.kernels=none", "lora.r=8", "train.batch_size=2",
+                     f"data.packing={'bfd' if layout == 'packed' else 'none'}", "data.max_seq_length=24")
+    shape = shape_from_config(LlamaConfig(**GQA))
+    rows, tokens = 2, 24
+    inp = plan_input(config, shape, [24, 15] if layout == "padded" else [10, 14, 12, 9])
+    assert inp.setup.masked and (inp.setup.rows, inp.setup.row_tokens) == (rows, tokens)
+    setup = replace(inp.setup, device="cpu")
+    ids = torch.randint(3, 250, (rows, tokens), generator=torch.Generator().manual_seed(0))
+    if layout == "padded":
+        mask = torch.ones(rows, tokens, dtype=torch.long)
+        mask[1, 15:] = 0
+        inputs = {"attention_mask": mask}
+    else:
+        inputs = {"position_ids": torch.tensor([list(range(10)) + list(range(14))] * rows)}
+    model = _gqa_lora_model(config, dtype)
+    measured = _saved_tensor_bytes(model, rows, tokens, autocast=dtype == "bf16", input_ids=ids, **inputs)
+    c = 2 if dtype == "bf16" else 4
+    rope = 2 * c * shape.head_dim * tokens * (rows if layout == "packed" else 1)  # per row with position_ids
+    loss = (4 * shape.vocab + 8) * rows * tokens + 4
+    predicted = saved_activation_bytes(shape, setup) + rope + loss
+    unmasked = saved_activation_bytes(shape, replace(setup, masked=False)) + rope + loss
+    assert predicted - unmasked == shape.layers * rows * tokens * c * (2 * (shape.heads - shape.kv_heads) * shape.head_dim + tokens)
+    if dtype == "fp32":
+        assert measured == predicted
+    else:  # autocast's per-module copies of the adapter weights, a few shared (as in test_plan.py; this model is smaller)
+        assert abs(measured - predicted) <= 0.01 * measured
+
+
+def test_transformers_masks_only_padded_or_packed_rows():
+    assert sdpa_gets_a_mask("bfd", [10, 10], 2) and sdpa_gets_a_mask("padding_free", [10], 1)
+    assert sdpa_gets_a_mask("none", [10, 7], 2)
+    assert not sdpa_gets_a_mask("none", [10, 10], 2)  # no padding: transformers drops the mask (is_causal)
+    assert not sdpa_gets_a_mask("none", [10, 7], 1)  # one row is never padded
+    assert sdpa_gets_a_mask("none", [10], 2, rows_per_example=2)  # a pair's rows differ
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_dora_saves_its_norms_per_adapted_layer(tmp_path, tiny_model_dir, dtype):
+    from lorafit.model.loading import attach_lora, load_base_model
+
+    config = _config(tmp_path, str(tiny_model_dir), f"model.dtype={dtype}", "model.attn_implementation=sdpa",
+                     "model.kernels=none", "lora.r=8", "lora.use_dora=true", "lora.dropout=0.0", "train.batch_size=2")
+    rows, tokens = 2, 32
+    inp = plan_input(config, read_shape(str(tiny_model_dir)), [tokens, tokens])
+    setup = replace(inp.setup, masked=False, rows=rows, row_tokens=tokens, device="cpu")
+    assert setup.dora and not replace(setup, dora=False).dora
+    model = attach_lora(load_base_model(config.model, str(tiny_model_dir)), config.lora)
+    measured = _saved_tensor_bytes(model, rows, tokens, autocast=dtype == "bf16")
+    c = 2 if dtype == "bf16" else 4
+    extra = 2 * c * inp.shape.head_dim * tokens + (4 * inp.shape.vocab + 8) * rows * tokens + 4  # RoPE, the loss
+    predicted = saved_activation_bytes(inp.shape, setup) + extra
+    without = saved_activation_bytes(inp.shape, replace(setup, dora=False)) + extra
+    assert predicted - without > 0.5 * (measured - without)  # the DoRA terms are most of what DoRA adds
+    assert abs(measured - predicted) <= 0.01 * measured, (measured, predicted)
+
+
+def _peak_live_bytes(fn, trace: Path) -> int:
+    """The CPU allocator's peak of live bytes while ``fn`` runs, over what was live before (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(trace))
+    events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    before = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - before
+
+
+@pytest.mark.parametrize("objective", ["sft", "preference"])
+def test_the_loss_peak_is_derived_not_fitted(tmp_path, objective):
+    """The logits term: the live bytes of the head's bf16 logits and the loss the objective computes on them, forward
+    and backward, equal loss_bytes (12 bytes per logit for cross-entropy, 16 for the answer log-probabilities)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from lorafit.training.preference import answer_logps
+
+    rows, tokens, hidden, vocab = 4, 16, 16, 4096
+    h = torch.randn(rows, tokens, hidden, requires_grad=True)
+    head = torch.randn(vocab, hidden, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows, tokens))
+
+    def step():
+        logits = torch.nn.functional.linear(h.to(torch.bfloat16), head)
+        loss = ForCausalLMLoss(logits, labels, vocab) if objective == "sft" else answer_logps(logits, labels)[0].sum()
+        del logits  # the objective's outputs are dropped before the loop's backward
+        loss.backward()
+
+    measured = _peak_live_bytes(step, tmp_path / "trace.json")
+    shape = shape_from_config_sizes(hidden, vocab)
+    setup = Setup(dtype="bf16", rows=rows, row_tokens=tokens, objective=objective)
+    predicted = loss_bytes(shape, setup)
+    assert predicted == LOSS_BACKWARD_BYTES[objective] * vocab * rows * tokens
+    assert abs(measured - predicted) <= 0.01 * predicted, (measured, predicted)
+
+
+def shape_from_config_sizes(hidden: int, vocab: int):
+    from transformers import LlamaConfig
+
+    return shape_from_config(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+
+
+def _objective_config(tmp_path, *lines: str, overrides=()):
+    (tmp_path / "c.yaml").write_text("model: {path: 'lorafit:tiny'}\n" + "\n".join(lines) + "\n")
+    from lorafit.config import load_config
+
+    return load_config(tmp_path / "c.yaml", list(overrides))
+
+
+def test_objectives_plan_their_rows_and_the_reference_pass(tmp_path, tiny_model_dir):
+    shape = read_shape(str(tiny_model_dir))
+    write = lambda name, row: (tmp_path / name).write_text(json.dumps(row) + "\n")  # noqa: E731
+    write("pairs.jsonl", {"prompt": "p?", "chosen": "yes", "rejected": "no"})
+    write("sft.jsonl", {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a"}]})
+    base = ["train: {batch_size: 4}", "data: {max_seq_length: 256, train: [{path: PATH, format: FORMAT}]}"]
+    plans = {}
+    for kind, data, fmt in (("sft", "sft.jsonl", "messages"), ("dpo", "pairs.jsonl", "preference"),
+                            ("orpo", "pairs.jsonl", "preference")):
+        lines = [line.replace("PATH", data).replace("FORMAT", fmt) for line in base] + [f"objective: {{type: {kind}}}"]
+        config = _objective_config(tmp_path, *lines)
+        inp = plan_input(config, shape, RowShape(2 if kind != "sft" else 1, (200, 120, 256, 90)))
+        plans[kind] = (inp.setup, plan_bytes(inp.shape, inp.setup))
+    sft, dpo, orpo = plans["sft"][0], plans["dpo"][0], plans["orpo"][0]
+    assert (sft.rows, dpo.rows, orpo.rows) == (4, 8, 8) and dpo.row_tokens == 256  # chosen + rejected per pair
+    assert dpo.objective == "preference" and dpo.reference and not orpo.reference and dpo.masked
+    assert "reference pass" in plans["dpo"][1].phases and not plans["orpo"][1].phases
+    assert plans["dpo"][1].terms["logits"] == 16 * shape.vocab * 8 * 256
+    # the reference pass (no_grad, before the policy's forward) holds the static terms and its logits only
+    static = sum(v for k, v in plans["dpo"][1].terms.items() if k not in ("activations", "logits", "buffers"))
+    assert plans["dpo"][1].phases["reference pass"] == static + (2 + 4 + 4) * shape.vocab * 8 * 256
+
+
+def test_contrastive_triplets_are_three_rows_with_the_task_loss_on_one():
+    from transformers import LlamaConfig
+
+    shape = shape_from_config(LlamaConfig(**GQA))
+    sft = Setup(rows=6, row_tokens=64, objective="sft")
+    triplets = replace(sft, objective="contrastive")
+    # the head runs on all 3n rows and every layer's hidden state is held until pooling; the loss on the n benign rows
+    assert loss_bytes(shape, triplets) == max(shape.vocab * (2 * 6 + 8 * 2) * 64
+                                              + (shape.layers + 1) * 2 * shape.hidden * 6 * 64,
+                                              12 * shape.vocab * 2 * 64)
+    assert loss_bytes(shape, triplets) < loss_bytes(shape, sft)
+
+
+def test_an_evaluating_run_plans_the_evaluation_batch(tmp_path, tiny_model_dir):
+    shape = read_shape(str(tiny_model_dir))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                               {"role": "assistant", "content": "a"}]}) + "\n")
+    lines = ["data: {train: [{path: t.jsonl}], eval: [{path: t.jsonl}]}", "eval: {batch_size: 16}"]
+    inp = plan_input(_objective_config(tmp_path, *lines), shape, RowShape(1, (100, 80), eval_lengths=(300, 40)))
+    assert (inp.setup.eval_rows, inp.setup.eval_row_tokens) == (2, 300)
+    plan = plan_bytes(inp.shape, inp.setup)
+    static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
+    assert plan.phases["eval batch"] == static + (2 + 4 + 4) * shape.vocab * 2 * 300
+    assert plan.peak == max(plan.step, plan.phases["eval batch"])
+    no_eval = plan_input(_objective_config(tmp_path, "data: {train: [{path: t.jsonl}]}"), shape, [100, 80])
+    assert no_eval.setup.eval_rows == 0 and not plan_bytes(no_eval.shape, no_eval.setup).phases
+
+
+def test_plan_prints_the_held_out_band_or_not_yet_measured(tmp_path, tiny_model_dir, monkeypatch):
+    from lorafit.model import memory_accuracy
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                               {"role": "assistant", "content": "a"}]}) + "\n")
+    (tmp_path / "c.yaml").write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{train: [{{path: t.jsonl}}]}}\n"
+                                     "train: {batch_size: 4}\nlora: {use_dora: true}\n")
+    runner = CliRunner()
+    done = runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--gpu-memory", "8GB"])
+    assert done.exit_code == 0, done.output
+    assert "accuracy: not yet measured on a GPU on held-out cases" in done.output
+    assert "benchmarks/planner_check.py" in done.output and "not yet measured on a GPU: " in done.output
+    assert "DoRA" in done.output.split("not yet measured on a GPU: ")[1]
+    monkeypatch.setattr(memory_accuracy, "MEASURED", {"date": "2027-01-01", "device": "H200", "versions": "",
+                                                      "cases": {"a": (-3.5, ["padded"]), "b": (6.0, ["padded", "dora"])}})
+    report = json.loads(runner.invoke(app, ["plan", str(tmp_path / "c.yaml"), "--json"]).stdout)["accuracy"]
+    assert report["held_out_band_percent"] == [-3.5, 6.0] and report["measured"].startswith("2 held-out cases on H200")
+    assert not any("DoRA" in f for f in report["not_measured"])
+    assert memory_accuracy.accuracy_lines(report)[0] == "accuracy: -3.5% to +6.0% on 2 held-out cases on H200, 2027-01-01"
+
+
+def test_planner_check_dry_run_builds_every_held_out_case(tmp_path, monkeypatch):
+    """benchmarks/planner_check.py cannot rot: its dry run builds every case's config and prediction on a CPU."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("planner_check", None)
+    import planner_check
+
+    rows = planner_check.main([str(tmp_path / "out"), "--dry-run", "--examples", "12"])
+    assert [r["case"] for r in rows] == [c[0] for c in planner_check.CASES]
+    by_feature = {f for r in rows for f in r["features"]}
+    assert {"padded", "packed", "qlora", "preference", "reference"} <= by_feature
+    assert all(r["predicted_gib"] > 1 for r in rows)
+    assert rows[0]["features"] == ["padded"] and rows[0]["micro_batch"] == [4, 2048]  # the default layout, full rows
+    table = (tmp_path / "out" / "planner_check.md").read_text()
+    assert table.count("not yet measured on a GPU") == len(rows)

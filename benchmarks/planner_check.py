@@ -49,29 +49,20 @@ CASES = [
 ]
 
 
-def write_chats(out: Path, count: int, longest_words: int) -> Path:
-    """Chats of which about half run past max_seq_length (cut there, truncation: truncate), the rest shorter."""
-    path = out / f"chats-{count}-{longest_words}.jsonl"
+def write_data(out: Path, kind: str, count: int, longest_words: int) -> Path:
+    """chats: about half run past max_seq_length (cut there, truncation: truncate), the rest shorter. pairs: a chosen
+    answer past max_seq_length, a shorter rejected one. Either way the steps see full-length rows with padded ones."""
+    path = out / f"{kind}-{count}-{longest_words}.jsonl"
     rng = random.Random(0)
     words = "model adapter token layer weight train data loss rank alpha batch step learn answer city name".split()
+    text = lambda n: " ".join(rng.choices(words, k=n))  # noqa: E731  (~1.5 tokens per word)
     with path.open("w") as fh:
         for i in range(count):
-            n = longest_words * 2 if i % 2 == 0 else rng.randint(longest_words // 8, longest_words // 2)
-            fh.write(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=60))},
-                                              {"role": "assistant", "content": " ".join(rng.choices(words, k=n))}]}) + "\n")
-    return path
-
-
-def write_pairs(out: Path, count: int, longest_words: int) -> Path:
-    """Preference pairs: a chosen answer past max_seq_length (cut there), a shorter rejected one (padded)."""
-    path = out / f"pairs-{count}-{longest_words}.jsonl"
-    rng = random.Random(1)
-    words = "model adapter token layer weight train data loss rank alpha batch step learn answer city name".split()
-    with path.open("w") as fh:
-        for _ in range(count):
-            fh.write(json.dumps({"prompt": " ".join(rng.choices(words, k=60)),
-                                 "chosen": " ".join(rng.choices(words, k=longest_words * 2)),
-                                 "rejected": " ".join(rng.choices(words, k=rng.randint(20, longest_words // 2)))}) + "\n")
+            long, short = longest_words * 2, rng.randint(longest_words // 8, longest_words // 2)
+            row = ({"prompt": text(60), "chosen": text(long), "rejected": text(short)} if kind == "pairs" else
+                   {"messages": [{"role": "user", "content": text(60)},
+                                 {"role": "assistant", "content": text(long if i % 2 == 0 else short)}]})
+            fh.write(json.dumps(row) + "\n")
     return path
 
 
@@ -113,7 +104,7 @@ def check(out: Path, case: tuple, steps: int, examples: int, *, dry_run: bool) -
     name, shape, overrides, kind = case
     model = model_folder(out, shape, weights=not dry_run)
     longest = int({**BENCH, **overrides}["data.max_seq_length"])  # ~1.5 tokens per word: 2 x this is always cut
-    data = (write_pairs if kind == "pairs" else write_chats)(out, examples, longest)
+    data = write_data(out, kind, examples, longest)
     config = config_for(out, model, data, kind, overrides, steps)
     inp, plan = plan_config(config, device="cuda", use_cache=False)
     row = {"case": name, "predicted_gib": round(plan.peak / 2**30, 2), "features": features(inp.setup),

@@ -341,7 +341,9 @@ def plan_bytes(shape: Shape, setup: Setup) -> Plan:
         plan.notes.append(f"DDP over {shard} devices: weights, adapters and optimizer states replicated on each")
     plan.terms["optimizer states"] = states
     plan.terms.update(activation_terms(shape, setup))
-    plan.terms["buffers"] = 2 * compute_bytes(setup) * shape.head_dim * setup.row_tokens * setup.rows  # RoPE cos/sin
+    # RoPE cos/sin: one table per row for packed rows (their position_ids), one shared by padded rows
+    rope_rows = setup.rows if setup.packed else 1
+    plan.terms["buffers"] = 2 * compute_bytes(setup) * shape.head_dim * setup.row_tokens * rope_rows
     if setup.dora:
         plan.terms["buffers"] += dora_norm_bytes(setup)
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))

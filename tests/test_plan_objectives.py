@@ -197,7 +197,7 @@ def test_an_evaluating_run_plans_the_evaluation_batch(tmp_path, tiny_model_dir):
     assert (inp.setup.eval_rows, inp.setup.eval_row_tokens) == (2, 300)
     plan = plan_bytes(inp.shape, inp.setup)
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
-    assert plan.phases["eval batch"] == static + (2 + 4 + 4) * shape.vocab * 2 * 300
+    assert plan.phases["eval batch"] == static + ((2 + 4 + 4) * shape.vocab + 4 * shape.hidden) * 2 * 300  # + the head input
     assert plan.peak == max(plan.step, plan.phases["eval batch"])
     no_eval = plan_input(_objective_config(tmp_path, "data: {train: [{path: t.jsonl}]}"), shape, [100, 80])
     assert no_eval.setup.eval_rows == 0 and not plan_bytes(no_eval.shape, no_eval.setup).phases
@@ -307,4 +307,13 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
 
         measured = _step_transient(reference, tmp_path / "reference.json", dtype)
         predicted = plan.phases["reference pass"] - static
-        assert abs(measured - predicted) <= 0.05 * predicted, (measured, predicted)  # an estimate (+2.5% in fp32)
+        assert abs(measured - predicted) <= 0.03 * predicted, (measured, predicted)  # an estimate
+    if layout == "padded":  # an evaluation batch of the same rows: a no-grad forward with the training loss
+        def evaluate():
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+
+        with_eval = plan_bytes(inp.shape, replace(inp.setup, device="cpu", eval_rows=rows, eval_row_tokens=tokens))
+        measured = _step_transient(evaluate, tmp_path / "eval.json", dtype)
+        predicted = with_eval.phases["eval batch"] - static
+        assert abs(measured - predicted) <= 0.03 * predicted, (measured, predicted)  # an estimate

@@ -265,15 +265,17 @@ def loss_bytes(shape: Shape, setup: Setup) -> int:
     return max(forward, LOSS_BACKWARD_BYTES[setup.objective] * shape.vocab * scored)
 
 
-def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int) -> int:
-    """A forward under no_grad (DPO/KTO's reference, an evaluation batch): nothing is saved; its peak is the
-    logits, their fp32 copy and the loss's fp32 temporary, or one layer's working set (the MLP's gate, up and
-    product, the attention's q, k, v and output), whichever is larger. An estimate: not measured on a GPU."""
-    tokens = rows * row_tokens
+def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int, *, adapters: bool) -> int:
+    """A forward under no_grad (DPO/KTO's reference pass, adapters off; an evaluation batch, adapters on): nothing
+    is saved. Its peak is the logits, their fp32 copy and the loss's fp32 temporary (plus the head's input when
+    the model computes the loss itself: SFT), or one layer's working set: the MLP's gate, up and their product
+    (and an adapter's output beside a base output), with a few fp32 hidden-size tensors. An estimate, within 3%
+    of the CPU allocator's peak on the tiny model (tests/test_plan_objectives.py); not measured on a GPU."""
     c = compute_bytes(setup)
-    logits = (c + (4 if c < 4 else 0) + 4) * shape.vocab
-    layer = 3 * c * shape.intermediate + 4 * c * shape.heads * shape.head_dim
-    return max(logits, layer) * tokens
+    head_input = 4 * shape.hidden if adapters and setup.objective == "sft" else 0
+    logits = (c + (4 if c < 4 else 0) + 4) * shape.vocab + head_input
+    layer = (4 if adapters else 3) * c * shape.intermediate + 16 * shape.hidden
+    return max(logits, layer) * rows * row_tokens
 
 
 def dora_norm_bytes(setup: Setup) -> int:
@@ -348,10 +350,11 @@ def plan_bytes(shape: Shape, setup: Setup) -> Plan:
         plan.terms["buffers"] += dora_norm_bytes(setup)
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
     if setup.reference:  # before the policy's forward (training/preference.py): no activation is held yet
-        plan.phases["reference pass"] = static + no_grad_forward_bytes(shape, setup, setup.rows, setup.row_tokens)
+        plan.phases["reference pass"] = static + no_grad_forward_bytes(shape, setup, setup.rows, setup.row_tokens,
+                                                                       adapters=False)
     if setup.eval_rows:
         plan.phases["eval batch"] = static + no_grad_forward_bytes(shape, setup, setup.eval_rows,
-                                                                         setup.eval_row_tokens)
+                                                                   setup.eval_row_tokens, adapters=True)
     if setup.optimizer == "paged_adamw_8bit":
         plan.notes.append("paged 8-bit AdamW: its states live in unified memory and move to the CPU under pressure")
     return plan

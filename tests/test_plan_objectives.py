@@ -253,43 +253,59 @@ def _step_transient(step, trace: Path, dtype: str) -> int:
     return _peak_live_bytes(autocast_step, trace)
 
 
+# case -> (objective, rows, config overrides, the rows' lengths, tolerance of the transient)
+STEPS = {
+    "padded": ("sft", 4, [], [128, 100, 90, 60], 0.002),
+    "packed": ("sft", 4, ["data.packing=bfd"], [60, 68] * 4, 0.002),
+    "dpo": ("dpo", 4, [], RowShape(2, (128, 100)), 0.002),
+    "dora": ("sft", 4, ["lora.use_dora=true"], [128, 100, 90, 60], 0.002),
+    "contrastive": ("contrastive", 6, [], RowShape(3, (128, 100)), 0.015),
+    "checkpointing": ("sft", 4, ["train.gradient_checkpointing=true"], [128, 100, 90, 60], None),
+}
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("layout", ["padded", "packed", "dpo"])
-def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir, layout, dtype):
-    """The sum of the step's terms over the static ones (activations, loss, RoPE tables) against the CPU allocator's
-    peak of a real forward, backward and AdamW step: padded rows, packed rows per bin, and a DPO step with its
-    reference pass. Only the GPU's kernels and allocator are left to planner_check."""
+@pytest.mark.parametrize("case", list(STEPS))
+def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir, case, dtype):
+    """The sum of the step's terms over the static ones (activations, loss, RoPE tables, DoRA's norm) against the
+    CPU allocator's peak of a real forward, backward and AdamW step: padded rows, packed rows per bin, a DPO step
+    with its reference pass, DoRA, contrastive triplets (within 1.5%: the pooled vectors and cosines are left out),
+    and checkpointing, whose recompute term is an upper bound. Only the GPU's kernels and allocator are left to
+    planner_check."""
     from lorafit.model.loading import attach_lora, load_base_model
+    from lorafit.training.objectives import ContrastiveObjective
     from lorafit.training.preference import DPOObjective
 
-    rows, tokens = 4, 128
-    packing = "bfd" if layout == "packed" else "none"
+    objective, rows, overrides, lengths, tolerance = STEPS[case]
+    tokens = 128
+    per_example = 1 if isinstance(lengths, list) else lengths.rows_per_example
     config = _config(tmp_path, str(tiny_model_dir), f"model.dtype={dtype}", "model.attn_implementation=sdpa",
-                     "model.kernels=none", "lora.r=8", "lora.dropout=0.0", f"data.packing={packing}",
-                     f"train.batch_size={rows // 2 if layout == 'dpo' else rows}", f"data.max_seq_length={tokens}")
-    shape = read_shape(str(tiny_model_dir))
-    lengths = {"padded": [128, 100, 90, 60], "packed": [60, 68] * 4, "dpo": RowShape(2, (128, 100))}[layout]
-    if layout == "dpo":
-        config = config.model_copy(update={"objective": config.objective.model_copy(update={"type": "dpo"})})
-    inp = plan_input(config, shape, lengths)
+                     "model.kernels=none", "lora.r=8", "lora.dropout=0.0", f"train.batch_size={rows // per_example}",
+                     f"data.max_seq_length={tokens}", *overrides)
+    config = config.model_copy(update={"objective": config.objective.model_copy(update={"type": objective})})
+    inp = plan_input(config, read_shape(str(tiny_model_dir)), lengths)
     assert (inp.setup.rows, inp.setup.row_tokens, inp.setup.masked) == (rows, tokens, True)
     plan = plan_bytes(inp.shape, replace(inp.setup, device="cpu"))
     model = attach_lora(load_base_model(config.model, str(tiny_model_dir)), config.lora)
+    if case == "checkpointing":  # as training/loop.py sets it up
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(3, 1000, (rows, tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(rows, tokens, dtype=torch.long)
-    for row, length in enumerate([128, 100, 90, 60]):
+    for row, length in enumerate([128, 100, 90, 60, 128, 70][:rows]):
         mask[row, length:] = 0
-    if layout == "packed":
+    if case == "packed":
         inputs = {"input_ids": ids, "labels": ids, "position_ids": torch.tensor([list(range(60)) + list(range(68))] * rows)}
     else:
-        inputs = {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
+        inputs = {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask, "pool_mask": mask}
+    compute = {"dpo": DPOObjective(beta=0.1).compute, "contrastive": ContrastiveObjective().compute}.get(objective)
 
     def step():
-        if layout == "dpo":
-            loss = DPOObjective(beta=0.1).compute(model, inputs)[0]
+        if compute is None:
+            loss = model(**{k: v for k, v in inputs.items() if k != "pool_mask"}, use_cache=False).loss
         else:
-            loss = model(**inputs, use_cache=False).loss
+            loss = compute(model, inputs)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
@@ -297,8 +313,11 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
     measured = _step_transient(step, tmp_path / "trace.json", dtype)
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
     predicted = plan.peak - static
-    assert abs(measured - predicted) <= 0.002 * predicted, (measured, predicted, plan.terms, plan.phases)
-    if layout == "dpo":  # the reference pass alone: a no-grad forward and the answers' log-probabilities
+    if tolerance is None:
+        assert measured <= predicted <= 1.6 * measured, (measured, predicted)
+    else:
+        assert abs(measured - predicted) <= tolerance * predicted, (measured, predicted, plan.terms, plan.phases)
+    if case == "dpo":  # the reference pass alone: a no-grad forward and the answers' log-probabilities
         from lorafit.training.preference import _forward_logps, reference_model
 
         def reference():
@@ -308,7 +327,7 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
         measured = _step_transient(reference, tmp_path / "reference.json", dtype)
         predicted = plan.phases["reference pass"] - static
         assert abs(measured - predicted) <= 0.03 * predicted, (measured, predicted)  # an estimate
-    if layout == "padded":  # an evaluation batch of the same rows: a no-grad forward with the training loss
+    if case == "padded":  # an evaluation batch of the same rows: a no-grad forward with the training loss
         def evaluate():
             with torch.no_grad():
                 model(**inputs, use_cache=False)

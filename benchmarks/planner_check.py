@@ -1,7 +1,7 @@
 """The memory planner against real runs, on HELD-OUT cases: predicted vs measured peak GPU memory, and the error.
 
     python benchmarks/planner_check.py OUT [--only NAME,NAME] [--steps 3] [--deadline 540] [--examples 300]
-    python benchmarks/planner_check.py OUT --dry-run      # no GPU: every case's config and prediction
+    python benchmarks/planner_check.py OUT --dry-run [--cpu-smoke]   # no GPU: each case's config and prediction
 
 Held-out: nothing in model/memory_terms.py was fitted on these cases (the activation terms are counted from the
 tensors autograd saves, the loss term derived; tests/test_plan*.py check both on a CPU). Keep it so: a constant
@@ -15,7 +15,8 @@ about half the examples are cut at max_seq_length and length grouping is off, so
 worst batch: a full-length row with shorter, padded ones. Writes OUT/planner_check.json (one row per case), the
 Markdown table for docs/planner.md (OUT/planner_check.md) and, last, the ``MEASURED`` dict for
 model/memory_accuracy.py. --dry-run builds each model folder without weights (config.json and tokenizer: what
-the planner reads) and prints the predictions and the features each case measures; tests run it on a CPU.
+the planner reads) and prints the predictions and the features each case measures; with --cpu-smoke it also trains
+each case's data and config one step on the CPU with a tiny model. tests/test_plan_objectives.py runs both.
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ def config_for(out: Path, model: Path, data: Path, kind: str, overrides: dict, s
     return load_config(config)
 
 
+def cpu_smoke(out: Path, case: tuple, examples: int) -> dict:
+    """The case's data and config, on the CPU with a tiny model of the same kind (fp32, rows of 256): one real
+    lorafit step, so a GPU session never finds a config or data error. A k-bit base needs CUDA: left out."""
+    from lorafit import train
+
+    name, _, overrides, kind = case
+    if "quant.bits" in overrides:
+        return {"case": name, "cpu_smoke": "left out (a 4-bit base needs CUDA)"}
+    sets = {**overrides, "model.dtype": "fp32", "data.max_seq_length": 256}
+    config = config_for(out, model_folder(out, "tiny", weights=True), write_data(out, kind, examples, 256), kind, sets, 1)
+    train(config, overwrite=True, progress=False)
+    return {"case": name, "cpu_smoke": "one step trained"}
+
+
 def check(out: Path, case: tuple, steps: int, examples: int, *, dry_run: bool) -> dict:
     from lorafit.model.memory_accuracy import features
     from lorafit.model.memory_plan import plan_config
@@ -157,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--deadline", type=float, default=540.0, help="Seconds; cases that would start later are skipped.")
     parser.add_argument("--examples", type=int, default=300, help="Synthetic examples per data file.")
     parser.add_argument("--dry-run", action="store_true", help="No GPU: each case's config and prediction only.")
+    parser.add_argument("--cpu-smoke", action="store_true", help="With --dry-run: also train each case's data and "
+                        "config one step on the CPU with a tiny model.")
     a = parser.parse_args(argv)
     import torch
 
@@ -173,6 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         try:
             row = check(a.out, case, a.steps, a.examples, dry_run=a.dry_run)
+            if a.dry_run and a.cpu_smoke:
+                row |= cpu_smoke(a.out, case, a.examples)
         except Exception as exc:  # noqa: BLE001  one failed case must not hide the others' numbers
             if a.dry_run:
                 raise

@@ -230,11 +230,13 @@ def test_planner_check_dry_run_builds_every_held_out_case(tmp_path, monkeypatch)
     sys.modules.pop("planner_check", None)
     import planner_check
 
-    rows = planner_check.main([str(tmp_path / "out"), "--dry-run", "--examples", "12"])
+    rows = planner_check.main([str(tmp_path / "out"), "--dry-run", "--cpu-smoke", "--examples", "12"])
     assert [r["case"] for r in rows] == [c[0] for c in planner_check.CASES]
     by_feature = {f for r in rows for f in r["features"]}
     assert {"padded", "packed", "qlora", "preference", "reference"} <= by_feature
     assert all(r["predicted_gib"] > 1 for r in rows)
+    # every case's data and config trains (one step, tiny model, CPU); the 4-bit one needs CUDA
+    assert {r["cpu_smoke"] for r in rows} == {"one step trained", "left out (a 4-bit base needs CUDA)"}
     assert rows[0]["features"] == ["padded"] and rows[0]["micro_batch"] == [4, 2048]  # the default layout, full rows
     table = (tmp_path / "out" / "planner_check.md").read_text()
     assert table.count("not yet measured on a GPU") == len(rows)

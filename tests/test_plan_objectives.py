@@ -275,8 +275,7 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
     and checkpointing, whose recompute term is an upper bound. Only the GPU's kernels and allocator are left to
     planner_check."""
     from lorafit.model.loading import attach_lora, load_base_model
-    from lorafit.training.objectives import ContrastiveObjective
-    from lorafit.training.preference import DPOObjective
+    from lorafit.training.objectives import build_objective
 
     objective, rows, overrides, lengths, tolerance = STEPS[case]
     tokens = 128
@@ -301,13 +300,14 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
         inputs = {"input_ids": ids, "labels": ids, "position_ids": torch.tensor([list(range(60)) + list(range(68))] * rows)}
     else:
         inputs = {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask, "pool_mask": mask}
-    compute = {"dpo": DPOObjective(beta=0.1).compute, "contrastive": ContrastiveObjective().compute}.get(objective)
+    # The run's own objective: when its loss changes (issue #20's chunked log-probabilities), this test says the
+    # planner's loss term must follow.
+    compute = build_objective(config.objective).compute
+    if objective == "sft":
+        inputs.pop("pool_mask", None)
 
     def step():
-        if compute is None:
-            loss = model(**{k: v for k, v in inputs.items() if k != "pool_mask"}, use_cache=False).loss
-        else:
-            loss = compute(model, inputs)[0]
+        loss = compute(model, inputs)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
@@ -320,11 +320,13 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
     else:
         assert abs(measured - predicted) <= tolerance * predicted, (measured, predicted, plan.terms, plan.phases)
     if case == "dpo":  # the reference pass alone: a no-grad forward and the answers' log-probabilities
-        from lorafit.training.preference import _forward_logps, reference_model
+        from lorafit.training.preference import answer_logps, reference_model
 
-        def reference():
+        def reference():  # as DPOObjective.compute does it, before the policy's forward
             with reference_model(model):
-                _forward_logps(model, inputs)
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               use_cache=False).logits
+                answer_logps(logits, inputs["labels"])
 
         measured = _step_transient(reference, tmp_path / "reference.json", dtype)
         predicted = plan.phases["reference pass"] - static

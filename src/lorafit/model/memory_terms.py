@@ -5,7 +5,7 @@ every term can be checked by hand and by a test against a real tiny model. docs/
 and why; the activation terms were derived by listing the tensors autograd saves in one decoder layer
 (torch.autograd.graph.saved_tensors_hooks), the loss's peak by the CPU allocator's live bytes (torch.profiler);
 tests/test_plan.py and tests/test_plan_objectives.py check them on CPU. No constant here is fitted to a GPU run:
-what was measured on a GPU, and how well, is ``memory_plan.ACCURACY``.
+what was measured on a GPU, and how well, is model/memory_accuracy.py.
 No torch import here: ``lorafit plan`` answers before any model is loaded.
 """
 
@@ -211,8 +211,10 @@ def lora_bytes_per_token(setup: Setup) -> int:
 
 def attention_bytes_per_token(shape: Shape, setup: Setup) -> int:
     """What one attention call saves per token: q, k, v, the output and the fp32 log-sum-exp per head.
-    sdpa with a mask (padding, packed rows) expands GQA keys/values to every head (transformers' repeat_kv)
-    and keeps an additive bias of row_tokens per token; eager keeps the fp32 and cast probabilities."""
+    sdpa with a mask (padded rows, packed rows: memory_plan.sdpa_gets_a_mask cites where transformers decides)
+    expands GQA keys/values to every head (transformers/integrations/sdpa_attention.py:repeat_kv) and keeps the
+    mask as an additive bias in the compute dtype, row_tokens per token, per layer (torch converts the boolean mask
+    in each call); eager keeps the fp32 and cast probabilities. Exact on CPU: tests/test_plan_objectives.py."""
     c = compute_bytes(setup)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lse = 4 * shape.heads

@@ -16,7 +16,8 @@ from test_plan import _config, _saved_tensor_bytes
 from typer.testing import CliRunner
 
 from lorafit.cli import app
-from lorafit.model.memory_plan import RowShape, plan_input, read_shape, sdpa_gets_a_mask, shape_from_config
+from lorafit.model.memory_plan import (RowShape, plan_input, read_shape, rows_of, sdpa_gets_a_mask,
+                                       shape_from_config)
 from lorafit.model.memory_terms import GIB, LOSS_BACKWARD_BYTES, Setup, loss_bytes, plan_bytes, saved_activation_bytes
 
 # A Llama with grouped-query attention (2 query heads per KV head), so a mask's GQA expansion shows.
@@ -340,3 +341,22 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
         measured = _step_transient(evaluate, tmp_path / "eval.json", dtype)
         predicted = with_eval.phases["eval batch"] - static
         assert abs(measured - predicted) <= 0.03 * predicted, (measured, predicted)  # an estimate
+
+
+def test_prepared_examples_of_each_objective_give_their_row_shape(tmp_path):
+    """The interface for the data-preparation entry: its examples (any objective) -> RowShape, each example as long
+    as its longest row (a pair's rejected answer, a triplet's injection)."""
+    from types import SimpleNamespace as Example
+
+    (tmp_path / "t.jsonl").write_text("")
+    lines = ["data: {train: [{path: t.jsonl}], eval: [{path: t.jsonl}]}"]
+    pairs = [Example(input_ids=[1] * 30, rejected_ids=[1] * 45), Example(input_ids=[1] * 20, rejected_ids=[1] * 5)]
+    dpo = rows_of(_objective_config(tmp_path, *lines, "objective: {type: dpo}"), pairs, pairs[:1])
+    assert dpo == RowShape(2, (45, 20), (45,), evaluates=True)
+    triplets = [Example(input_ids=[1] * 12, cf_ids=[1] * 18, injection_ids=[1] * 9)]
+    contrastive = _objective_config(tmp_path, "data: {train: [{path: t.jsonl, format: triplets}]}",
+                                    "objective: {type: contrastive}")
+    assert rows_of(contrastive, triplets) == RowShape(3, (18,))
+    answers = [Example(input_ids=[1] * 7, label=True)]
+    kto = _objective_config(tmp_path, "data: {train: [{path: t.jsonl, format: unpaired}]}", "objective: {type: kto}")
+    assert rows_of(kto, answers) == RowShape(1, (7,))

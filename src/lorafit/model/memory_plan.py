@@ -110,6 +110,21 @@ class RowShape:
 # objective.type -> (Setup.objective, rows per example, a no-grad reference forward each step)
 OBJECTIVE_ROWS = {"dpo": ("preference", 2, True), "orpo": ("preference", 2, False), "simpo": ("preference", 2, False),
                   "kto": ("kto", 1, True), "contrastive": ("contrastive", 3, False)}
+# The token-id rows of an objective's example (data/preference.PreferenceExample: chosen and rejected;
+# data/triplets.TripletExample: benign, counterfactual, injection; SFT and KTO examples: input_ids alone).
+ROW_FIELDS = ("input_ids", "rejected_ids", "cf_ids", "injection_ids")
+
+
+def example_length(example) -> int:
+    """An example's longest row: its rows are padded together in one batch."""
+    return max(len(getattr(example, name)) for name in ROW_FIELDS if getattr(example, name, None) is not None)
+
+
+def rows_of(config: Config, train_examples, eval_examples=()) -> RowShape:
+    """The ``RowShape`` of prepared examples of any objective (what the data-preparation entry hands the planner)."""
+    _, per_example, _ = OBJECTIVE_ROWS.get(config.objective.type, ("sft", 1, False))
+    return RowShape(per_example, tuple(example_length(e) for e in train_examples),
+                    tuple(example_length(e) for e in eval_examples), evaluates=_evaluates(config))
 
 
 def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int,

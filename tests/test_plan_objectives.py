@@ -200,6 +200,11 @@ def test_an_evaluating_run_plans_the_evaluation_batch(tmp_path, tiny_model_dir):
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
     assert plan.phases["eval batch"] == static + ((2 + 4 + 4) * shape.vocab + 4 * shape.hidden) * 2 * 300  # + the head input
     assert plan.peak == max(plan.step, plan.phases["eval batch"])
+    # eval.batch_size unset: the evaluation batch is the training batch size, and shrinks with it in cheapest_fit
+    follows = plan_input(_objective_config(tmp_path, lines[0], "train: {batch_size: 4}"), shape,
+                         RowShape(1, (100, 80), eval_lengths=(300, 40, 50, 60, 70)))
+    assert follows.setup.eval_rows == 4 and follows.with_batch(2, 2, 2048).setup.eval_rows == 2
+    assert inp.with_batch(1, 2, 2048).setup.eval_rows == 2  # eval.batch_size 16 set: the eval set's 2 examples
     no_eval = plan_input(_objective_config(tmp_path, "data: {train: [{path: t.jsonl}]}"), shape, [100, 80])
     assert no_eval.setup.eval_rows == 0 and not plan_bytes(no_eval.shape, no_eval.setup).phases
 

@@ -170,7 +170,7 @@ class PlanInput:
     liger_possible: bool = False  # liger-kernel installed: worth proposing when the config does not use it
     rows_per_example: int = 1
     eval_lengths: tuple[int, ...] = ()  # the evaluation set's lengths (empty: no evaluation)
-    eval_batch_size: int = 0
+    eval_batch_size: int = 0  # eval.batch_size; 0: the training batch size (halved with it by cheapest_fit)
 
     def with_batch(self, batch_size: int, grad_accum: int, max_seq_length: int) -> "PlanInput":
         lengths = list(self.lengths)
@@ -256,7 +256,7 @@ def plan_input(config: Config, shape: Shape, lengths, *, nproc: int = 1, strateg
                      config.lora.target_modules, liger_possible=liger_installed(),
                      rows_per_example=rows.rows_per_example,
                      eval_lengths=(rows.eval_lengths or rows.lengths) if evaluates else (),
-                     eval_batch_size=config.eval.batch_size or t.batch_size)
+                     eval_batch_size=config.eval.batch_size or 0)
     return base.with_batch(t.batch_size, t.grad_accum, d.max_seq_length)
 
 

@@ -269,18 +269,20 @@ STEPS = {
     "dora": ("sft", 4, ["lora.use_dora=true"], [128, 100, 90, 60], 0.002),
     "contrastive": ("contrastive", 6, [], RowShape(3, (128, 100)), 0.015),
     "checkpointing": ("sft", 4, ["train.gradient_checkpointing=true"], [128, 100, 90, 60], None),
+    "qlora": ("sft", 4, ["quant.bits=4"], [128, 100, 90, 60], 0.002),  # bf16 only: a k-bit base computes in bf16
 }
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(STEPS))
+@pytest.mark.parametrize("case,dtype", [(case, dtype) for case in STEPS for dtype in ("fp32", "bf16")
+                                        if (case, dtype) != ("qlora", "fp32")])
 def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir, case, dtype):
     """The sum of the step's terms over the static ones (activations, loss, RoPE tables, DoRA's norm) against the
     CPU allocator's peak of a real forward, backward and AdamW step: padded rows, packed rows per bin, a DPO step
-    with its reference pass, DoRA, contrastive triplets (within 1.5%: the pooled vectors and cosines are left out),
-    and checkpointing, whose recompute term is an upper bound. Only the GPU's kernels and allocator are left to
+    with its reference pass, DoRA, a 4-bit base (bitsandbytes runs on a CPU), contrastive triplets (within 1.5%:
+    the pooled vectors and cosines are left out), and checkpointing, whose recompute term is an upper bound. Only the GPU's kernels and allocator are left to
     planner_check."""
     from lorafit.model.loading import attach_lora, load_base_model
+    from lorafit.model.quantization import prepare_for_kbit_training
     from lorafit.training.objectives import build_objective
 
     objective, rows, overrides, lengths, tolerance = STEPS[case]
@@ -293,7 +295,8 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
     inp = plan_input(config, read_shape(str(tiny_model_dir)), lengths)
     assert (inp.setup.rows, inp.setup.row_tokens, inp.setup.masked) == (rows, tokens, True)
     plan = plan_bytes(inp.shape, replace(inp.setup, device="cpu"))
-    model = attach_lora(load_base_model(config.model, str(tiny_model_dir)), config.lora)
+    base = load_base_model(config.model, str(tiny_model_dir), config.quant)
+    model = attach_lora(prepare_for_kbit_training(base) if config.quant.bits else base, config.lora)
     if case == "checkpointing":  # as training/loop.py sets it up
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -365,3 +368,24 @@ def test_prepared_examples_of_each_objective_give_their_row_shape(tmp_path):
     answers = [Example(input_ids=[1] * 7, label=True)]
     kto = _objective_config(tmp_path, "data: {train: [{path: t.jsonl, format: unpaired}]}", "objective: {type: kto}")
     assert rows_of(kto, answers) == RowShape(1, (7,))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_4bit_base_is_its_packed_weights_absmax_and_fp32_rest(tmp_path, tiny_model_dir, double_quant):
+    """The base-weights term of a QLoRA plan against bitsandbytes' real tensors after k-bit preparation (CPU)."""
+    from lorafit.model.loading import attach_lora, load_base_model
+    from lorafit.model.quantization import prepare_for_kbit_training
+
+    config = _config(tmp_path, str(tiny_model_dir), "quant.bits=4", "model.dtype=bf16", "lora.r=8",
+                     f"quant.double_quant={str(double_quant).lower()}")
+    model = attach_lora(prepare_for_kbit_training(load_base_model(config.model, str(tiny_model_dir), config.quant)),
+                        config.lora)
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    held = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            state = getattr(p, "quant_state", None)  # the absmax per 64 weights (and its own, double-quantized)
+            held += nbytes(p) + (0 if state is None else nbytes(state.absmax)
+                                 + (nbytes(state.state2.absmax) if state.nested else 0))
+    inp = plan_input(config, read_shape(str(tiny_model_dir)), [40])
+    assert plan_bytes(inp.shape, inp.setup).terms["base weights"] == held

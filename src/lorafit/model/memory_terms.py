@@ -302,7 +302,12 @@ def saved_activation_bytes(shape: Shape, setup: Setup) -> int:
     tokens = setup.rows * setup.row_tokens
     layers = sum(layer_bytes_per_token(shape, setup, first=i == 0) for i in range(shape.layers))
     final_norm = 4 * shape.hidden + 4
-    cast_weights = compute_bytes(setup) * adapter_params(setup) if compute_bytes(setup) < 4 else 0
+    c = compute_bytes(setup)
+    cast_weights = c * adapter_params(setup) if c < 4 else 0
+    # A k-bit base keeps the output head in fp32 (peft's k-bit preparation): autocast casts it for the matmul
+    # and the matmul keeps that copy for the gradient of its input (liger's fused loss takes the head itself).
+    if setup.quant_bits and c < 4 and not setup.liger:
+        cast_weights += c * shape.vocab * shape.hidden
     return (layers + lora_bytes_per_token(setup) + final_norm) * tokens + cast_weights + dora_saved_bytes(setup)
 
 
@@ -349,8 +354,9 @@ def plan_bytes(shape: Shape, setup: Setup) -> Plan:
     plan.terms["optimizer states"] = states
     plan.terms.update(activation_terms(shape, setup))
     # RoPE cos/sin: one table per row for packed rows (their position_ids), one shared by padded rows
+    # in the residual stream's dtype (fp32 for a k-bit base: RoPE casts its tables to the hidden states' dtype)
     rope_rows = setup.rows if setup.packed else 1
-    plan.terms["buffers"] = 2 * compute_bytes(setup) * shape.head_dim * setup.row_tokens * rope_rows
+    plan.terms["buffers"] = 2 * stream_bytes(setup) * shape.head_dim * setup.row_tokens * rope_rows
     if setup.dora:  # its weight-norm transient comes in the forward, before the loss allocates anything
         plan.terms["buffers"] += max(dora_norm_bytes(setup) - plan.terms["logits"], 0)
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))

@@ -302,13 +302,16 @@ def saved_activation_bytes(shape: Shape, setup: Setup) -> int:
     tokens = setup.rows * setup.row_tokens
     layers = sum(layer_bytes_per_token(shape, setup, first=i == 0) for i in range(shape.layers))
     final_norm = 4 * shape.hidden + 4
+    cast_weights = compute_bytes(setup) * adapter_params(setup) if compute_bytes(setup) < 4 else 0
+    return ((layers + lora_bytes_per_token(setup) + final_norm) * tokens + cast_weights + head_cast_bytes(shape, setup)
+            + dora_saved_bytes(setup))
+
+
+def head_cast_bytes(shape: Shape, setup: Setup) -> int:
+    """A k-bit base keeps the output head in fp32 (peft's k-bit preparation): autocast casts it for the matmul, and
+    the matmul keeps that copy for the gradient of its input (liger's fused loss takes the head itself)."""
     c = compute_bytes(setup)
-    cast_weights = c * adapter_params(setup) if c < 4 else 0
-    # A k-bit base keeps the output head in fp32 (peft's k-bit preparation): autocast casts it for the matmul
-    # and the matmul keeps that copy for the gradient of its input (liger's fused loss takes the head itself).
-    if setup.quant_bits and c < 4 and not setup.liger:
-        cast_weights += c * shape.vocab * shape.hidden
-    return (layers + lora_bytes_per_token(setup) + final_norm) * tokens + cast_weights + dora_saved_bytes(setup)
+    return c * shape.vocab * shape.hidden if setup.quant_bits and c < 4 and not setup.liger else 0
 
 
 def activation_terms(shape: Shape, setup: Setup) -> dict[str, int]:
@@ -323,7 +326,7 @@ def activation_terms(shape: Shape, setup: Setup) -> dict[str, int]:
         # loss the peak and this term 0 (tests/test_plan_objectives.py).
         kept = shape.layers * stream_bytes(setup) * shape.hidden * tokens
         one_layer = 2 * (layer_bytes_per_token(shape, setup) + lora_bytes_per_token(setup) // max(shape.layers, 1)) * tokens
-        activations = kept + (4 * shape.hidden + 4) * tokens + max(one_layer - logits, 0)
+        activations = kept + (4 * shape.hidden + 4) * tokens + head_cast_bytes(shape, setup) + max(one_layer - logits, 0)
     else:
         activations = saved_activation_bytes(shape, setup)
     return {"activations": int(activations), "logits": logits}

@@ -96,34 +96,9 @@ def test_data_inspect_and_plan_read_the_objectives_own_rows(example, tmp_path, m
     assert report["kind"] == {"preference/dpo.yaml": "preference", "contrastive/config.yaml": "triplets"}[example]
     assert report["train_examples"] > 0 and report["audit"] == []
 
-    from lorafit.model.memory_plan import token_lengths
+    from lorafit.model.memory_plan import row_shape
 
-    lengths = token_lengths(load_config(config))
-    per_example = 2 if report["kind"] == "preference" else 3
-    assert len(lengths) == per_example * report["train_examples"]  # every row a pair or triplet forwards
-    assert max(lengths) <= load_config(config).data.max_seq_length
-
-
-@pytest.mark.parametrize("objective", ["dpo", "kto", "contrastive"])
-def test_a_row_the_chat_template_cannot_render_is_a_bad_row_not_a_traceback(objective, tmp_path, tiny_tokenizer):
-    """Every kind of row goes through one tokenising loop: a template error is a row error under on_error, as for
-    SFT rows (before, a pair or a KTO row whose template raised escaped as a bare exception)."""
-    kind, rows = CASES[objective]
-    rows = rows()
-    template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('no BOOM here') }}"
-                "{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    bad = json.loads(json.dumps(rows[0]).replace('"content": "', '"content": "BOOM ', 1)
-                     if objective == "kto" else json.dumps(rows[0]).replace(': "', ': "BOOM ', 1))
-    config = _config(tmp_path, objective, [bad, *rows[1:]], chat_template=template)
-    tokenizer = copy.deepcopy(tiny_tokenizer)  # the fixture is shared: the template goes on a copy
-    use_configured_template(tokenizer, config.data)
-    with pytest.raises(LorafitError, match=r"1 rows the chat template cannot render") as raised:
-        prepare.prepare(config, tokenizer, use_cache=False)
-    assert f"{tmp_path / 'rows.jsonl'}:1: " in raised.value.details[0] and "no BOOM here" in raised.value.details[0]
-    tolerant = load_config({**config.model_dump(mode="json", exclude_defaults=True), "data": {
-        **config.data.model_dump(mode="json", exclude_defaults=True),
-        "train": [{"path": str(tmp_path / "rows.jsonl"), "on_error": "skip", "max_skip_fraction": 0.2}]}})
-    prepared = prepare.prepare(tolerant, tokenizer, use_cache=False)
-    assert len(prepared.train_examples) == len(rows) - 1
-    assert [r["reason"] for r in prepared.skipped_rows] == ["template_error"]
+    rows = row_shape(load_config(config))
+    assert rows.rows_per_example == (2 if report["kind"] == "preference" else 3)  # a pair's / triplet's rows
+    assert len(rows.lengths) == report["train_examples"]  # each example as long as its longest row
+    assert 0 < max(rows.lengths) <= load_config(config).data.max_seq_length

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,15 @@ SHAPE_7B_8_LAYERS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=1
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False)
 SIX_GB = ["quant.bits=4", "train.batch_size=1", "train.gradient_checkpointing=true", "train.optimizer=paged_adamw_8bit"]
 MEASURED_H200 = [
-    # benchmarks/planner_check.py on this code (2026-11-26): the planner's own check
+    # benchmarks/planner_check.py of 2026-11-26: the run two constants were once fitted on (logits 10 bytes per
+    # entry, packed rows unmasked), so IN-SAMPLE for that planner; both constants are gone (derived instead).
     ("bf16", SHAPE_3B, [], 47.82),
     ("bf16 + gradient checkpointing", SHAPE_3B, ["train.gradient_checkpointing=true"], 18.36),
     ("QLoRA nf4", SHAPE_3B, ["quant.bits=4"], 54.0),
     ("liger kernels, lora dropout 0.05", SHAPE_3B, ["model.kernels=liger", "lora.dropout=0.05"], 37.8),
     ("7B width, 8 layers, the 6 GB plan", SHAPE_7B_8_LAYERS, SIX_GB, 3.07),
-    # issue #14's numbers: an earlier harness (other step counts, same one-row packed layout as planner_check)
+    # issue #14's numbers: an earlier harness (other step counts; docs/planner.md of then: packed rows of 2048
+    # with a mask); no constant was ever fitted on them
     ("issue 14: bf16", SHAPE_3B, [], 54.8),
     ("issue 14: bf16 + gradient checkpointing", SHAPE_3B, ["train.gradient_checkpointing=true"], 20.3),
     ("issue 14: QLoRA nf4", SHAPE_3B, ["quant.bits=4"], 62.4),
@@ -67,14 +70,18 @@ def test_the_meta_model_counts_parameters_like_the_real_one(shape_3b):
 
 
 @pytest.mark.parametrize("name,sizes,overrides,measured_gib", MEASURED_H200, ids=[m[0] for m in MEASURED_H200])
-def test_prediction_is_within_15_percent_of_the_h200_peak(tmp_path, name, sizes, overrides, measured_gib):
+def test_prediction_stays_near_earlier_h200_peaks(tmp_path, name, sizes, overrides, measured_gib):
+    """A guard against a gross regression, not the planner's accuracy: these runs are in-sample (see above) or from
+    an older harness, and they ran transformers' own loss, which kept more float32 copies of the logits than the
+    chunked log-probabilities (model/token_logprobs.py) the run uses now: a prediction for today's code may sit
+    below them (most where the loss sets the peak: checkpointing). The accuracy is the held-out measurement in
+    model/memory_accuracy.py (none yet)."""
     shape = _shape(sizes)
     inp = plan_input(_bench_config(tmp_path, *overrides), shape, [700] * 64)
     assert (inp.setup.rows, inp.setup.row_tokens) == (inp.batch_size, 2048)  # bfd: a row per bin (same tokens)
+    assert inp.setup.masked and inp.setup.packed  # sdpa gets transformers' block-diagonal mask
     predicted = plan_bytes(inp.shape, inp.setup).peak / GIB
-    # The issue's goal is 15%; on the code that planner_check measured, the planner is held to 5%.
-    tolerance = 0.15 if name.startswith("issue 14") else 0.05
-    assert abs(predicted / measured_gib - 1) < tolerance, f"{name}: predicted {predicted:.2f} GiB, measured {measured_gib}"
+    assert 0.75 < predicted / measured_gib < 1.15, f"{name}: predicted {predicted:.2f} GiB, measured {measured_gib}"
 
 
 def _real_step(model, rows: int, tokens: int, *, autocast: bool):
@@ -109,22 +116,26 @@ def test_static_terms_equal_a_real_tiny_model_after_one_step(tmp_path, tiny_mode
         assert plan.terms[term] == value, term
 
 
-def _saved_tensor_bytes(model, rows: int, tokens: int, *, autocast: bool) -> int:
-    """Bytes of every distinct tensor autograd saves for backward (parameters excluded): what activations cost."""
+def _saved_tensor_bytes(model, rows: int, tokens: int, *, autocast: bool, **inputs) -> int:
+    """Bytes of every distinct tensor autograd still holds for backward after the forward (parameters excluded):
+    what activations cost. A tensor saved by a graph that died in the forward (DoRA's weight-norm side branch) is
+    not held: only those whose saved object is alive at the end count."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    saved = []
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(tensor))
         return tensor
 
-    ids = torch.randint(3, 1000, (rows, tokens), generator=torch.Generator().manual_seed(0))
+    ids = inputs.pop("input_ids", None)
+    if ids is None:
+        ids = torch.randint(3, 1000, (rows, tokens), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(input_ids=ids, labels=ids, use_cache=False)
-    return sum(seen.values())
+            loss = model(input_ids=ids, labels=inputs.pop("labels", ids), use_cache=False, **inputs).loss
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in saved) if t is not None}
+    del loss
+    return sum(n for ptr, n in held.items() if ptr not in params)
 
 
 @pytest.mark.parametrize("dtype,dropout", [("fp32", 0.0), ("fp32", 0.1), ("bf16", 0.0), ("bf16", 0.1)])

@@ -36,7 +36,8 @@ def describe_terms(inp, plan) -> dict[str, str]:
         "activations": (f"layer inputs kept (checkpointing) + 1 layer recomputed, {tokens}" if s.checkpointing
                         else f"{shape.layers} layers' saved tensors, {tokens}, attention {s.attention}"),
         "logits": ("liger fused cross-entropy: no logits" if s.liger
-                   else f"10 bytes x {shape.vocab:,} vocab per token (fp32 log-softmax + gradients)"),
+                   else f"logits ({'fp32: accelerate converts the outputs' if s.fp32_outputs else s.dtype}) x "
+                        f"{shape.vocab:,} vocab, their gradient, one fp32 chunk (chunked log-probabilities)"),
         "buffers": "RoPE tables" + (", DoRA weight norm" if s.dora else ""),
     }
     return {term: how.get(term, "") for term in plan.terms}
@@ -56,6 +57,7 @@ def budget_bytes(gpu_memory: Optional[str]) -> Optional[int]:
 def plan_report(config, *, gpu_memory: Optional[str], nproc: Optional[int], strategy: Optional[str],
                 use_cache: bool = True) -> dict:
     """Everything `lorafit plan` prints, as one dictionary (the doctor's planner check reuses it)."""
+    from lorafit.model.memory_accuracy import accuracy
     from lorafit.model.memory_plan import cheapest_fit, plan_config
     from lorafit.model.memory_terms import GIB
 
@@ -74,6 +76,7 @@ def plan_report(config, *, gpu_memory: Optional[str], nproc: Optional[int], stra
         "budget_gib": round(budget / GIB, 3) if budget else None,
         "fits": None if budget is None else plan.card <= budget,
         "suggestion": None,
+        "accuracy": accuracy(inp.setup),
     }
     if budget is not None and plan.card > budget:
         change = cheapest_fit(inp, budget)
@@ -97,9 +100,13 @@ def render_plan(report: dict, config_name: str) -> str:
         f"| {'-' * 18} | {'-' * 7} | --- |",
     ]
     lines += [f"| {r['term']:<18} | {r['gib']:>7.2f} | {r['how']} |" for r in report["rows"]]
+    lines += [f"| {'at ' + name:<18} | {gib:>7.2f} | its own peak: a no-grad forward over the weights and states |"
+              for name, gib in report["phases_gib"].items()]
     lines += [f"| {'peak (allocated)':<18} | {report['peak_gib']:>7.2f} | what torch.cuda.max_memory_allocated will show |",
               f"| {'needs on the card':<18} | {report['card_gib']:>7.2f} | + 5% fragmentation + 0.5 GiB CUDA context |", ""]
-    lines += [f"note: {n}" for n in report["notes"]]
+    from lorafit.model.memory_accuracy import accuracy_lines
+
+    lines += [f"note: {n}" for n in report["notes"]] + accuracy_lines(report["accuracy"])
     if report["fits"] is None:
         lines.append("verdict: no GPU here; pass --gpu-memory (e.g. --gpu-memory 24GB) for a verdict")
     elif report["fits"]:

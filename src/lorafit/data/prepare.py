@@ -24,18 +24,19 @@ class RowKind:
     inspect: str  # "module:function" (config, tokenizer, *, use_cache) -> report
     render: str  # "module:function" (report, *, colour) -> text
     forward_rows: Callable[[object], tuple[int, ...]]  # an example -> the token lengths of the rows it forwards
+    rows_per_example: int = 1  # how many rows one example puts in a batch (2 for a pair, 3 for a triplet)
 
 
-def _kind(name: str, module: str, rows) -> RowKind:
-    return RowKind(name, f"{module}:inspect_{name}", f"{module}:render_{name}", rows)
+def _kind(name: str, module: str, rows, per_example: int = 1) -> RowKind:
+    return RowKind(name, f"{module}:inspect_{name}", f"{module}:render_{name}", rows, per_example)
 
 
 ROW_KINDS = {
     "sft": _kind("sft", "lorafit.data.inspect", lambda e: (len(e.input_ids),)),
     "preference": _kind("preference", "lorafit.data.pairs",
-                        lambda e: (len(e.input_ids), len(e.rejected_ids))),  # chosen and rejected in one batch
+                        lambda e: (len(e.input_ids), len(e.rejected_ids)), 2),  # chosen and rejected in one batch
     "triplets": _kind("triplets", "lorafit.data.triplets",
-                      lambda e: (len(e.input_ids), len(e.cf_ids), len(e.injection_ids))),  # 3n rows
+                      lambda e: (len(e.input_ids), len(e.cf_ids), len(e.injection_ids)), 3),  # 3n rows
     "unpaired": _kind("unpaired", "lorafit.data.unpaired", lambda e: (len(e.input_ids),)),
     "prompts": _kind("prompts", "lorafit.data.prompts", lambda e: (len(e.input_ids),)),  # + generated tokens
 }

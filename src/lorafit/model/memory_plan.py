@@ -93,17 +93,59 @@ def _saved_params(shape: Shape, modules: list[str]) -> int:
     return total
 
 
-def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class RowShape:
+    """What data preparation tells the planner about an objective's rows (the interface its per-objective entry
+    fills): how many model rows one example makes (1: SFT, KTO; 2: a preference pair, chosen + rejected; 3: a
+    contrastive triplet) and each example's token length, the longest of its rows (they are padded together);
+    ``eval_lengths`` the same for the evaluation set (empty: the run does not evaluate, or, with ``evaluates``,
+    its examples are planned as long as the training ones)."""
+
+    rows_per_example: int = 1
+    lengths: tuple[int, ...] = ()
+    eval_lengths: tuple[int, ...] = ()
+    evaluates: bool = False
+
+
+# objective.type -> (Setup.objective, rows per example, a no-grad reference forward each step)
+OBJECTIVE_ROWS = {"dpo": ("preference", 2, True), "orpo": ("preference", 2, False), "simpo": ("preference", 2, False),
+                  "kto": ("kto", 1, True), "contrastive": ("contrastive", 3, False)}
+def rows_of(config: Config, prepared, kind: str) -> RowShape:
+    """The ``RowShape`` of a ``PreparedData`` of any kind of row (data/prepare.py says which rows an example
+    forwards): each example as long as its longest row, since a pair's or a triplet's rows are padded together."""
+    from lorafit.data.prepare import ROW_KINDS, forward_rows
+
+    return RowShape(ROW_KINDS[kind].rows_per_example, tuple(max(r) for r in forward_rows(prepared, kind)),
+                    tuple(max(ROW_KINDS[kind].forward_rows(e)) for e in prepared.eval_examples),
+                    evaluates=_evaluates(config))
+
+
+def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int,
+                rows_per_example: int = 1) -> tuple[int, int]:
     """(rows, tokens per row) of the largest micro-batch the data makes. bfd: batch_size bins of max_seq_length
     (data.packing.packed_collator: a row per bin; flash-attention gets them joined in one row, the same tokens);
     padding_free: one row of the batch's examples (the worst batch: the longest together). Padded batches are as
-    long as their longest example (length grouping puts the longest ones together)."""
+    long as their longest example (length grouping puts the longest ones together); a pair or a triplet is
+    ``rows_per_example`` rows of that length."""
     kept = sorted(min(n, max_seq_length) for n in lengths) or [max_seq_length]
     if packing == "bfd":
         return batch_size, min(max_seq_length, sum(kept))
     if packing == "padding_free":
         return 1, sum(kept[-batch_size:])
-    return min(batch_size, len(kept)), kept[-1]
+    return rows_per_example * min(batch_size, len(kept)), kept[-1]
+
+
+def sdpa_gets_a_mask(packing: str, lengths: list[int], rows: int, rows_per_example: int = 1) -> bool:
+    """Whether transformers hands sdpa a 4-D mask, which keeps a bias per layer and turns GQA sharing off (keys and
+    values expanded to the query heads): transformers/integrations/sdpa_attention.py:sdpa_attention_forward calls
+    repeat_kv unless use_gqa_in_sdpa, which on CUDA requires attention_mask is None. Packed rows always get one:
+    restarting position_ids make masking_utils.py:create_causal_mask build a block-diagonal mask
+    (find_packed_sequence_indices; allow_is_causal_skip = False). Padded rows get one when some row is padded
+    (masking_utils.py:_ignore_causal_mask_sdpa drops an all-ones padding mask): rows of different lengths, as
+    a pair's or a triplet's rows are (planned so)."""
+    if packing in ("bfd", "padding_free"):
+        return True
+    return rows > 1 and (rows_per_example > 1 or len(set(lengths)) > 1)
 
 
 @dataclass(frozen=True)
@@ -119,12 +161,24 @@ class PlanInput:
     max_seq_length: int
     target_modules: object = "all-linear"
     liger_possible: bool = False  # liger-kernel installed: worth proposing when the config does not use it
+    rows_per_example: int = 1
+    eval_lengths: tuple[int, ...] = ()  # the evaluation set's lengths (empty: no evaluation)
+    eval_batch_size: int = 0  # eval.batch_size; 0: the training batch size (halved with it by cheapest_fit)
 
     def with_batch(self, batch_size: int, grad_accum: int, max_seq_length: int) -> "PlanInput":
-        rows, tokens = micro_batch(list(self.lengths), packing=self.packing, batch_size=batch_size,
-                                   max_seq_length=max_seq_length)
-        return replace(self, setup=replace(self.setup, rows=rows, row_tokens=tokens), batch_size=batch_size,
-                       grad_accum=grad_accum, max_seq_length=max_seq_length)
+        lengths = list(self.lengths)
+        rows, tokens = micro_batch(lengths, packing=self.packing, batch_size=batch_size,
+                                   max_seq_length=max_seq_length, rows_per_example=self.rows_per_example)
+        masked = sdpa_gets_a_mask(self.packing, [min(n, max_seq_length) for n in lengths], rows, self.rows_per_example)
+        eval_rows = eval_tokens = 0
+        if self.eval_lengths:  # padded rows, as the evaluation collates them
+            eval_rows, eval_tokens = micro_batch(list(self.eval_lengths), packing="none",
+                                                 batch_size=self.eval_batch_size or batch_size,
+                                                 max_seq_length=max_seq_length, rows_per_example=self.rows_per_example)
+        setup = replace(self.setup, rows=rows, row_tokens=tokens, masked=masked, eval_rows=eval_rows,
+                        packed=self.packing != "none",
+                        eval_row_tokens=eval_tokens)
+        return replace(self, setup=setup, batch_size=batch_size, grad_accum=grad_accum, max_seq_length=max_seq_length)
 
 
 def planning_machine():
@@ -155,28 +209,44 @@ def distributed_of(config: Config, nproc: int | None, strategy: str | None) -> t
     return int(nproc), strategy
 
 
-def plan_input(config: Config, shape: Shape, lengths: list[int], *, nproc: int = 1, strategy: str = "ddp",
+def _evaluates(config: Config) -> bool:
+    return bool(config.data.eval) or any(source.eval_fraction > 0 for source in config.data.train)
+
+
+def plan_input(config: Config, shape: Shape, lengths, *, nproc: int = 1, strategy: str = "ddp",
                device: str = "cuda", machine=None) -> PlanInput:
+    """The prediction's input; ``lengths``: a ``RowShape`` (an objective's rows), or the examples' token counts
+    (the rows of the config's objective, each example as long as its longest row). ``machine``: what ``auto``
+    resolves for (default: this machine's GPU, else the GPU the run will use)."""
     d, t = config.data, config.train
+    kind, per_example, reference = OBJECTIVE_ROWS.get(config.objective.type, ("sft", 1, False))
+    rows = lengths if isinstance(lengths, RowShape) else RowShape(per_example, tuple(lengths))
+    evaluates = rows.evaluates or bool(rows.eval_lengths) or _evaluates(config)
     resolved = resolved_for_plan(config, shape.model_type, machine)
     adapted = adapted_linears(shape, config.lora.target_modules)
     setup = Setup(dtype=resolved.dtype, quant_bits=config.quant.bits, double_quant=config.quant.double_quant,
-                  adapted=adapted, rank=config.lora.r, dropout=config.lora.dropout, dora=config.lora.use_dora,
+                  adapted=adapted, rank=config.lora.r, dora=config.lora.use_dora,
+                  dropout=0.0 if config.objective.dropout_off else config.lora.dropout,
                   saved_params=_saved_params(shape, config.lora.modules_to_save), optimizer=t.optimizer,
                   checkpointing=t.gradient_checkpointing, attention=resolved.attention,
                   liger=resolved.kernels == "liger", nproc=nproc, strategy=strategy, device=device,
-                  masked=d.packing == "none")
+                  objective=kind, reference=reference,
+                  # the run's accelerate autocast (model/quantization.mixed_precision) converts outputs to fp32
+                  fp32_outputs=(config.quant.compute_dtype if config.quant.bits else resolved.dtype) != "fp32")
     from lorafit.model.kernels import liger_installed
 
-    base = PlanInput(shape, setup, tuple(lengths), d.packing, t.batch_size, t.grad_accum, d.max_seq_length,
-                     config.lora.target_modules, liger_possible=liger_installed())
+    packing = d.packing if kind == "sft" else "none"  # pairs, answers and triplets are padded rows
+    base = PlanInput(shape, setup, tuple(rows.lengths), packing, t.batch_size, t.grad_accum, d.max_seq_length,
+                     config.lora.target_modules, liger_possible=liger_installed(),
+                     rows_per_example=rows.rows_per_example,
+                     eval_lengths=(rows.eval_lengths or rows.lengths) if evaluates else (),
+                     eval_batch_size=config.eval.batch_size or 0)
     return base.with_batch(t.batch_size, t.grad_accum, d.max_seq_length)
 
 
-def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
-    """Token lengths of the rows the training examples forward, through the data entry (and cache) a run uses:
-    one row per SFT, KTO or GRPO example, the chosen and the rejected row of a pair, the three rows of a triplet
-    (data/prepare.py: forward_rows). GRPO's generated tokens are not in these lengths."""
+def row_shape(config: Config, *, use_cache: bool = True) -> RowShape:
+    """The objective's rows, through the data entry (data/prepare.py) and cache a run uses: each training (and
+    evaluation) example's longest row, and how many rows one example forwards (2 for a pair, 3 for a triplet)."""
     from lorafit.data import prepare, use_configured_template
     from lorafit.model.loading import load_tokenizer, resolve_model_path
 
@@ -184,19 +254,21 @@ def token_lengths(config: Config, *, use_cache: bool = True) -> list[int]:
     use_configured_template(tokenizer, config.data)
     kind = prepare.row_kind(config)
     prepared = prepare.prepare(config, tokenizer, kind=kind, use_cache=use_cache, enforce_audit=False)
-    return [n for rows in prepare.forward_rows(prepared, kind) for n in rows]
+    return rows_of(config, prepared, kind)
 
 
 def plan_config(config: Config, *, nproc: int | None = None, strategy: str | None = None,
-                lengths: list[int] | None = None, use_cache: bool = True, device: str = "cuda") -> tuple[PlanInput, Plan]:
-    """The prediction for ``config`` (per device); ``lengths`` are the training examples' token counts (read
-    through the data pipeline when not given)."""
+                lengths: list[int] | RowShape | None = None, use_cache: bool = True,
+                device: str = "cuda", machine=None) -> tuple[PlanInput, Plan]:
+    """The prediction for ``config`` (per device); ``lengths`` are the objective's rows (a ``RowShape``) or the
+    training examples' token counts (read through the data entry when not given); ``machine``: what ``auto``
+    resolves for (plan_input)."""
     from lorafit.model.loading import resolve_model_path
 
     shape = read_shape(resolve_model_path(config.model), trust_remote_code=config.model.trust_remote_code)
     nproc, strategy = distributed_of(config, nproc, strategy)
-    lengths = lengths if lengths is not None else token_lengths(config, use_cache=use_cache)
-    inp = plan_input(config, shape, lengths, nproc=nproc, strategy=strategy, device=device)
+    lengths = lengths if lengths is not None else row_shape(config, use_cache=use_cache)
+    inp = plan_input(config, shape, lengths, nproc=nproc, strategy=strategy, device=device, machine=machine)
     return inp, plan_bytes(inp.shape, inp.setup)
 
 

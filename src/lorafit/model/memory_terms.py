@@ -3,7 +3,9 @@
 Pure arithmetic on a ``Shape`` (what the model config says) and a ``Setup`` (what the run config asks for), so
 every term can be checked by hand and by a test against a real tiny model. docs/planner.md gives each formula
 and why; the activation terms were derived by listing the tensors autograd saves in one decoder layer
-(torch.autograd.graph.saved_tensors_hooks) and checked against GPU peaks measured on an H200 (3B-shaped Llama).
+(torch.autograd.graph.saved_tensors_hooks), the loss's peak by the CPU allocator's live bytes (torch.profiler);
+tests/test_plan.py and tests/test_plan_objectives.py check them on CPU. No constant here is fitted to a GPU run:
+what was measured on a GPU, and how well, is model/memory_accuracy.py.
 No torch import here: ``lorafit plan`` answers before any model is loaded.
 """
 
@@ -14,7 +16,8 @@ from dataclasses import dataclass, field
 
 GIB = 2**30
 # Outside torch.cuda.max_memory_allocated but on the card: the CUDA context and cuBLAS/cuDNN handles (~0.5 GiB
-# on recent drivers), and blocks the caching allocator holds but cannot reuse (fragmentation).
+# on recent drivers), and blocks the caching allocator holds but cannot reuse (fragmentation). Both are
+# estimates, not derived and not measured on held-out runs: they move "needs on the card", never the peak.
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 FRAGMENTATION = 0.05
 # bitsandbytes quantizes in blocks of 64 weights: one fp32 absmax per block, or with double quantization one
@@ -71,10 +74,16 @@ class Setup:
     optimizer: str = "adamw"
     checkpointing: bool = False
     attention: str = "sdpa"  # resolved: sdpa, flash_attention_2/3, flex_attention, eager
-    masked: bool = True  # sdpa with a padding mask: GQA keys/values expanded, a bias per layer (packed rows: none)
+    masked: bool = True  # sdpa gets a 4-D mask (padded rows, packed rows): GQA keys/values expanded, a bias per layer
+    packed: bool = False  # packed rows (the mask is block-diagonal; same bytes as a padding mask)
     liger: bool = False
-    rows: int = 1  # sequences per micro-batch
-    row_tokens: int = 512  # tokens per sequence (the longest micro-batch's)
+    rows: int = 1  # rows per micro-batch, every row of it (2 per preference pair, 3 per contrastive triplet)
+    row_tokens: int = 512  # tokens per row (the longest micro-batch's)
+    objective: str = "sft"  # sft, preference (dpo/orpo/simpo), kto, contrastive: what the loss keeps (loss_bytes)
+    reference: bool = False  # a no-grad reference forward of the micro-batch before the policy's (dpo, kto)
+    fp32_outputs: bool = False  # accelerate's autocast converts the model's outputs to fp32 (the run, bf16/fp16)
+    eval_rows: int = 0  # the evaluation batch, a no-grad forward between steps (0: the run does not evaluate)
+    eval_row_tokens: int = 0
     nproc: int = 1
     strategy: str = "ddp"  # ddp, zero1, zero2, zero3, fsdp
     device: str = "cuda"  # where it runs: dropout keeps a 1-byte mask on CUDA, a mask in the input's dtype on a CPU
@@ -84,13 +93,18 @@ class Setup:
 class Plan:
     """Each term in bytes (per device), the peak, and what the card must hold."""
 
-    terms: dict[str, int] = field(default_factory=dict)
+    terms: dict[str, int] = field(default_factory=dict)  # the training step's peak, term by term
+    phases: dict[str, int] = field(default_factory=dict)  # other moments' whole peaks (reference forward, eval batch)
     notes: list[str] = field(default_factory=list)
 
     @property
-    def peak(self) -> int:
-        """Predicted torch.cuda.max_memory_allocated: what the report compares with the measured peak."""
+    def step(self) -> int:
         return sum(self.terms.values())
+
+    @property
+    def peak(self) -> int:
+        """Predicted torch.cuda.max_memory_allocated: the training step's, or a no-grad phase's when larger."""
+        return max(self.step, *self.phases.values()) if self.phases else self.step
 
     @property
     def card(self) -> int:
@@ -99,7 +113,9 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"terms_gib": {k: round(v / GIB, 3) for k, v in self.terms.items()},
-                "peak_gib": round(self.peak / GIB, 3), "card_gib": round(self.card / GIB, 3), "notes": list(self.notes)}
+                "phases_gib": {k: round(v / GIB, 3) for k, v in self.phases.items()},
+                "step_gib": round(self.step / GIB, 3), "peak_gib": round(self.peak / GIB, 3),
+                "card_gib": round(self.card / GIB, 3), "notes": list(self.notes)}
 
 
 def compute_bytes(setup: Setup) -> int:
@@ -196,8 +212,10 @@ def lora_bytes_per_token(setup: Setup) -> int:
 
 def attention_bytes_per_token(shape: Shape, setup: Setup) -> int:
     """What one attention call saves per token: q, k, v, the output and the fp32 log-sum-exp per head.
-    sdpa with a mask (padding, packed rows) expands GQA keys/values to every head (transformers' repeat_kv)
-    and keeps an additive bias of row_tokens per token; eager keeps the fp32 and cast probabilities."""
+    sdpa with a mask (padded rows, packed rows: memory_plan.sdpa_gets_a_mask cites where transformers decides)
+    expands GQA keys/values to every head (transformers/integrations/sdpa_attention.py:repeat_kv) and keeps the
+    mask as an additive bias in the compute dtype, row_tokens per token, per layer (torch converts the boolean mask
+    in each call); eager keeps the fp32 and cast probabilities. Exact on CPU: tests/test_plan_objectives.py."""
     c = compute_bytes(setup)
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     lse = 4 * shape.heads
@@ -222,14 +240,78 @@ def layer_bytes_per_token(shape: Shape, setup: Setup, *, first: bool = False) ->
     return norms + attention_bytes_per_token(shape, setup) + mlp_saved * s * shape.intermediate
 
 
-def logits_bytes_per_token(shape: Shape, setup: Setup) -> int:
-    """The loss's peak per token: transformers upcasts the logits to fp32 and cross-entropy keeps the fp32
-    log-softmax; its backward then holds that and the fp32 gradient while the bf16 gradient of the logits is
-    made: 10 bytes per vocabulary entry, measured on an H200 (4 + 4 + 2; docs/planner.md). liger's fused linear
-    cross-entropy never builds the logits: the hidden state's gradient."""
-    if setup.liger:
-        return 2 * compute_bytes(setup) * shape.hidden
-    return 10 * shape.vocab
+def _chunk_bytes(vocab: int, positions: int) -> int:
+    """The one float32 chunk model/token_logprobs.py copies at a time (at most CHUNK_BYTES)."""
+    from lorafit.model.token_logprobs import chunk_positions
+
+    return 4 * vocab * min(positions, chunk_positions(vocab))
+
+
+def _logit_bytes(setup: Setup) -> tuple[int, int]:
+    """(bytes per logit the loss receives, extra bytes per logit while the model's forward converts them). In the
+    run, bf16/fp16 autocast comes from accelerate, which converts the model's outputs to float32
+    (``ConvertOutputsToFp32``): the loss gets float32 logits, and the compute-dtype logits are alive beside their
+    copy until the forward returns (docs/design.md)."""
+    c = compute_bytes(setup)
+    if setup.fp32_outputs and c < 4:
+        return 4, c
+    return c, 0
+
+
+def loss_bytes(shape: Shape, setup: Setup) -> int:
+    """The loss's peak over the saved activations. Every objective's log-probabilities come from
+    model/token_logprobs.py: its forward holds the logits and one float32 chunk; its backward holds the saved
+    logits, their gradient (in the logits' dtype) and one float32 chunk (derived from the function's code; the CPU
+    allocator's live bytes show it, tests/test_plan_objectives.py). Contrastive: the head runs on the 3n rows but
+    the task loss on the n benign rows, and its forward holds every layer's hidden state (output_hidden_states)
+    until the pooled vectors are taken. liger's fused linear cross-entropy (SFT only: the model computes the loss)
+    never builds the logits: the hidden state's gradient."""
+    tokens = setup.rows * setup.row_tokens
+    c = compute_bytes(setup)
+    if setup.liger and setup.objective == "sft":
+        return 2 * c * shape.hidden * tokens
+    logit, converting = _logit_bytes(setup)
+    scored = tokens // 3 if setup.objective == "contrastive" else tokens
+    chunk = _chunk_bytes(shape.vocab, scored)
+    forward = shape.vocab * tokens * (logit + converting)
+    forward = max(forward, shape.vocab * tokens * logit + chunk)
+    if setup.objective == "contrastive":
+        s = stream_bytes(setup)  # in fp32 the layers' outputs are the inputs the next norms saved: only the last is new
+        forward += (shape.layers + 1 if s < 4 else 1) * s * shape.hidden * tokens
+    backward = shape.vocab * (logit * tokens + logit * scored) + chunk  # saved logits + their gradient + a chunk
+    if converting:  # the gradient converted back to the compute dtype, beside its float32 original
+        backward = max(backward, shape.vocab * tokens * (logit + converting))
+    return max(forward, backward)
+
+
+def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int, *, adapters: bool) -> int:
+    """A forward under no_grad (DPO/KTO's reference pass, adapters off; an evaluation batch, adapters on): nothing
+    is saved. Its peak is the logits and the log-probabilities' float32 chunk (model/token_logprobs.py), or one
+    layer's working set: the MLP's gate, up and their product (and an adapter's output beside a base output), with
+    a few fp32 hidden-size tensors. An estimate, within 3% of the CPU allocator's peak on the tiny model
+    (tests/test_plan_objectives.py); not measured on a GPU."""
+    c = compute_bytes(setup)
+    tokens = rows * row_tokens
+    logit, converting = _logit_bytes(setup)
+    logits = max(shape.vocab * tokens * (logit + converting), shape.vocab * tokens * logit
+                 + _chunk_bytes(shape.vocab, tokens))
+    layer = ((4 if adapters else 3) * c * shape.intermediate + 16 * shape.hidden) * tokens
+    return max(logits, layer)
+
+
+def dora_norm_bytes(setup: Setup) -> int:
+    """DoRA (peft's DoraLinearLayer.forward) builds each adapted layer's weight norm ||W + s BA|| from a dense
+    B @ A (fp32), its cast, and the sum: a transient of the largest adapted weight, (4 + 2c) bytes per value. The
+    norm itself is kept per layer (dora_saved_bytes)."""
+    c = compute_bytes(setup)
+    return (4 + 2 * c) * max((l.params for l in setup.adapted), default=0)
+
+
+def dora_saved_bytes(setup: Setup) -> int:
+    """What DoRA saves per adapted layer and forward, whatever the tokens: the detached weight norm (kept by the
+    division magnitude / norm), the scale and the scale - 1 (kept by the output's two products); out_features fp32
+    values each (the magnitude is an fp32 adapter weight)."""
+    return 3 * 4 * sum(l.out_features for l in setup.adapted) if setup.dora else 0
 
 
 def saved_activation_bytes(shape: Shape, setup: Setup) -> int:
@@ -240,19 +322,30 @@ def saved_activation_bytes(shape: Shape, setup: Setup) -> int:
     layers = sum(layer_bytes_per_token(shape, setup, first=i == 0) for i in range(shape.layers))
     final_norm = 4 * shape.hidden + 4
     cast_weights = compute_bytes(setup) * adapter_params(setup) if compute_bytes(setup) < 4 else 0
-    return (layers + lora_bytes_per_token(setup) + final_norm) * tokens + cast_weights
+    return ((layers + lora_bytes_per_token(setup) + final_norm) * tokens + cast_weights + head_cast_bytes(shape, setup)
+            + dora_saved_bytes(setup))
+
+
+def head_cast_bytes(shape: Shape, setup: Setup) -> int:
+    """A k-bit base keeps the output head in fp32 (peft's k-bit preparation): autocast casts it for the matmul, and
+    the matmul keeps that copy for the gradient of its input (liger's fused loss takes the head itself)."""
+    c = compute_bytes(setup)
+    return c * shape.vocab * shape.hidden if setup.quant_bits and c < 4 and not setup.liger else 0
 
 
 def activation_terms(shape: Shape, setup: Setup) -> dict[str, int]:
     """Activations and logits at the step's peak, for the longest micro-batch."""
     tokens = setup.rows * setup.row_tokens
-    logits = logits_bytes_per_token(shape, setup) * tokens
+    logits = loss_bytes(shape, setup)
     if setup.checkpointing:
         # Non-reentrant checkpointing keeps each layer's input; the loss backward runs first, then one layer at a
-        # time is recomputed (its activations and their gradients), so the larger of the two sets the peak.
+        # time is recomputed (its activations and their gradients), so the larger of the two sets the peak. The
+        # recomputed layer's gradients are bounded by its activations (2 x): an upper bound, +35% to +55% over the
+        # CPU allocator's peak where the layer outweighs the loss (the tiny model); large vocabularies make the
+        # loss the peak and this term 0 (tests/test_plan_objectives.py).
         kept = shape.layers * stream_bytes(setup) * shape.hidden * tokens
         one_layer = 2 * (layer_bytes_per_token(shape, setup) + lora_bytes_per_token(setup) // max(shape.layers, 1)) * tokens
-        activations = kept + (4 * shape.hidden + 4) * tokens + max(one_layer - logits, 0)
+        activations = kept + (4 * shape.hidden + 4) * tokens + head_cast_bytes(shape, setup) + max(one_layer - logits, 0)
     else:
         activations = saved_activation_bytes(shape, setup)
     return {"activations": int(activations), "logits": logits}
@@ -282,10 +375,19 @@ def plan_bytes(shape: Shape, setup: Setup) -> Plan:
         plan.notes.append(f"DDP over {shard} devices: weights, adapters and optimizer states replicated on each")
     plan.terms["optimizer states"] = states
     plan.terms.update(activation_terms(shape, setup))
-    plan.terms["buffers"] = 2 * compute_bytes(setup) * shape.head_dim * setup.row_tokens * setup.rows  # RoPE cos/sin
-    if setup.dora:
-        plan.terms["buffers"] += 4 * max((l.params for l in setup.adapted), default=0)  # DoRA's weight norm
-        plan.notes.append("DoRA: activation terms are estimated (not calibrated on a GPU)")
+    # RoPE cos/sin: one table per row for packed rows (their position_ids), one shared by padded rows
+    # in the residual stream's dtype (fp32 for a k-bit base: RoPE casts its tables to the hidden states' dtype)
+    rope_rows = setup.rows if setup.packed else 1
+    plan.terms["buffers"] = 2 * stream_bytes(setup) * shape.head_dim * setup.row_tokens * rope_rows
+    if setup.dora:  # its weight-norm transient comes in the forward, before the loss allocates anything
+        plan.terms["buffers"] += max(dora_norm_bytes(setup) - plan.terms["logits"], 0)
+    static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
+    if setup.reference:  # before the policy's forward (training/preference.py): no activation is held yet
+        plan.phases["reference pass"] = static + no_grad_forward_bytes(shape, setup, setup.rows, setup.row_tokens,
+                                                                       adapters=False)
+    if setup.eval_rows:
+        plan.phases["eval batch"] = static + no_grad_forward_bytes(shape, setup, setup.eval_rows,
+                                                                   setup.eval_row_tokens, adapters=True)
     if setup.optimizer == "paged_adamw_8bit":
         plan.notes.append("paged 8-bit AdamW: its states live in unified memory and move to the CPU under pressure")
     return plan

@@ -95,6 +95,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):  # as in token_logprobs
+            return _ChunkedLogprobs._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         logits, targets, lse = ctx.saved_tensors
         # d log p(y) / d x = (onehot(y) - softmax(x)) / temperature; 0 for an ignored target
         grad_out = torch.where(targets != IGNORE_INDEX, grad_out, grad_out.new_zeros(()))
@@ -122,10 +127,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
                               chunk_tokens=chunk_tokens).squeeze(0)
     size = chunk_positions(logits.size(-1), chunk_tokens)
     targets = targets.to(logits.device)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _ChunkedLogprobs.apply(logits, targets, float(temperature), size)
-    with torch.no_grad():  # the same chunks without a graph (evaluation, reference model, rollouts)
-        return _logprobs(logits, targets, float(temperature), size)[0]
+    # Never under autocast: the float32 rule is this function's own, and autocast would make its in-place steps
+    # (the gradient written into the logits' dtype) go through casting copies of whole chunks.
+    with torch.autocast(logits.device.type, enabled=False):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _ChunkedLogprobs.apply(logits, targets, float(temperature), size)
+        with torch.no_grad():  # the same chunks without a graph (evaluation, reference model, rollouts)
+            return _logprobs(logits, targets, float(temperature), size)[0]
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,16 @@ from __future__ import annotations
 from lorafit.config import Config
 
 
-def predict_for_run(config: Config, train_examples, say) -> dict:
-    """The planner's prediction for this run, made as it starts from the examples it will train on, and said."""
-    import torch
+def predict_for_run(config: Config, prepared, kind: str, say) -> dict:
+    """The planner's prediction for this run, made as it starts from the rows it will train on (``prepared``, of
+    the data entry's ``kind``) for the machine it runs on, and said."""
+    from lorafit.model.attention import Machine
+    from lorafit.model.memory_plan import plan_config, rows_of
 
-    from lorafit.model.memory_plan import plan_config
-
-    lengths = [len(e.input_ids) for e in train_examples if hasattr(e, "input_ids")] or [config.data.max_seq_length]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = Machine.current()
+    device = "cuda" if machine.cuda else "cpu"
     try:
-        _, plan = plan_config(config, lengths=lengths, device=device)
+        _, plan = plan_config(config, lengths=rows_of(config, prepared, kind), device=device, machine=machine)
     except Exception as exc:  # noqa: BLE001  a planner gap (an unusual architecture) must never stop a training run
         return {"predicted_peak_gib": None, "why": f"the planner could not model this run: {type(exc).__name__}: {exc}"}
     say(f"memory plan: predicted peak {plan.peak / 2**30:.2f} GiB on the {device} (lorafit plan)")

@@ -20,6 +20,7 @@ from lorafit.artifact.publish import refuse_existing_version, write_final_artifa
 from lorafit.artifact.result import completed_result, failed_result, new_job_id
 from lorafit.config import Config
 from lorafit.data import use_configured_template
+from lorafit.data.prepare import row_kind
 from lorafit.evaluate.comparison import compare_base_and_adapter, generation_sample
 from lorafit.export.merge import merge_at_end
 from lorafit.hashing import combined_digest
@@ -145,7 +146,7 @@ def _train(config: Config, run: RunFolder, started: float, *, notes, progress, u
         prepared = prepare_run_data(config, tokenizer, objective, use_cache=data_cache)
     train_data, eval_data = prepared.train, prepared.eval
     write_data_report(run, prepared, say)
-    memory = predict_for_run(config, prepared.train_examples, say)
+    memory = predict_for_run(config, prepared, row_kind(config, objective), say)
 
     model = _model_with_adapter(config, model_path, allow_pickle)
     if len(config.data.train) > 1 and getattr(model, LIGER_MARK, None) == "liger":

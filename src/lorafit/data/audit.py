@@ -18,6 +18,15 @@ from lorafit.errors import LorafitError
 from lorafit.data.variables import placeholder_warnings
 
 
+def mostly_too_long(s: SourceStats, rows: str) -> str | None:
+    """"<path>: N of M <rows> (P%) are longer than" when more than half of a source's readable rows were over the
+    length limit (dropped or truncated: the length is wrong, not a few outliers); None otherwise."""
+    over, read = s.truncated + s.dropped_too_long, s.rows - sum(s.skipped.values())
+    if read and over / read > 0.5:
+        return f"{s.path}: {over} of {read} {rows} ({100 * over / read:.0f}%) are longer than"
+    return None
+
+
 def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: int, split: str) -> list[str]:
     problems = []
     for s in stats:
@@ -33,12 +42,10 @@ def audit_problems(stats: list[SourceStats], *, train_on: str, max_seq_length: i
                             "end of the generation prompt: at inference the prompt tokenises differently from training "
                             "(fix: end the template's generation prompt where a token boundary is, e.g. after a newline "
                             "or special token rather than a space)")
-        over = s.truncated + s.dropped_too_long
-        read = s.rows - sum(s.skipped.values())
-        if read and over / read > 0.5:
-            what = "truncated" if s.truncated else "dropped as too long"
-            problems.append(f"{s.path}: {over} of {read} examples ({100 * over / read:.0f}%) are longer than "
-                            f"data.max_seq_length={max_seq_length} and were {what} "
+        too_long = mostly_too_long(s, "examples")
+        if too_long:
+            problems.append(f"{too_long} data.max_seq_length={max_seq_length} and were "
+                            f"{'truncated' if s.truncated else 'dropped as too long'} "
                             f"(fix: raise data.max_seq_length; `lorafit data inspect` shows the length histogram)")
     return problems
 

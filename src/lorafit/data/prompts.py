@@ -170,15 +170,11 @@ class PromptCollator:
 
 def prompt_audit(stats: list[SourceStats], *, max_prompt_length: int) -> list[str]:
     """Sources that leave most prompts out or cut (the answers would be trained on other prompts than intended)."""
-    problems = []
-    for s in stats:
-        over, read = s.truncated + s.dropped_too_long, s.rows - sum(s.skipped.values())
-        if read and over / read > 0.5:
-            what = "truncated" if s.truncated else "dropped as too long"
-            problems.append(f"{s.path}: {over} of {read} prompts ({100 * over / read:.0f}%) are longer than "
-                            f"{max_prompt_length} tokens (data.max_seq_length - objective.grpo.max_completion_length) "
-                            f"and were {what} (fix: raise data.max_seq_length)")
-    return problems
+    from lorafit.data.audit import mostly_too_long
+
+    return [f"{too_long} {max_prompt_length} tokens (data.max_seq_length - objective.grpo.max_completion_length) "
+            f"and were {'truncated' if s.truncated else 'dropped as too long'} (fix: raise data.max_seq_length)"
+            for s in stats if (too_long := mostly_too_long(s, "prompts"))]
 
 
 def prepare_prompts(data, tokenizer, *, seed: int, max_prompt_length: int, enforce_audit: bool = True):

@@ -107,9 +107,12 @@ class RowShape:
     evaluates: bool = False
 
 
-# objective.type -> (Setup.objective, rows per example, a no-grad reference forward each step)
-OBJECTIVE_ROWS = {"dpo": ("preference", 2, True), "orpo": ("preference", 2, False), "simpo": ("preference", 2, False),
-                  "kto": ("kto", 1, True), "contrastive": ("contrastive", 3, False)}
+# objective.type -> (Setup.objective: what its loss keeps, a no-grad reference forward each step). How many rows
+# an example forwards is the data entry's (data/prepare.py: ROW_KINDS).
+OBJECTIVE_LOSS = {"dpo": ("preference", True), "orpo": ("preference", False), "simpo": ("preference", False),
+                  "kto": ("kto", True), "contrastive": ("contrastive", False)}
+
+
 def rows_of(config: Config, prepared, kind: str) -> RowShape:
     """The ``RowShape`` of a ``PreparedData`` of any kind of row (data/prepare.py says which rows an example
     forwards): each example as long as its longest row, since a pair's or a triplet's rows are padded together."""
@@ -219,9 +222,14 @@ def plan_input(config: Config, shape: Shape, lengths, *, nproc: int = 1, strateg
     (the rows of the config's objective, each example as long as its longest row). ``machine``: what ``auto``
     resolves for (default: this machine's GPU, else the GPU the run will use)."""
     d, t = config.data, config.train
-    kind, per_example, reference = OBJECTIVE_ROWS.get(config.objective.type, ("sft", 1, False))
+    from lorafit.data.prepare import ROW_KINDS, row_kind
+
+    kind, reference = OBJECTIVE_LOSS.get(config.objective.type, ("sft", False))
+    per_example = ROW_KINDS[row_kind(config)].rows_per_example
     rows = lengths if isinstance(lengths, RowShape) else RowShape(per_example, tuple(lengths))
     evaluates = rows.evaluates or bool(rows.eval_lengths) or _evaluates(config)
+    from lorafit.model.quantization import mixed_precision
+
     resolved = resolved_for_plan(config, shape.model_type, machine)
     adapted = adapted_linears(shape, config.lora.target_modules)
     setup = Setup(dtype=resolved.dtype, quant_bits=config.quant.bits, double_quant=config.quant.double_quant,
@@ -231,8 +239,8 @@ def plan_input(config: Config, shape: Shape, lengths, *, nproc: int = 1, strateg
                   checkpointing=t.gradient_checkpointing, attention=resolved.attention,
                   liger=resolved.kernels == "liger", nproc=nproc, strategy=strategy, device=device,
                   objective=kind, reference=reference,
-                  # the run's accelerate autocast (model/quantization.mixed_precision) converts outputs to fp32
-                  fp32_outputs=(config.quant.compute_dtype if config.quant.bits else resolved.dtype) != "fp32")
+                  # the run's accelerate autocast converts the model's outputs to fp32
+                  fp32_outputs=mixed_precision(config, resolved.dtype) is not None)
     from lorafit.model.kernels import liger_installed
 
     packing = d.packing if kind == "sft" else "none"  # pairs, answers and triplets are padded rows

@@ -132,9 +132,10 @@ def check_training_layout(model, when: str) -> None:
 # ---------------------------------------------------------------------------------------------- mixed precision
 
 
-def mixed_precision(config: Config) -> str | None:
-    """The autocast precision of a run: the quantized layers' compute dtype, or the base's own dtype."""
-    wanted = config.quant.compute_dtype if config.quant.bits else config.model.dtype
+def mixed_precision(config: Config, dtype: str | None = None) -> str | None:
+    """The autocast precision of a run: the quantized layers' compute dtype, or the base's own dtype (``dtype``:
+    ``model.dtype`` resolved, for a config that still says auto)."""
+    wanted = config.quant.compute_dtype if config.quant.bits else dtype or config.model.dtype
     return None if wanted == "fp32" else wanted
 
 

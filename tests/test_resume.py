@@ -261,7 +261,17 @@ class SendSigint(LorafitCallback):
                 os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_stops_at_once(tmp_path, tiny_model_dir, reference):
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT as a terminal gives it (Python's default handler). A test process started in the background
+    inherits SIGINT ignored, and then Ctrl-C would not interrupt anything there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_stops_at_once(tmp_path, tiny_model_dir, reference,
+                                                                          ctrl_c_as_in_a_terminal):
     config = load_config(_setup(tmp_path / "once", tiny_model_dir))
     with pytest.raises(RunStopped, match="stopped by SIGINT at step 3") as caught:
         train(config, extra_callbacks=[SendSigint(1)])

@@ -67,7 +67,7 @@ def test_forward_rows_are_what_each_objective_puts_through_the_model(tmp_path, t
     for objective, widths in (("sft", {1}), ("dpo", {2}), ("contrastive", {3}), ("kto", {1})):
         kind, rows = CASES[objective]
         prepared = prepare.prepare(_config(tmp_path, objective, rows()), tiny_tokenizer, use_cache=False)
-        forwarded = prepare.forward_rows(prepared, kind)
+        forwarded = prepare.forward_rows(prepared.train_examples, kind)
         assert {len(r) for r in forwarded} == widths and len(forwarded) == len(prepared.train_examples)
         first = prepared.train_examples[0]
         assert forwarded[0][0] == len(first.input_ids)

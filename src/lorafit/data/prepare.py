@@ -40,7 +40,6 @@ ROW_KINDS = {
     "unpaired": _kind("unpaired", "lorafit.data.unpaired", lambda e: (len(e.input_ids),)),
     "prompts": _kind("prompts", "lorafit.data.prompts", lambda e: (len(e.input_ids),)),  # + generated tokens
 }
-ROW_FORMATS = {"preference": "preference", "triplets": "triplets", "unpaired": "unpaired", "prompts": "prompts"}
 
 
 def row_kind(config, objective=None) -> str:
@@ -49,7 +48,7 @@ def row_kind(config, objective=None) -> str:
     kind = getattr(objective, "data", None) or config.objective.data_kind
     if kind is None:
         formats = {s.format for s in [*config.data.train, *config.data.eval]}
-        kind = next((k for f, k in ROW_FORMATS.items() if f in formats), "sft")
+        kind = next((k for k in ROW_KINDS if k != "sft" and k in formats), "sft")  # a kind's format has its name
     if kind not in ROW_KINDS:
         from lorafit.errors import LorafitError
 
@@ -89,11 +88,12 @@ def prepare(config, tokenizer, *, kind: str | None = None, use_cache: bool = Tru
                            enforce_audit=enforce_audit)  # not cached: see data/cache.py
 
 
-def forward_rows(prepared: PreparedData, kind: str) -> list[tuple[int, ...]]:
-    """Per training example, the token lengths of the rows it puts through the model in one forward (one for SFT,
-    KTO and a GRPO prompt; chosen and rejected for a pair; three for a triplet)."""
+def forward_rows(examples, kind: str) -> list[tuple[int, ...]]:
+    """Per example (``PreparedData.train_examples`` or ``eval_examples``), the token lengths of the rows it puts
+    through the model in one forward (one for SFT, KTO and a GRPO prompt; chosen and rejected for a pair; three
+    for a triplet)."""
     rows = ROW_KINDS[kind].forward_rows
-    return [rows(example) for example in prepared.train_examples]
+    return [rows(example) for example in examples]
 
 
 def _function(where: str):

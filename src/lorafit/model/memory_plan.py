@@ -118,8 +118,9 @@ def rows_of(config: Config, prepared, kind: str) -> RowShape:
     forwards): each example as long as its longest row, since a pair's or a triplet's rows are padded together."""
     from lorafit.data.prepare import ROW_KINDS, forward_rows
 
-    return RowShape(ROW_KINDS[kind].rows_per_example, tuple(max(r) for r in forward_rows(prepared, kind)),
-                    tuple(max(ROW_KINDS[kind].forward_rows(e)) for e in prepared.eval_examples),
+    return RowShape(ROW_KINDS[kind].rows_per_example,
+                    tuple(max(r) for r in forward_rows(prepared.train_examples, kind)),
+                    tuple(max(r) for r in forward_rows(prepared.eval_examples, kind)),
                     evaluates=_evaluates(config))
 
 

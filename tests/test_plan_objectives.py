@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from lorafit.cli import app
 from lorafit.model.memory_plan import (RowShape, plan_input, read_shape, rows_of, sdpa_gets_a_mask,
                                        shape_from_config)
-from lorafit.model.memory_terms import GIB, Setup, loss_bytes, plan_bytes, saved_activation_bytes
+from lorafit.model.memory_loss import loss_bytes
+from lorafit.model.memory_terms import Linear, Setup, adapter_forward_bytes, plan_bytes, saved_activation_bytes
 
 # A Llama with grouped-query attention (2 query heads per KV head), so a mask's GQA expansion shows.
 GQA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -78,6 +79,41 @@ def test_transformers_masks_only_padded_or_packed_rows():
     assert not sdpa_gets_a_mask("none", [10, 10], 2)  # no padding: transformers drops the mask (is_causal)
     assert not sdpa_gets_a_mask("none", [10, 7], 1)  # one row is never padded
     assert sdpa_gets_a_mask("none", [10], 2, rows_per_example=2)  # a pair's rows differ
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("features", [(256, 512), (512, 256)])
+@pytest.mark.parametrize("tokens", [256, 1024])
+def test_an_adapted_linear_forward_transient_is_derived(tmp_path, dtype, dora, features, tokens):
+    """What one adapted linear's forward holds for a moment beyond what it returns and autograd keeps: the
+    step's peak once the loss is small (the head on few supervised positions), LoRA and DoRA, within 1%."""
+    from peft import LoraConfig, get_peft_model
+
+    fin, fout = features
+    layer = torch.nn.Sequential(torch.nn.Linear(fin, fout, bias=False)).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model = get_peft_model(layer, LoraConfig(r=8, lora_alpha=16, target_modules=["0"], use_dora=dora, lora_dropout=0.0))
+    model.train()
+    x = torch.randn(tokens, fin, dtype=layer[0].weight.dtype, requires_grad=True)
+    kept = []
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            kept.append(model(x))  # what it returns, with what autograd keeps, stays alive: the end state
+
+    forward()
+    kept.clear()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        forward()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+              if e.get("name") == "[memory]"]
+    transient = max(e["Total Allocated"] for e in events) - events[-1]["Total Allocated"]
+    predicted = adapter_forward_bytes(Setup(dtype=dtype, adapted=(Linear("0", fin, fout),), rank=8, dora=dora, rows=1,
+                                            row_tokens=tokens))
+    assert abs(predicted - transient) <= 0.01 * transient, (transient, predicted)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -105,6 +105,9 @@ class RowShape:
     lengths: tuple[int, ...] = ()
     eval_lengths: tuple[int, ...] = ()
     evaluates: bool = False
+    # SFT: each training example's supervised positions (labelled next tokens), aligned with ``lengths``: the head
+    # runs on those only (model/supervised_head.py). Empty: every position of a row is planned as supervised.
+    supervised: tuple[int, ...] = ()
 
 
 # objective.type -> (Setup.objective: what its loss keeps, a no-grad reference forward each step). How many rows
@@ -116,12 +119,15 @@ OBJECTIVE_LOSS = {"dpo": ("preference", True), "orpo": ("preference", False), "s
 def rows_of(config: Config, prepared, kind: str) -> RowShape:
     """The ``RowShape`` of a ``PreparedData`` of any kind of row (data/prepare.py says which rows an example
     forwards): each example as long as its longest row, since a pair's or a triplet's rows are padded together."""
+    from lorafit.data.labels import IGNORE_INDEX
     from lorafit.data.prepare import ROW_KINDS, forward_rows
 
+    supervised = tuple(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in prepared.train_examples) \
+        if kind == "sft" else ()
     return RowShape(ROW_KINDS[kind].rows_per_example,
                     tuple(max(r) for r in forward_rows(prepared.train_examples, kind)),
                     tuple(max(r) for r in forward_rows(prepared.eval_examples, kind)),
-                    evaluates=_evaluates(config))
+                    evaluates=_evaluates(config), supervised=supervised)
 
 
 def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_length: int,
@@ -137,6 +143,26 @@ def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_le
     if packing == "padding_free":
         return 1, sum(kept[-batch_size:])
     return rows_per_example * min(batch_size, len(kept)), kept[-1]
+
+
+def head_positions(lengths: list[int], supervised: list[int], *, packing: str, rows: int, row_tokens: int,
+                   max_seq_length: int) -> int:
+    """The most positions the supervised head (model/supervised_head.py) runs on in one micro-batch of ``rows`` x
+    ``row_tokens``: a bound over every batch the data can make, not the planned batch's own count. Padded rows: the
+    ``rows`` largest supervised counts. Packed rows: the examples densest in supervised positions first, until
+    their tokens fill the micro-batch (the fractional-knapsack bound). An example's count is at most its kept
+    length - 1 (the last position has no next token); with no counts (``supervised`` empty) every such position."""
+    kept = [min(n, max_seq_length) for n in lengths]
+    counts = [min(c, n - 1) for c, n in zip(supervised, kept)] if supervised else [max(n - 1, 0) for n in kept]
+    if packing == "none":
+        return sum(sorted(counts)[-rows:]) if counts else rows * max(row_tokens - 1, 0)
+    room, total = rows * row_tokens, 0.0
+    for count, n in sorted(zip(counts, kept), key=lambda e: e[0] / max(e[1], 1), reverse=True):
+        if room <= 0:
+            break
+        total += count * min(1.0, room / max(n, 1))
+        room -= n
+    return min(int(total), rows * max(row_tokens - 1, 0))
 
 
 def sdpa_gets_a_mask(packing: str, lengths: list[int], rows: int, rows_per_example: int = 1) -> bool:
@@ -168,6 +194,7 @@ class PlanInput:
     rows_per_example: int = 1
     eval_lengths: tuple[int, ...] = ()  # the evaluation set's lengths (empty: no evaluation)
     eval_batch_size: int = 0  # eval.batch_size; 0: the training batch size (halved with it by cheapest_fit)
+    supervised: tuple[int, ...] = ()  # RowShape.supervised
 
     def with_batch(self, batch_size: int, grad_accum: int, max_seq_length: int) -> "PlanInput":
         lengths = list(self.lengths)
@@ -179,8 +206,10 @@ class PlanInput:
             eval_rows, eval_tokens = micro_batch(list(self.eval_lengths), packing="none",
                                                  batch_size=self.eval_batch_size or batch_size,
                                                  max_seq_length=max_seq_length, rows_per_example=self.rows_per_example)
+        head = head_positions(lengths, list(self.supervised), packing=self.packing, rows=rows, row_tokens=tokens,
+                              max_seq_length=max_seq_length) if self.setup.objective == "sft" else None
         setup = replace(self.setup, rows=rows, row_tokens=tokens, masked=masked, eval_rows=eval_rows,
-                        packed=self.packing != "none",
+                        packed=self.packing != "none", head_tokens=head,
                         eval_row_tokens=eval_tokens)
         return replace(self, setup=setup, batch_size=batch_size, grad_accum=grad_accum, max_seq_length=max_seq_length)
 
@@ -249,7 +278,7 @@ def plan_input(config: Config, shape: Shape, lengths, *, nproc: int = 1, strateg
                      config.lora.target_modules, liger_possible=liger_installed(),
                      rows_per_example=rows.rows_per_example,
                      eval_lengths=(rows.eval_lengths or rows.lengths) if evaluates else (),
-                     eval_batch_size=config.eval.batch_size or 0)
+                     eval_batch_size=config.eval.batch_size or 0, supervised=tuple(rows.supervised))
     return base.with_batch(t.batch_size, t.grad_accum, d.max_seq_length)
 
 

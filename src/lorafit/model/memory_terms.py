@@ -79,6 +79,7 @@ class Setup:
     liger: bool = False
     rows: int = 1  # rows per micro-batch, every row of it (2 per preference pair, 3 per contrastive triplet)
     row_tokens: int = 512  # tokens per row (the longest micro-batch's)
+    head_tokens: int | None = None  # SFT: positions the head runs on (the supervised ones); None: every token
     objective: str = "sft"  # sft, preference (dpo/orpo/simpo), kto, contrastive: what the loss keeps (loss_bytes)
     reference: bool = False  # a no-grad reference forward of the micro-batch before the policy's (dpo, kto)
     fp32_outputs: bool = False  # accelerate's autocast converts the model's outputs to fp32 (the run, bf16/fp16)
@@ -240,71 +241,46 @@ def layer_bytes_per_token(shape: Shape, setup: Setup, *, first: bool = False) ->
     return norms + attention_bytes_per_token(shape, setup) + mlp_saved * s * shape.intermediate
 
 
-def _chunk_bytes(vocab: int, positions: int) -> int:
-    """The one float32 chunk model/token_logprobs.py copies at a time (at most CHUNK_BYTES)."""
-    from lorafit.model.token_logprobs import chunk_positions
-
-    return 4 * vocab * min(positions, chunk_positions(vocab))
-
-
-def _logit_bytes(setup: Setup) -> tuple[int, int]:
-    """(bytes per logit the loss receives, extra bytes per logit while the model's forward converts them). In the
-    run, bf16/fp16 autocast comes from accelerate, which converts the model's outputs to float32
-    (``ConvertOutputsToFp32``): the loss gets float32 logits, and the compute-dtype logits are alive beside their
-    copy until the forward returns (docs/design.md)."""
-    c = compute_bytes(setup)
-    if setup.fp32_outputs and c < 4:
-        return 4, c
-    return c, 0
-
-
-def loss_bytes(shape: Shape, setup: Setup) -> int:
-    """The loss's peak over the saved activations. Every objective's log-probabilities come from
-    model/token_logprobs.py: its forward holds the logits and one float32 chunk; its backward holds the saved
-    logits, their gradient (in the logits' dtype) and one float32 chunk (derived from the function's code; the CPU
-    allocator's live bytes show it, tests/test_plan_objectives.py). Contrastive: the head runs on the 3n rows but
-    the task loss on the n benign rows, and its forward holds every layer's hidden state (output_hidden_states)
-    until the pooled vectors are taken. liger's fused linear cross-entropy (SFT only: the model computes the loss)
-    never builds the logits: the hidden state's gradient."""
-    tokens = setup.rows * setup.row_tokens
-    c = compute_bytes(setup)
-    if setup.liger and setup.objective == "sft":
-        return 2 * c * shape.hidden * tokens
-    logit, converting = _logit_bytes(setup)
-    scored = tokens // 3 if setup.objective == "contrastive" else tokens
-    chunk = _chunk_bytes(shape.vocab, scored)
-    forward = shape.vocab * tokens * (logit + converting)
-    forward = max(forward, shape.vocab * tokens * logit + chunk)
-    if setup.objective == "contrastive":
-        s = stream_bytes(setup)  # in fp32 the layers' outputs are the inputs the next norms saved: only the last is new
-        forward += (shape.layers + 1 if s < 4 else 1) * s * shape.hidden * tokens
-    backward = shape.vocab * (logit * tokens + logit * scored) + chunk  # saved logits + their gradient + a chunk
-    if converting:  # the gradient converted back to the compute dtype, beside its float32 original
-        backward = max(backward, shape.vocab * tokens * (logit + converting))
-    return max(forward, backward)
-
-
-def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int, *, adapters: bool) -> int:
-    """A forward under no_grad (DPO/KTO's reference pass, adapters off; an evaluation batch, adapters on): nothing
-    is saved. Its peak is the logits and the log-probabilities' float32 chunk (model/token_logprobs.py), or one
-    layer's working set: the MLP's gate, up and their product (and an adapter's output beside a base output), with
-    a few fp32 hidden-size tensors. An estimate, within 3% of the CPU allocator's peak on the tiny model
-    (tests/test_plan_objectives.py); not measured on a GPU."""
-    c = compute_bytes(setup)
-    tokens = rows * row_tokens
-    logit, converting = _logit_bytes(setup)
-    logits = max(shape.vocab * tokens * (logit + converting), shape.vocab * tokens * logit
-                 + _chunk_bytes(shape.vocab, tokens))
-    layer = ((4 if adapters else 3) * c * shape.intermediate + 16 * shape.hidden) * tokens
-    return max(logits, layer)
-
-
 def dora_norm_bytes(setup: Setup) -> int:
     """DoRA (peft's DoraLinearLayer.forward) builds each adapted layer's weight norm ||W + s BA|| from a dense
     B @ A (fp32), its cast, and the sum: a transient of the largest adapted weight, (4 + 2c) bytes per value. The
     norm itself is kept per layer (dora_saved_bytes)."""
     c = compute_bytes(setup)
     return (4 + 2 * c) * max((l.params for l in setup.adapted), default=0)
+
+
+def adapter_forward_bytes(setup: Setup) -> int:
+    """What the forward of an adapted linear holds for a moment beyond what it returns and autograd keeps, for the
+    largest over the adapted linears (tokens of the longest micro-batch). The peak of a step is this or the loss,
+    whichever is larger (plan_bytes): a step whose head runs on few supervised positions (model/supervised_head.py)
+    can peak here. c: the compute dtype's bytes.
+
+    LoRA, from peft's Linear.forward, ``result = result + lora_B(lora_A(x)) * scaling``: the base output and the
+    scaled adapter output are alive while their sum is made (2c per output feature), and ``_cast_input_dtype``
+    copies a bf16/fp16 input to the adapters' fp32 (peft's autocast_adapter_dtype) until the layer returns (4 per
+    input feature).
+
+    DoRA, from peft's DoraLinearLayer.forward, (m/||W|| - 1) * base + m/||W|| * lora * scaling with the fp32
+    magnitude m: its products are fp32, two alive at once (8 per output feature), and under bf16/fp16 their sum is
+    cast back (c more) beside the same input copy. Weight-sized, once per layer: the identity it builds to get
+    B @ A and the adapter weight (c x in^2 + c x in x out in fp32), or, under bf16/fp16, the weight norm's transient
+    (dora_norm_bytes) beside the identity's cast. Both measured on a CPU for peft 0.21, exact to 1%
+    (tests/test_plan_objectives.py)."""
+    if not setup.adapted:
+        return 0
+    c = compute_bytes(setup)
+    low = c < 4
+    cast = 4 if stream_bytes(setup) < 4 else 0
+    tokens = setup.rows * setup.row_tokens
+
+    def one(layer: Linear) -> int:
+        if not setup.dora:
+            return (2 * c * layer.out_features + cast * layer.in_features) * tokens
+        per_token = (8 + (c if low else 0)) * layer.out_features + cast * layer.in_features
+        weights = c * layer.in_features ** 2 + ((4 + 2 * c) if low else c) * layer.params
+        return per_token * tokens + weights
+
+    return max(one(layer) for layer in setup.adapted)
 
 
 def dora_saved_bytes(setup: Setup) -> int:
@@ -335,6 +311,8 @@ def head_cast_bytes(shape: Shape, setup: Setup) -> int:
 
 def activation_terms(shape: Shape, setup: Setup) -> dict[str, int]:
     """Activations and logits at the step's peak, for the longest micro-batch."""
+    from lorafit.model.memory_loss import loss_bytes
+
     tokens = setup.rows * setup.row_tokens
     logits = loss_bytes(shape, setup)
     if setup.checkpointing:
@@ -379,9 +357,11 @@ def plan_bytes(shape: Shape, setup: Setup) -> Plan:
     # in the residual stream's dtype (fp32 for a k-bit base: RoPE casts its tables to the hidden states' dtype)
     rope_rows = setup.rows if setup.packed else 1
     plan.terms["buffers"] = 2 * stream_bytes(setup) * shape.head_dim * setup.row_tokens * rope_rows
-    if setup.dora:  # its weight-norm transient comes in the forward, before the loss allocates anything
-        plan.terms["buffers"] += max(dora_norm_bytes(setup) - plan.terms["logits"], 0)
+    # an adapted linear's forward transient comes before the loss allocates anything: the larger one is the peak
+    plan.terms["buffers"] += max(adapter_forward_bytes(setup) - plan.terms["logits"], 0)
     static = sum(v for k, v in plan.terms.items() if k not in ("activations", "logits", "buffers"))
+    from lorafit.model.memory_loss import no_grad_forward_bytes
+
     if setup.reference:  # before the policy's forward (training/preference.py): no activation is held yet
         plan.phases["reference pass"] = static + no_grad_forward_bytes(shape, setup, setup.rows, setup.row_tokens,
                                                                        adapters=False)

@@ -134,7 +134,7 @@ class CountingCollator:
         self.collate, self.objective = collate, objective
 
     def __call__(self, features: list[dict]) -> tuple[dict, Counts]:
-        batch = self.collate(features)
+        batch = self.objective.host_inputs(self.collate(features))
         if "attention_mask" in batch:
             tokens = int(batch["attention_mask"].sum())
         else:  # packed rows carry no mask: their tokens are the examples' own, the top-up padding excluded

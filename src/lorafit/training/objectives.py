@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.errors import LorafitError
-from lorafit.model.token_logprobs import next_token_logprobs, transformers_model, use_causal_lm_loss
+from lorafit.model.supervised_head import POSITIONS, head_at, supervised_positions
+from lorafit.model.token_logprobs import (next_token_logprobs, next_token_targets, token_logprobs, transformers_model,
+                                          use_causal_lm_loss)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ class Objective:
             return 0
         return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
 
+    def host_inputs(self, batch: dict) -> dict:
+        """What the objective adds to a CPU batch before it goes to the device (called in the loader, with the
+        counts: training/batches.py's CountingCollator), so that the step needs no device read to make it. The
+        batch itself by default; supervised fine-tuning adds the positions its head runs on."""
+        return batch
+
     def metric_weight(self, name: str, batch: dict) -> float:
         """What a metric's batch mean is a mean over, to average it across batches exactly: examples by default.
         Called with the CPU batch."""
@@ -91,6 +99,8 @@ class SupervisedObjective(Objective):
 
     The log-probabilities come from model/token_logprobs.py (float32 one chunk at a time, so no float32 copy of
     the logits as transformers' own loss makes), which also becomes the model's own loss (``use_causal_lm_loss``).
+    The head runs on the supervised positions only (model/supervised_head.py: positions made on the host by
+    ``host_inputs``): the other positions' logits would have had no loss and a gradient of zeros.
     With the fused kernels on (``model.kernels``: liger) the model's fused loss is used instead, with
     ``num_items_in_batch``: it computes the head and the loss chunk by chunk, and no logits exist at all.
 
@@ -101,24 +111,43 @@ class SupervisedObjective(Objective):
     def __init__(self, sources: list[str] | None = None):
         self.sources = list(sources or [])
 
+    def host_inputs(self, batch: dict) -> dict:
+        if "labels" not in batch:
+            return batch
+        return {**batch, POSITIONS: supervised_positions(batch["labels"])}
+
     def compute(self, model, batch, totals=None):
         from lorafit.model.kernels import LIGER_MARK
         from lorafit.training.source_loss import PREFIX, split_source_ids, sums_by_source
 
         batch, source_ids = split_source_ids(batch)  # per-token sources are not a model input
+        positions = batch.get(POSITIONS)  # host_inputs made them in the loader; a batch from elsewhere has none
+        batch = {k: v for k, v in batch.items() if k != POSITIONS}
         tokens = None if totals is None else totals.tokens
         if getattr(getattr(model, "module", model), LIGER_MARK, None) == "liger":  # DDP wraps the model
             kwargs = {} if tokens is None else {"num_items_in_batch": tokens}
             return model(**batch, **kwargs).loss, {}
         use_causal_lm_loss(model)  # the model's own loss (model(**batch).loss) is then this same computation
-        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
-        logps, mask = next_token_logprobs(outputs.logits, batch["labels"])
-        loss = divide_by_count(-logps.sum(), tokens, mask.sum())
+        labels = batch["labels"]
+        if positions is None:
+            positions = supervised_positions(labels.cpu())  # outside the loop: one device read is fine here
+        with head_at(model, positions, labels.shape):  # the head on the supervised positions only
+            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+        if outputs.logits.dim() == 2:  # (N, V): one row per supervised position
+            at = positions.to(labels.device)
+            picked = token_logprobs(outputs.logits, next_token_targets(labels).reshape(-1).index_select(0, at))
+            loss = divide_by_count(-picked.sum(), tokens, at.numel())
+        else:  # a model whose head the hook could not reach: every position, as the model made them
+            logps, mask = next_token_logprobs(outputs.logits, labels)
+            loss = divide_by_count(-logps.sum(), tokens, mask.sum())
         if outputs.get("aux_loss") is not None:  # a mixture of experts' router balance loss (output_router_logits),
             coefficient = transformers_model(model).config.router_aux_loss_coef  # added as the model's loss adds it
             loss = loss + coefficient * outputs.aux_loss.to(loss.device)
         metrics = {}
         if source_ids is not None and self.sources and model.training:
+            if outputs.logits.dim() == 2:  # back on the (B, T) grid, 0 elsewhere
+                logps = picked.detach().new_zeros(labels.numel()).index_copy_(0, at, picked.detach())
+                logps, mask = logps.view(labels.shape), next_token_targets(labels) != IGNORE_INDEX
             sums, counts = sums_by_source(-logps.detach(), mask, source_ids, len(self.sources))
             metrics = {f"{PREFIX}{name}": (sums[i], counts[i]) for i, name in enumerate(self.sources)}
         return loss, metrics

@@ -6,9 +6,9 @@ few new tokens) because generation on a CPU is the slow part.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -86,25 +86,32 @@ def test_summary_and_results_files(finished_run):
     assert results["config"]["eval"]["generate_samples"] == 4 and results["versions"]["torch"] == torch.__version__
 
 
-def _embedded_pngs(html: str) -> list[bytes]:
-    return [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+def _embedded_charts(html: str) -> list[ElementTree.Element]:
+    """Each inline SVG chart of the page, parsed (a chart that is not well-formed XML fails here)."""
+    return [ElementTree.fromstring(svg) for svg in re.findall(r"<svg .*?</svg>", html, flags=re.S)]
 
 
 def test_report_is_self_contained_with_every_plot(finished_run):
     result, _ = finished_run
     html = (result.run_dir / "report.html").read_text()
-    images = _embedded_pngs(html)
-    titles = re.findall(r'<img alt="([^"]+)"', html)
+    charts = _embedded_charts(html)
+    titles = re.findall(r"</svg><figcaption>([^<]+)</figcaption>", html)
     assert titles == ["Loss", "Learning rate", "Gradient norm", "Throughput", "Memory",
                       "Generation metrics during training", "Eval metrics: base vs adapter"]
-    for png in images:
-        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+    assert [chart.get("aria-label") for chart in charts] == [
+        "Loss", "Learning rate", "Gradient norm (before clipping)", "Throughput (training steps only)", "Peak memory",
+        "Generation metrics on the eval sample", "Generation metrics on 4 eval examples"]
+    for chart in charts[:-1]:  # line charts: a polyline per series, a point per logged step
+        lines = chart.findall("polyline")
+        assert lines and all(line.get("points").split() for line in lines), chart.get("aria-label")
+    bars = charts[-1].findall("rect")  # the frame, then base and adapter per metric
+    assert len(bars) >= 3 and len(bars) % 2 == 1
     assert "http://" not in html and "https://" not in html and "<script" not in html
     assert html.count("<td><pre>") == 4 * 4  # prompt, reference, base, adapter for each sample
     # `lorafit report` rebuilds the same page from the run folder alone
     (result.run_dir / "report.html").unlink()
     rebuilt = write_report(result.run_dir).read_text()
-    assert re.findall(r'<img alt="([^"]+)"', rebuilt) == titles
+    assert re.findall(r"</svg><figcaption>([^<]+)</figcaption>", rebuilt) == titles
 
 
 def test_eval_with_baseline_compares_adapter_and_base(finished_run):
@@ -149,7 +156,7 @@ def test_eval_and_report_commands(finished_run):
     failed = lorafit("eval", "--data", str(tmp_path / "eval.jsonl"), cwd=tmp_path)
     assert failed.returncode == 1 and "pass --adapter DIR" in failed.stderr and "Traceback" not in failed.stderr
     rebuilt = lorafit("report", str(result.run_dir), cwd=tmp_path)
-    assert rebuilt.returncode == 0 and (result.run_dir / "report.html").stat().st_size > 50_000
+    assert rebuilt.returncode == 0 and len(_embedded_charts((result.run_dir / "report.html").read_text())) == 7
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer, tmp_path):

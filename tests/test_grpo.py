@@ -413,7 +413,7 @@ def test_a_grpo_run_logs_rewards_kl_and_samples_and_its_report_shows_them(tmp_pa
     assert {s["step"] for s in samples} == {1, 2} and len(samples) == 4  # 2 answers of each step's first prompt
     assert set(samples[0]["rewards"]) == {"rouge_l", "longer"}
     report = (result.run_dir / "report.html").read_text()
-    assert 'alt="Rewards"' in report and "Sampled answers during training" in report
+    assert '</svg><figcaption>Rewards</figcaption>' in report and "Sampled answers during training" in report
     assert samples[0]["completion"][:20] in report.replace("&quot;", '"').replace("&#x27;", "'")
 
 

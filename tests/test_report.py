@@ -4,7 +4,6 @@ last step when it is not a multiple of train.log_every (evaluate/report.py, eval
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 from conftest import conversation, write_jsonl
 
 from lorafit.evaluate.report import render_html
@@ -12,20 +11,12 @@ from lorafit.evaluate.report_plots import figures
 
 
 def _figure(history, title):
-    found = dict((t, fig) for t, fig, _ in figures(history, {}))
-    try:
-        return found[title]
-    finally:
-        for fig in found.values():
-            if fig is not None and fig is not found[title]:
-                plt.close(fig)
+    return dict((t, chart) for t, chart, _ in figures(history, {}))[title]
 
 
 def test_the_memory_plot_starts_at_zero_so_a_small_change_stays_small():
     history = [{"step": s, "peak_rss_mb": 2000.0 + (s > 2)} for s in (1, 2, 3, 4)]  # +1 MB at step 3
-    fig = _figure(history, "Memory")
-    bottom, top = fig.axes[0].get_ylim()
-    plt.close(fig)
+    bottom, top = _figure(history, "Memory").ylim
     assert bottom == 0 and 2001 <= top <= 2001 * 1.1
     assert 1 / (top - bottom) < 0.001  # the change is a thousandth of the height, not all of it
 
@@ -59,7 +50,19 @@ def test_the_curves_end_at_the_last_step_when_it_is_not_a_logging_step(tmp_path,
     history = read_history(result.run_dir)
     assert [r["step"] for r in history if "learning_rate" in r] == [1, 10, 12]
     for title in ("Loss", "Learning rate", "Gradient norm", "Throughput", "Memory"):
-        fig = _figure(history, title)
-        ends = [line.get_xdata()[-1] for line in fig.axes[0].get_lines()]
-        plt.close(fig)
+        ends = [line.steps[-1] for line in _figure(history, title).lines]
         assert ends and all(end == 12 for end in ends), (title, ends)
+
+
+def test_a_chart_draws_its_series_legend_best_step_and_log_axis():
+    history = [{"step": s, "loss": 4.0 / s, "eval_loss": 3.0 / s, "grad_norm": 10.0 ** (1 - s)} for s in (1, 2, 3, 4)]
+    results = {"best": {"metric": "eval_loss", "step": 4, "value": 0.75}}
+    charts = dict((t, chart) for t, chart, _ in figures(history, results))
+    loss = charts["Loss"].svg()
+    assert loss.count("<polyline") == 2 and "<title>train</title>" in loss and "<title>eval</title>" in loss
+    assert ">train</text>" in loss and ">eval</text>" in loss  # the legend names both series
+    assert "best 0.75 @ step 4" in loss and 'stroke-dasharray="4 3"' in loss
+    norm = charts["Gradient norm"]
+    assert norm.log_y and norm.ylim == (0.001, 1.0)  # whole decades around the values 1 down to 0.001
+    ticks = [t.split(">")[-1] for t in norm.svg().split("</text>") if 'text-anchor="end"' in t]
+    assert ticks == ["0.001", "0.01", "0.1", "1"]

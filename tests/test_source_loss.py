@@ -232,7 +232,7 @@ def test_a_run_logs_each_sources_loss_easy_below_random(tmp_path, tiny_model_dir
         assert min(present) - 1e-4 <= r["loss"] <= max(present) + 1e-4, r
     summary = json.loads((result.run_dir / "training_summary.json").read_text())
     assert summary["metrics"]["series"]["loss/easy.jsonl"]["final"] == last["loss/easy.jsonl"]
-    assert 'alt="Training loss per source"' in (result.run_dir / "report.html").read_text()
+    assert '</svg><figcaption>Training loss per source</figcaption>' in (result.run_dir / "report.html").read_text()
 
 
 def test_one_source_logs_no_per_source_loss(tmp_path, tiny_model_dir):

@@ -1,8 +1,8 @@
-"""``report.html``: one self-contained page per run (plots embedded as PNG data URIs, no script, no network).
+"""``report.html``: one self-contained page per run (plots embedded as inline SVG, no script, no network).
 
 Built only from files in the run folder (metrics_history.jsonl, training_results.json, and harness_results.json
 when `lorafit eval --harness` evaluated the run), so
-`lorafit report RUN_DIR` rebuilds it any time. matplotlib draws the plots with its Agg backend (no display).
+`lorafit report RUN_DIR` rebuilds it any time. The charts are evaluate/report_svg.py's.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ h1{margin:0 0 4px;font-size:24px} h2{font-size:18px;margin:28px 0 10px;border-bo
 .card .value{font-size:22px;font-weight:600;margin-top:4px} .card .sub{font-size:12px;color:#66707c;margin-top:2px}
 .plots{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:14px}
 figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:8px;text-align:center}
-figure img{max-width:100%;height:auto} figcaption{font-size:13px;color:#66707c}
+figure svg{width:100%;height:auto} figcaption{font-size:13px;color:#66707c}
 table{border-collapse:collapse;width:100%;background:#fff;font-size:14px}
 table.samples{table-layout:fixed}
 th,td{border:1px solid #dde1e6;padding:6px 8px;text-align:left;vertical-align:top}
@@ -145,9 +145,9 @@ def render_html(history: list[dict], results: dict) -> str:
     cards = _cards(results)
 
     figures = []
-    for title, png, note in plots(history, results):
-        if png:
-            figures.append(f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{png}"><figcaption>{esc(title)}</figcaption></figure>')
+    for title, svg, note in plots(history, results):
+        if svg:
+            figures.append(f'<figure>{svg}<figcaption>{esc(title)}</figcaption></figure>')
         else:
             figures.append(f'<figure><figcaption>{esc(title)}: {esc(note)}</figcaption></figure>')
 

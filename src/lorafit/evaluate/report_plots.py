@@ -1,15 +1,13 @@
-"""The plots of ``report.html`` (evaluate/report.py), drawn by matplotlib's Agg backend (no display) from the run's
-metrics history and results. ``figures`` returns matplotlib figures, so a test can read what is drawn (the data,
-the axes); ``plots`` turns them into the PNGs the page embeds.
+"""The plots of ``report.html`` (evaluate/report.py), drawn as inline SVG (evaluate/report_svg.py) from the run's
+metrics history and results. ``figures`` returns the charts, so a test can read what is drawn (the data, the axes);
+``plots`` turns them into the SVG the page embeds.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-
 from lorafit.config import GENERATION_METRICS
 from lorafit.evaluate.report_rl import rl_plots
+from lorafit.evaluate.report_svg import Chart, Line, bar_chart, line_chart
 
 _COLORS = {"train": "#4C72B0", "eval": "#DD8452", "best": "#55A868", "base": "#8C8C8C", "adapter": "#4C72B0"}
 
@@ -19,76 +17,26 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def png(fig) -> str:
-    """The figure as a base64 PNG; the figure is closed."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _figure(title: str, ylabel: str, lines: list[tuple[str, list, list, str]], *, best: tuple[int, float] | None = None,
-            log_y: bool = False, unit_range: bool = False, from_zero: bool = False):
-    """One line plot of (label, steps, values, color) series; None if no series has a point. ``from_zero``: the
+            log_y: bool = False, unit_range: bool = False, from_zero: bool = False) -> Chart | None:
+    """One line chart of (label, steps, values, color) series; None if no series has a point. ``from_zero``: the
     y-axis starts at 0 (memory: a 1 MB change on 2 GB must not fill the plot's height)."""
-    lines = [line for line in lines if line[1]]
+    lines = [Line(*line) for line in lines if line[1]]
     if not lines:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.3))
-    for label, steps, values, color in lines:
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label, color=color)
-    if best is not None:
-        ax.axvline(best[0], color=_COLORS["best"], linestyle="--", linewidth=1)
-        right_half = best[0] > (min(min(s) for _, s, _, _ in lines) + max(max(s) for _, s, _, _ in lines)) / 2
-        ax.annotate(f"best {best[1]:.4g} @ step {best[0]}", (best[0], best[1]), textcoords="offset points",
-                    xytext=(-6 if right_half else 6, 10), ha="right" if right_half else "left", fontsize=8,
-                    color=_COLORS["best"])
-    if log_y and all(v > 0 for _, _, values, _ in lines for v in values):
-        ax.set_yscale("log")
-    if unit_range:
-        ax.set_ylim(-0.03, 1.03)
-    if from_zero:
-        ax.set_ylim(0, 1.08 * max(max(values) for _, _, values, _ in lines) or 1)
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(lines) > 1:
-        ax.legend(fontsize=8)
-    return fig
+    log_y = log_y and all(v > 0 for line in lines for v in line.values)
+    return line_chart(title, ylabel, lines, best=(*best, _COLORS["best"]) if best is not None else None, log_y=log_y,
+                      unit_range=unit_range, from_zero=from_zero)
 
 
-def _bar_figure(title: str, names: list[str], base: list[float], adapter: list[float]) -> str | None:
+def _bar_figure(title: str, names: list[str], base: list[float], adapter: list[float]) -> Chart | None:
     if not names:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.3))
-    x = range(len(names))
-    for offset, values, label in ((-0.2, base, "base"), (0.2, adapter, "adapter")):
-        bars = ax.bar([i + offset for i in x], values, width=0.4, label=label, color=_COLORS[label])
-        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
-    ax.set_xticks(list(x), names, rotation=20, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    return fig
+    return bar_chart(title, names, [("base", base, _COLORS["base"]), ("adapter", adapter, _COLORS["adapter"])])
 
 
 def figures(history: list[dict], results: dict) -> list[tuple[str, object, str]]:
-    """(title, matplotlib figure or None, note when None) for every plot of the report, in page order. Close them
-    (``png`` does)."""
+    """(title, chart or None, note when None) for every plot of the report, in page order."""
     best = results.get("best") or {}
     loss_best = (best["step"], best["value"]) if best.get("metric") in ("eval_loss", "loss") and best.get("step") is not None else None
     gpu = _series(history, "gpu_allocated_peak_mb")[0]
@@ -164,5 +112,5 @@ def preference_plots(history: list[dict]) -> list[tuple[str, object, str]]:
 
 
 def plots(history: list[dict], results: dict) -> list[tuple[str, str | None, str]]:
-    """(title, PNG base64 or None, note when None) for every plot of the report, in page order."""
-    return [(title, png(fig) if fig is not None else None, note) for title, fig, note in figures(history, results)]
+    """(title, SVG or None, note when None) for every plot of the report, in page order."""
+    return [(title, chart.svg() if chart is not None else None, note) for title, chart, note in figures(history, results)]

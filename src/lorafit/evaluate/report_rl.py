@@ -12,8 +12,8 @@ SAMPLE_STEPS = 4  # steps whose sampled answers the report shows: the first, the
 
 
 def rl_plots(history: list[dict], figure, series) -> list[tuple[str, str | None, str]]:
-    """(title, PNG or None, note) of the GRPO plots; [] for runs that logged no reward. ``figure`` and ``series``
-    are report.py's ``_figure`` and ``_series``."""
+    """(title, chart or None, note) of the GRPO plots; [] for runs that logged no reward. ``figure`` and ``series``
+    are report_plots.py's ``_figure`` and ``_series``."""
     if not any(series(history, k)[0] for k in ("reward", "eval_reward")):
         return []
     functions = sorted({k.removeprefix("reward/") for r in history for k in r if k.startswith("reward/")})

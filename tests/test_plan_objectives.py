@@ -437,6 +437,30 @@ def test_prepared_examples_of_each_objective_give_their_row_shape(tmp_path):
     assert rows_of(kto, prepared(answers), "unpaired") == RowShape(1, (7,))
 
 
+def test_the_supervised_head_is_planned_on_the_most_supervised_positions_a_micro_batch_can_hold(tmp_path):
+    """SFT rows: their supervised counts come from the prepared labels (the next token of each position), and the
+    logits term is sized by the most a micro-batch can hold: the largest counts of padded rows, the densest examples
+    filling a packed micro-batch; with no counts, every position but each row's last."""
+    from types import SimpleNamespace as Example
+
+    from lorafit.model.memory_plan import head_positions
+
+    (tmp_path / "t.jsonl").write_text("")
+    config = _objective_config(tmp_path, "data: {train: [{path: t.jsonl}]}")
+    chats = [Example(input_ids=[1] * 10, labels=[-100] * 6 + [1] * 4), Example(input_ids=[1] * 8, labels=[1] * 8)]
+    assert rows_of(config, Example(train_examples=chats, eval_examples=[]), "sft").supervised == (4, 7)
+    lengths, counts = (100, 80, 60, 40), (10, 70, 50, 39)
+    padded = dict(packing="none", row_tokens=100, max_seq_length=100)
+    assert head_positions(lengths, counts, rows=2, **padded) == 70 + 50
+    assert head_positions(lengths, (), rows=2, **padded) == 99 + 79
+    # packed, 150 tokens: 40 tokens at 39/40, then 80 at 70/80, then 30 of the 60 at 50/60 -> 39 + 70 + 25
+    assert head_positions(lengths, counts, packing="bfd", rows=1, row_tokens=150, max_seq_length=100) == 134
+    few = plan_input(config, shape_from_config_sizes(64, 4096), RowShape(1, lengths, supervised=(1, 1, 1, 1)))
+    every = plan_input(config, shape_from_config_sizes(64, 4096), RowShape(1, lengths))
+    assert few.setup.head_tokens < every.setup.head_tokens
+    assert loss_bytes(few.shape, few.setup) < loss_bytes(every.shape, every.setup)
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_a_4bit_base_is_its_packed_weights_absmax_and_fp32_rest(tmp_path, tiny_model_dir, double_quant):
     """The base-weights term of a QLoRA plan against bitsandbytes' real tensors after k-bit preparation (CPU)."""

@@ -8,6 +8,7 @@ the one that fits at the least cost. docs/planner.md explains each term and its 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass, replace
@@ -122,7 +123,7 @@ def rows_of(config: Config, prepared, kind: str) -> RowShape:
     from lorafit.data.labels import IGNORE_INDEX
     from lorafit.data.prepare import ROW_KINDS, forward_rows
 
-    supervised = tuple(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in prepared.train_examples) \
+    supervised = tuple(len(e.labels) - 1 - e.labels[1:].count(IGNORE_INDEX) for e in prepared.train_examples) \
         if kind == "sft" else ()
     return RowShape(ROW_KINDS[kind].rows_per_example,
                     tuple(max(r) for r in forward_rows(prepared.train_examples, kind)),
@@ -145,24 +146,35 @@ def micro_batch(lengths: list[int], *, packing: str, batch_size: int, max_seq_le
     return rows_per_example * min(batch_size, len(kept)), kept[-1]
 
 
-def head_positions(lengths: list[int], supervised: list[int], *, packing: str, rows: int, row_tokens: int,
-                   max_seq_length: int) -> int:
+def head_positions(lengths: tuple[int, ...], supervised: tuple[int, ...], *, packing: str, rows: int,
+                   row_tokens: int, max_seq_length: int) -> int:
     """The most positions the supervised head (model/supervised_head.py) runs on in one micro-batch of ``rows`` x
     ``row_tokens``: a bound over every batch the data can make, not the planned batch's own count. Padded rows: the
     ``rows`` largest supervised counts. Packed rows: the examples densest in supervised positions first, until
     their tokens fill the micro-batch (the fractional-knapsack bound). An example's count is at most its kept
     length - 1 (the last position has no next token); with no counts (``supervised`` empty) every such position."""
-    kept = [min(n, max_seq_length) for n in lengths]
-    counts = [min(c, n - 1) for c, n in zip(supervised, kept)] if supervised else [max(n - 1, 0) for n in kept]
+    ordered = _by_supervision(tuple(lengths), tuple(supervised), max_seq_length, packing == "none")
     if packing == "none":
-        return sum(sorted(counts)[-rows:]) if counts else rows * max(row_tokens - 1, 0)
+        return sum(count for count, _ in ordered[:rows]) if ordered else rows * max(row_tokens - 1, 0)
     room, total = rows * row_tokens, 0.0
-    for count, n in sorted(zip(counts, kept), key=lambda e: e[0] / max(e[1], 1), reverse=True):
+    for count, n in ordered:
         if room <= 0:
             break
         total += count * min(1.0, room / max(n, 1))
         room -= n
     return min(int(total), rows * max(row_tokens - 1, 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _by_supervision(lengths: tuple[int, ...], supervised: tuple[int, ...], max_seq_length: int,
+                    padded: bool) -> list[tuple[int, int]]:
+    """(supervised count, kept length) per example, most supervised first (padded rows) or densest first (packed
+    rows). Cached: the cheapest-fit search re-plans the same data at every batch size."""
+    kept = [min(n, max_seq_length) for n in lengths]
+    counts = [min(c, n - 1) for c, n in zip(supervised, kept)] if supervised else [max(n - 1, 0) for n in kept]
+    if padded:
+        return sorted(zip(counts, kept), reverse=True)
+    return [(c, n) for _, c, n in sorted(((c / max(n, 1), c, n) for c, n in zip(counts, kept)), reverse=True)]
 
 
 def sdpa_gets_a_mask(packing: str, lengths: list[int], rows: int, rows_per_example: int = 1) -> bool:
@@ -206,7 +218,7 @@ class PlanInput:
             eval_rows, eval_tokens = micro_batch(list(self.eval_lengths), packing="none",
                                                  batch_size=self.eval_batch_size or batch_size,
                                                  max_seq_length=max_seq_length, rows_per_example=self.rows_per_example)
-        head = head_positions(lengths, list(self.supervised), packing=self.packing, rows=rows, row_tokens=tokens,
+        head = head_positions(self.lengths, self.supervised, packing=self.packing, rows=rows, row_tokens=tokens,
                               max_seq_length=max_seq_length) if self.setup.objective == "sft" else None
         setup = replace(self.setup, rows=rows, row_tokens=tokens, masked=masked, eval_rows=eval_rows,
                         packed=self.packing != "none", head_tokens=head,

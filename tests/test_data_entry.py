@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 
 from lorafit import load_config
 from lorafit.cli import app
-from lorafit.data import prepare, use_configured_template
+from lorafit.data import prepare
 from lorafit.data.sample_preference import generate_pairs
 from lorafit.data.sample_triplets import generate_triplets
 from lorafit.errors import LorafitError

@@ -16,8 +16,8 @@ from test_plan import _config, _saved_tensor_bytes
 from typer.testing import CliRunner
 
 from lorafit.cli import app
-from lorafit.model.memory_plan import (RowShape, plan_input, read_shape, rows_of, sdpa_gets_a_mask,
-                                       shape_from_config)
+from lorafit.model.memory_plan import plan_input, read_shape, shape_from_config
+from lorafit.model.memory_rows import RowShape, head_positions, rows_of, sdpa_gets_a_mask
 from lorafit.model.memory_loss import loss_bytes
 from lorafit.model.memory_terms import Linear, Setup, adapter_forward_bytes, plan_bytes, saved_activation_bytes
 
@@ -215,14 +215,17 @@ def test_objectives_plan_their_rows_and_the_reference_pass(tmp_path, tiny_model_
     assert (sft.rows, dpo.rows, orpo.rows) == (4, 8, 8) and dpo.row_tokens == 256  # chosen + rejected per pair
     assert dpo.objective == "preference" and dpo.reference and not orpo.reference and dpo.masked
     assert "reference pass" in plans["dpo"][1].phases and not plans["orpo"][1].phases
+    # The head runs on the answers' positions only (model/supervised_head.py); with no counts, every position but
+    # each row's last, of both rows of the 4 pairs: 2 x (255 + 199 + 119 + 89) = 1324 of the 8 x 256.
+    assert dpo.head_tokens == 1324 and sft.head_tokens == 255 + 199 + 119 + 89
     # bf16 on the GPU: accelerate hands the loss fp32 logits; the backward holds them, their fp32 gradient and one
-    # fp32 chunk (model/token_logprobs.py; the whole 8 x 256 rows fit one chunk at this vocabulary)
-    logits, chunk = 4 * shape.vocab * 8 * 256, 4 * shape.vocab * 8 * 256
+    # fp32 chunk (model/token_logprobs.py; the 1324 positions fit one chunk at this vocabulary)
+    logits, chunk = 4 * shape.vocab * 1324, 4 * shape.vocab * 1324
     assert dpo.fp32_outputs and plans["dpo"][1].terms["logits"] == 2 * logits + chunk
     # the reference pass (no_grad, before the policy's forward) holds the static terms and its logits and a chunk,
-    # or a layer's working set, whichever is larger
+    # or a layer's working set (every token of the 8 rows), whichever is larger
     static = sum(v for k, v in plans["dpo"][1].terms.items() if k not in ("activations", "logits", "buffers"))
-    layer = (3 * 2 * shape.intermediate + 16 * shape.hidden) * 8 * 256
+    layer = (3 * 2 * shape.intermediate + 4 * 2 * shape.hidden) * 8 * 256
     assert plans["dpo"][1].phases["reference pass"] == static + max(logits + chunk, layer)
 
 
@@ -322,7 +325,8 @@ def _step_transient(step, trace: Path, dtype: str) -> int:
 STEPS = {
     "padded": ("sft", 4, [], [128, 100, 90, 60], 0.002),
     "packed": ("sft", 4, ["data.packing=bfd"], [60, 68] * 4, 0.002),
-    "dpo": ("dpo", 4, [], RowShape(2, (128, 100)), 0.002),
+    # two pairs: (chosen 128, rejected 90) and (100, 60) tokens, every one labelled: 127 + 89 and 99 + 59 positions
+    "dpo": ("dpo", 4, [], RowShape(2, (128, 100), supervised=(216, 158)), 0.002),
     # DoRA: since the chunked log-probabilities shrank the loss, a DoRA layer's forward (its norm and scaled outputs)
     # can set the step's peak; only its norm transient is modelled: within 3% here (bf16), exact in fp32.
     "dora": ("sft", 4, ["lora.use_dora=true"], [128, 100, 90, 60], 0.03),
@@ -390,13 +394,11 @@ def test_a_whole_step_on_cpu_peaks_where_the_plan_says(tmp_path, tiny_model_dir,
     else:
         assert abs(measured - predicted) <= tolerance * predicted, (measured, predicted, plan.terms, plan.phases)
     if case == "dpo":  # the reference pass alone: a no-grad forward and the answers' log-probabilities
-        from lorafit.training.preference import answer_logps, reference_model
+        from lorafit.training.preference import forward_answer_logps, reference_model
 
         def reference():  # as DPOObjective.compute does it, before the policy's forward
             with reference_model(model):
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                               use_cache=False).logits
-                answer_logps(logits, inputs["labels"])
+                forward_answer_logps(model, inputs)
 
         measured = _step_transient(reference, tmp_path / "reference.json", dtype)
         predicted = plan.phases["reference pass"] - static
@@ -424,17 +426,23 @@ def test_prepared_examples_of_each_objective_give_their_row_shape(tmp_path):
 
     (tmp_path / "t.jsonl").write_text("")
     lines = ["data: {train: [{path: t.jsonl}], eval: [{path: t.jsonl}]}"]
-    pairs = [Example(input_ids=[1] * 30, rejected_ids=[1] * 45), Example(input_ids=[1] * 20, rejected_ids=[1] * 5)]
+    def answer(length: int, prompt: int) -> dict:  # a row: its ids and labels, the prompt's tokens unlabelled
+        return {"ids": [1] * length, "labels": [-100] * prompt + [1] * (length - prompt)}
+
+    (a, b), (c, d) = (answer(30, 10), answer(45, 10)), (answer(20, 12), answer(5, 4))
+    pairs = [Example(input_ids=a["ids"], labels=a["labels"], rejected_ids=b["ids"], rejected_labels=b["labels"]),
+             Example(input_ids=c["ids"], labels=c["labels"], rejected_ids=d["ids"], rejected_labels=d["labels"])]
     dpo = rows_of(_objective_config(tmp_path, *lines, "objective: {type: dpo}"), prepared(pairs, pairs[:1]),
                   "preference")
-    assert dpo == RowShape(2, (45, 20), (45,), evaluates=True)
+    # supervised: the positions whose next token is labelled, over both rows: (20 + 35, 8 + 1)
+    assert dpo == RowShape(2, (45, 20), (45,), evaluates=True, supervised=(55, 9))
     triplets = [Example(input_ids=[1] * 12, cf_ids=[1] * 18, injection_ids=[1] * 9)]
     contrastive = _objective_config(tmp_path, "data: {train: [{path: t.jsonl, format: triplets}]}",
                                     "objective: {type: contrastive}")
     assert rows_of(contrastive, prepared(triplets), "triplets") == RowShape(3, (18,))
-    answers = [Example(input_ids=[1] * 7, label=True)]
+    answers = [Example(input_ids=[1] * 7, labels=[-100] * 3 + [1] * 4, label=True)]
     kto = _objective_config(tmp_path, "data: {train: [{path: t.jsonl, format: unpaired}]}", "objective: {type: kto}")
-    assert rows_of(kto, prepared(answers), "unpaired") == RowShape(1, (7,))
+    assert rows_of(kto, prepared(answers), "unpaired") == RowShape(1, (7,), supervised=(4,))
 
 
 def test_the_supervised_head_is_planned_on_the_most_supervised_positions_a_micro_batch_can_hold(tmp_path):
@@ -442,8 +450,6 @@ def test_the_supervised_head_is_planned_on_the_most_supervised_positions_a_micro
     logits term is sized by the most a micro-batch can hold: the largest counts of padded rows, the densest examples
     filling a packed micro-batch; with no counts, every position but each row's last."""
     from types import SimpleNamespace as Example
-
-    from lorafit.model.memory_plan import head_positions
 
     (tmp_path / "t.jsonl").write_text("")
     config = _objective_config(tmp_path, "data: {train: [{path: t.jsonl}]}")

@@ -1,6 +1,6 @@
-"""The head on the supervised positions only (model/supervised_head.py): the supervised loss and its gradients are
-those of the whole-grid logits, the head really runs on N positions, and a head the hook cannot reach is left
-alone."""
+"""The head on the supervised positions only (model/supervised_head.py): the supervised loss, the preference
+objectives' answer log-probabilities and their gradients are those of the whole-grid logits, the head really runs
+on N positions, and a head the hook cannot reach is left alone."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lorafit.data.labels import IGNORE_INDEX
 from lorafit.model.loading import attach_lora
 from lorafit.model.supervised_head import POSITIONS, head_at, supervised_positions
 from lorafit.training.objectives import SupervisedObjective, StepTotals
+from lorafit.training.preference import DPOObjective, answer_logps, forward_answer_logps
 
 
 def _model(tiny_model_dir):
@@ -112,3 +113,25 @@ def test_a_head_the_hook_cannot_reach_is_left_alone(tiny_model_dir):
         picked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(picked, logits.reshape(36, -1)[positions])
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed after the block
+
+
+def test_answer_log_probabilities_are_the_whole_grid_ones(tiny_model_dir):
+    """DPO, ORPO, SimPO and KTO score answers through forward_answer_logps: per row, the same sums and counts as
+    answer_logps on the whole-grid logits, the same gradients, with the head on the answers' positions only."""
+    model = _model(tiny_model_dir)
+    batch = _padded_batch()  # as 2n rows would be: each row's answer labelled, its prompt not
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected, expected_tokens = answer_logps(logits, batch["labels"])
+    expected.sum().backward()
+    grads = _grads(model)
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    got, tokens = forward_answer_logps(model, DPOObjective().host_inputs(batch))
+    hook.remove()
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert shapes == [(n, model.config.vocab_size)]
+    assert torch.equal(tokens, expected_tokens) and torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert got[2].item() == 0 and tokens[2].item() == 0  # the row with no answer
+    got.sum().backward()
+    for name, g in _grads(model).items():
+        assert torch.allclose(g, grads[name], rtol=1e-5, atol=1e-7), name

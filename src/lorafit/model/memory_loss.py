@@ -33,15 +33,15 @@ def loss_bytes(shape: Shape, setup: Setup) -> int:
     allocator's live bytes show it, tests/test_plan_objectives.py). Contrastive: the head runs on the 3n rows but
     the task loss on the n benign rows, and its forward holds every layer's hidden state (output_hidden_states)
     until the pooled vectors are taken. liger's fused linear cross-entropy (SFT only: the model computes the loss)
-    never builds the logits: the hidden state's gradient. SFT's head runs on the supervised positions only
-    (``head_tokens``, model/supervised_head.py), so its logits are that many rows."""
+    never builds the logits: the hidden state's gradient. SFT's, DPO/ORPO/SimPO's and KTO's head runs on the
+    labelled positions only (``head_tokens``, model/supervised_head.py), so their logits are that many rows."""
     tokens = setup.rows * setup.row_tokens
     c = compute_bytes(setup)
     if setup.liger and setup.objective == "sft":
         return 2 * c * shape.hidden * tokens
     logit, converting = _logit_bytes(setup)
-    if setup.objective == "sft" and setup.head_tokens is not None:
-        tokens = setup.head_tokens  # the head runs on the supervised positions only (model/supervised_head.py)
+    if setup.head_tokens is not None and setup.objective in ("sft", "preference", "kto"):
+        tokens = setup.head_tokens  # the head runs on the labelled positions only (model/supervised_head.py)
     scored = tokens // 3 if setup.objective == "contrastive" else tokens
     chunk = _chunk_bytes(shape.vocab, scored)
     forward = shape.vocab * tokens * (logit + converting)
@@ -55,16 +55,22 @@ def loss_bytes(shape: Shape, setup: Setup) -> int:
     return max(forward, backward)
 
 
-def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int, *, adapters: bool) -> int:
+def no_grad_forward_bytes(shape: Shape, setup: Setup, rows: int, row_tokens: int, *, adapters: bool,
+                          head_tokens: int | None = None) -> int:
     """A forward under no_grad (DPO/KTO's reference pass, adapters off; an evaluation batch, adapters on): nothing
     is saved. Its peak is the logits and the log-probabilities' float32 chunk (model/token_logprobs.py), or one
     layer's working set: the MLP's gate, up and their product (and an adapter's output beside a base output), with
-    a few fp32 hidden-size tensors. An estimate, within 3% of the CPU allocator's peak on the tiny model
+    four hidden-size tensors of the residual stream's dtype (its input, the attention's output, their sum, the
+    norm's output), and with adapters on a bf16/fp16 stream peft's fp32 copy of the MLP's input. ``head_tokens``: the positions the head runs on (model/supervised_head.py), all
+    of them when None. An estimate, within 20% of the CPU allocator's peak on the tiny model
     (tests/test_plan_objectives.py); not measured on a GPU."""
     c = compute_bytes(setup)
     tokens = rows * row_tokens
+    scored = tokens if head_tokens is None else head_tokens
     logit, converting = _logit_bytes(setup)
-    logits = max(shape.vocab * tokens * (logit + converting), shape.vocab * tokens * logit
-                 + _chunk_bytes(shape.vocab, tokens))
-    layer = ((4 if adapters else 3) * c * shape.intermediate + 16 * shape.hidden) * tokens
+    logits = max(shape.vocab * scored * (logit + converting), shape.vocab * scored * logit
+                 + _chunk_bytes(shape.vocab, scored))
+    s = stream_bytes(setup)
+    cast = 4 * shape.hidden if adapters and s < 4 else 0  # peft's fp32 copy of a bf16/fp16 input for the adapters
+    layer = ((4 if adapters else 3) * c * shape.intermediate + 4 * s * shape.hidden + cast) * tokens
     return max(logits, layer)

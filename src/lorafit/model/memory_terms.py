@@ -79,7 +79,7 @@ class Setup:
     liger: bool = False
     rows: int = 1  # rows per micro-batch, every row of it (2 per preference pair, 3 per contrastive triplet)
     row_tokens: int = 512  # tokens per row (the longest micro-batch's)
-    head_tokens: int | None = None  # SFT: positions the head runs on (the supervised ones); None: every token
+    head_tokens: int | None = None  # SFT, DPO/ORPO/SimPO, KTO: positions the head runs on (the labelled ones)
     objective: str = "sft"  # sft, preference (dpo/orpo/simpo), kto, contrastive: what the loss keeps (loss_bytes)
     reference: bool = False  # a no-grad reference forward of the micro-batch before the policy's (dpo, kto)
     fp32_outputs: bool = False  # accelerate's autocast converts the model's outputs to fp32 (the run, bf16/fp16)
@@ -213,7 +213,7 @@ def lora_bytes_per_token(setup: Setup) -> int:
 
 def attention_bytes_per_token(shape: Shape, setup: Setup) -> int:
     """What one attention call saves per token: q, k, v, the output and the fp32 log-sum-exp per head.
-    sdpa with a mask (padded rows, packed rows: memory_plan.sdpa_gets_a_mask cites where transformers decides)
+    sdpa with a mask (padded rows, packed rows: memory_rows.sdpa_gets_a_mask cites where transformers decides)
     expands GQA keys/values to every head (transformers/integrations/sdpa_attention.py:repeat_kv) and keeps the
     mask as an additive bias in the compute dtype, row_tokens per token, per layer (torch converts the boolean mask
     in each call); eager keeps the fp32 and cast probabilities. Exact on CPU: tests/test_plan_objectives.py."""
@@ -364,7 +364,7 @@ def plan_bytes(shape: Shape, setup: Setup) -> Plan:
 
     if setup.reference:  # before the policy's forward (training/preference.py): no activation is held yet
         plan.phases["reference pass"] = static + no_grad_forward_bytes(shape, setup, setup.rows, setup.row_tokens,
-                                                                       adapters=False)
+                                                                       adapters=False, head_tokens=setup.head_tokens)
     if setup.eval_rows:
         plan.phases["eval batch"] = static + no_grad_forward_bytes(shape, setup, setup.eval_rows,
                                                                    setup.eval_row_tokens, adapters=True)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
+from lorafit.model.supervised_head import with_positions
 from lorafit.training.strategy import world_size
 from lorafit.training.objectives import Objective, divide_by_count
 from lorafit.training.preference import forward_answer_logps, reference_model
@@ -48,6 +49,9 @@ class KTOObjective(Objective):
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
         self.pad_token_id = 0
 
+    def host_inputs(self, batch: dict) -> dict:
+        return with_positions(batch)  # the answer positions, for forward_answer_logps
+
     def use_tokenizer(self, tokenizer) -> None:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -64,7 +68,8 @@ class KTOObjective(Objective):
         pairs, total, start = mismatched_rows(rows), torch.zeros((), device=device, dtype=torch.float32), 0
         with torch.no_grad():
             for size in sizes:  # scored in the micro-batches' sizes: no larger batch than training takes
-                batch = {k: v.to(device) for k, v in PadCollator(self.pad_token_id)(pairs[start:start + size]).items()}
+                made = with_positions(PadCollator(self.pad_token_id)(pairs[start:start + size]))  # on the host
+                batch = {k: v.to(device) for k, v in made.items()}
                 start += size
                 with reference_model(model):
                     reference, _ = forward_answer_logps(model, batch)

@@ -10,7 +10,8 @@ def predict_for_run(config: Config, prepared, kind: str, say) -> dict:
     """The planner's prediction for this run, made as it starts from the rows it will train on (``prepared``, of
     the data entry's ``kind``) for the machine it runs on, and said."""
     from lorafit.model.attention import Machine
-    from lorafit.model.memory_plan import plan_config, rows_of
+    from lorafit.model.memory_plan import plan_config
+    from lorafit.model.memory_rows import rows_of
 
     machine = Machine.current()
     device = "cuda" if machine.cuda else "cpu"

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from lorafit.data.labels import IGNORE_INDEX
 from lorafit.errors import LorafitError
-from lorafit.model.supervised_head import POSITIONS, head_at, supervised_positions
-from lorafit.model.token_logprobs import (next_token_logprobs, next_token_targets, token_logprobs, transformers_model,
-                                          use_causal_lm_loss)
+from lorafit.model.supervised_head import POSITIONS, labelled_logprobs, on_grid, with_positions
+from lorafit.model.token_logprobs import next_token_logprobs, next_token_targets, transformers_model, use_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -112,9 +111,7 @@ class SupervisedObjective(Objective):
         self.sources = list(sources or [])
 
     def host_inputs(self, batch: dict) -> dict:
-        if "labels" not in batch:
-            return batch
-        return {**batch, POSITIONS: supervised_positions(batch["labels"])}
+        return with_positions(batch)
 
     def compute(self, model, batch, totals=None):
         from lorafit.model.kernels import LIGER_MARK
@@ -129,26 +126,17 @@ class SupervisedObjective(Objective):
             return model(**batch, **kwargs).loss, {}
         use_causal_lm_loss(model)  # the model's own loss (model(**batch).loss) is then this same computation
         labels = batch["labels"]
-        if positions is None:
-            positions = supervised_positions(labels.cpu())  # outside the loop: one device read is fine here
-        with head_at(model, positions, labels.shape):  # the head on the supervised positions only
-            outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
-        if outputs.logits.dim() == 2:  # (N, V): one row per supervised position
-            at = positions.to(labels.device)
-            picked = token_logprobs(outputs.logits, next_token_targets(labels).reshape(-1).index_select(0, at))
-            loss = divide_by_count(-picked.sum(), tokens, at.numel())
-        else:  # a model whose head the hook could not reach: every position, as the model made them
-            logps, mask = next_token_logprobs(outputs.logits, labels)
-            loss = divide_by_count(-logps.sum(), tokens, mask.sum())
+        mask = next_token_targets(labels) != IGNORE_INDEX
+        outputs, logps, at = labelled_logprobs(model, {k: v for k, v in batch.items() if k != "labels"}, labels,
+                                               positions)  # the head on the supervised positions only
+        loss = divide_by_count(-logps.sum(), tokens, mask.sum() if at is None else at.numel())
         if outputs.get("aux_loss") is not None:  # a mixture of experts' router balance loss (output_router_logits),
             coefficient = transformers_model(model).config.router_aux_loss_coef  # added as the model's loss adds it
             loss = loss + coefficient * outputs.aux_loss.to(loss.device)
         metrics = {}
         if source_ids is not None and self.sources and model.training:
-            if outputs.logits.dim() == 2:  # back on the (B, T) grid, 0 elsewhere
-                logps = picked.detach().new_zeros(labels.numel()).index_copy_(0, at, picked.detach())
-                logps, mask = logps.view(labels.shape), next_token_targets(labels) != IGNORE_INDEX
-            sums, counts = sums_by_source(-logps.detach(), mask, source_ids, len(self.sources))
+            grid = on_grid(logps.detach(), at, labels.shape)
+            sums, counts = sums_by_source(-grid, mask, source_ids, len(self.sources))
             metrics = {f"{PREFIX}{name}": (sums[i], counts[i]) for i, name in enumerate(self.sources)}
         return loss, metrics
 

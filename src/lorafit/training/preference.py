@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from lorafit.errors import LorafitError
 from lorafit.model.lora_init import base_view
-from lorafit.model.token_logprobs import next_token_logprobs
+from lorafit.data.labels import IGNORE_INDEX
+from lorafit.model.supervised_head import POSITIONS, labelled_logprobs, row_sums, with_positions
+from lorafit.model.token_logprobs import next_token_logprobs, next_token_targets
 from lorafit.training.objectives import Objective, divide_by_count
 
 
@@ -52,9 +54,13 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def forward_answer_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of ``batch``'s rows and each row's summed answer log-probability (``answer_logps``)."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return answer_logps(outputs.logits, batch["labels"])
+    """One forward of ``batch``'s rows and, per row, the summed answer log-probability and the answer's token count
+    (as ``answer_logps``), with the head on the answer positions only (model/supervised_head.py: the prompt
+    positions' logits would have no loss; ``host_inputs`` made the positions in the loader)."""
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    _, logps, at = labelled_logprobs(model, inputs, labels, batch.get(POSITIONS))
+    return row_sums(logps, at, labels.shape), (next_token_targets(labels) != IGNORE_INDEX).sum(-1)
 
 
 @contextmanager
@@ -85,6 +91,9 @@ class PreferenceObjective(Objective):
 
     def examples_in(self, batch):
         return int(batch["input_ids"].size(0)) // 2
+
+    def host_inputs(self, batch: dict) -> dict:
+        return with_positions(batch)  # the answer positions, for forward_answer_logps
 
     @staticmethod
     def _rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

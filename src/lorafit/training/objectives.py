@@ -72,7 +72,8 @@ class Objective:
     def host_inputs(self, batch: dict) -> dict:
         """What the objective adds to a CPU batch before it goes to the device (called in the loader, with the
         counts: training/batches.py's CountingCollator), so that the step needs no device read to make it. The
-        batch itself by default; supervised fine-tuning adds the positions its head runs on."""
+        batch itself by default; supervised fine-tuning and the preference objectives add the positions their head
+        runs on (model/supervised_head.py)."""
         return batch
 
     def metric_weight(self, name: str, batch: dict) -> float:

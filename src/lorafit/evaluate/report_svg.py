@@ -113,8 +113,9 @@ class Chart:
         parts = []
         for i, name in enumerate(names):
             centre = LEFT + slot * (i + 0.5)
-            parts.append(f'<text x="{centre:.1f}" y="{TOP + _height() + 15}" text-anchor="middle" fill="{MUTED}">'
-                         f"{html.escape(name)}</text>")
+            y = TOP + _height() + 12  # slanted, as metric names are longer than their slot
+            parts.append(f'<text x="{centre:.1f}" y="{y}" text-anchor="end" font-size="10" fill="{MUTED}" '
+                         f'transform="rotate(-20 {centre:.1f} {y})">{html.escape(name)}</text>')
             for g, (_, values, color) in enumerate(groups):
                 x = centre - slot * 0.4 + g * width
                 top = self._y(values[i])

@@ -1,7 +1,7 @@
 """The report's charts as inline SVG: line charts over optimizer steps and one grouped bar chart.
 
 Why not matplotlib (which drew them until #19): a report has a handful of line charts, and matplotlib cost every run
-about 1.2 s (0.5 s to import, 0.7 s to render five PNGs) and the install six packages; an SVG line chart is a
+about 1.2 s (0.5 s to import, 0.7 s to render five PNGs) and six packages of the install; an SVG line chart is a
 polyline, axes and text. A ``Chart`` keeps what it draws (the series, the axis ranges), so a test reads the data
 rather than pixels, and ``svg()`` writes it as text the page embeds as is: no script, no network, scalable.
 """

@@ -30,6 +30,7 @@ import contextlib
 import torch
 
 from lorafit.data.labels import IGNORE_INDEX
+from lorafit.model.token_logprobs import next_token_logprobs, next_token_targets, token_logprobs, transformers_model
 
 POSITIONS = "supervised_positions"  # the batch key of the flat indices (never a model input)
 
@@ -38,16 +39,13 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     """The flat indices into (B, T) of the positions whose next token is labelled: position t predicts label t+1
     (the shift of ``token_logprobs.next_token_targets``). Call it on the CPU labels: ``nonzero`` on a GPU tensor
     waits for the device."""
-    targets = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
+    return (next_token_targets(labels).reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
 
 
 @contextlib.contextmanager
 def head_at(model, positions: torch.Tensor, shape: torch.Size):
     """Within the block, forwards of ``model`` (a transformers model, or a PeftModel / DDP / FSDP wrapper around
     one) compute their logits at ``positions`` (flat indices into ``shape``, (B, T)) only: (N, V)."""
-    from lorafit.model.token_logprobs import transformers_model
-
     head = transformers_model(model).get_output_embeddings()
     if head is None:
         yield
@@ -81,8 +79,6 @@ def labelled_logprobs(model, inputs: dict, labels: torch.Tensor, positions: torc
     order; or, for a model the hook cannot reach, ``at`` None and ``logps`` (B, T), 0 where unlabelled.
     ``positions``: ``with_positions``'s, else made here from the labels (one device read: for batches that did not
     come through the loader)."""
-    from lorafit.model.token_logprobs import next_token_logprobs, next_token_targets, token_logprobs
-
     if positions is None:
         positions = supervised_positions(labels.cpu())
     with head_at(model, positions, labels.shape):

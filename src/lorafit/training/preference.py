@@ -46,9 +46,11 @@ from lorafit.training.objectives import Objective, divide_by_count
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the summed log-probability of the labelled tokens (B,) and how many there are (B,).
-    Position t predicts label t+1, as in ``objectives.token_loss_sum``; float32 chunk by chunk
-    (model/token_logprobs.py), so the logits of 2n rows are never upcast at once."""
+    """Per row: the summed log-probability of the labelled tokens (B,) and how many there are (B,), from logits on
+    every position (a plugin's own forward; the tests' whole-grid reference). The objectives call
+    ``forward_answer_logps``, which equals it with the head on the answer positions only. Position t predicts label
+    t+1, as in ``objectives.token_loss_sum``; float32 chunk by chunk (model/token_logprobs.py), so the logits of 2n
+    rows are never upcast at once."""
     logps, mask = next_token_logprobs(logits, labels)
     return logps.sum(-1), mask.sum(-1)
 
